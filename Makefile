@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test demo stack clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m keychain.demo
+
+stack: $(STAMP)
+	$(PY) -m keychain.testing.stack
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,24 @@
+"""keychain: the encrypted, scoped credential cache that workflow workers read (`noetl.keychain`)."""
+
+from .errors import (
+    CachedFailure,
+    ConfigurationError,
+    DecryptionError,
+    KeychainError,
+    SecretNotFound,
+    SecretPermissionDenied,
+    SecretSourceError,
+    SecretUnavailable,
+    SecretVersionDisabled,
+)
+from .model import Entry, Lookup, Provenance, Scope
+from .refs import SecretRef
+from .settings import Settings
+from .sources import SecretManagerSource
+from .store import Keychain
+
+__all__ = [
+    "CachedFailure", "ConfigurationError", "DecryptionError", "Entry", "Keychain", "KeychainError", "Lookup",
+    "Provenance", "Scope", "SecretManagerSource", "SecretNotFound", "SecretPermissionDenied", "SecretRef",
+    "SecretSourceError", "SecretUnavailable", "SecretVersionDisabled", "Settings",
+]

@@ -1,0 +1,178 @@
+"""`keychain`: operate the keychain table from a shell.
+
+Exit codes: 0 success (for `get`: a hit), 3 `get` miss (absent, expired or invalidated), 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import Any, Awaitable, Callable
+
+import click
+from pydantic import ValidationError
+
+from .errors import ConfigurationError, KeychainError
+from .logs import configure_logging
+from .settings import Settings
+from .sources import SecretManagerSource
+from .store import Keychain
+
+EXIT_MISS = 3
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        # Only where and what: pydantic's own text would echo the offending value, which may be a key.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigurationError(f"bad configuration: {problems}") from None
+
+
+def run(action: Callable[[Keychain], Awaitable[Any]], *, with_source: bool = False) -> Any:
+    """Open the keychain from the environment, run one action, close; errors become a message and exit 1."""
+
+    async def main() -> Any:
+        settings = load_settings()
+        source = SecretManagerSource(settings) if with_source else None
+        async with Keychain(settings, source=source) as keychain:
+            return await action(keychain)
+
+    try:
+        return asyncio.run(main())
+    except KeychainError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def scope_options(command: Callable) -> Callable:
+    options = [
+        click.option("--execution-id", type=int, help="Execution scope: the execution's id."),
+        click.option("--global", "global_scope", is_flag=True, help="Global scope, shared by every execution."),
+        click.option("--session", "session_id", help="Session scope: the session's id."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def scope_kwargs(execution_id: int | None, global_scope: bool, session_id: str | None) -> dict[str, Any]:
+    given = [x for x in (execution_id is not None, global_scope, session_id is not None) if x]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one scope: --execution-id N, --global or --session ID")
+    return {"execution_id": execution_id, "session_id": session_id}
+
+
+def parse_json(_ctx: click.Context, _param: click.Parameter, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc.msg} at position {exc.pos})") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log at KEYCHAIN_LOG_LEVEL instead of warnings only.")
+def main(verbose: bool) -> None:
+    """Operate the credential keychain (configured by KEYCHAIN_DSN, KEYCHAIN_KEYS, ...)."""
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    configure_logging(settings)
+    if not verbose:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the keychain schema (safe to run from several processes at once)."""
+    applied = run(lambda kc: kc.migrate())
+    click.echo(json.dumps({"applied": applied}))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--value", required=True, callback=parse_json, help="The value, as JSON.")
+@scope_options
+@click.option("--ttl", type=click.IntRange(min=1), help="Seconds until the entry expires.")
+def put(name: str, value: Any, execution_id: int | None, global_scope: bool, session_id: str | None, ttl: int | None) -> None:
+    """Store one entry, encrypted."""
+    scope = scope_kwargs(execution_id, global_scope, session_id)
+    run(lambda kc: kc.put(name, value, ttl_seconds=ttl, **scope))
+
+
+@main.command()
+@click.argument("name")
+@scope_options
+@click.option("--fetch", "ref", help="On a miss, read through Secret Manager from this reference.")
+def get(name: str, execution_id: int | None, global_scope: bool, session_id: str | None, ref: str | None) -> None:
+    """Print one entry's value as JSON (exit 3 on a miss)."""
+    scope = scope_kwargs(execution_id, global_scope, session_id)
+    if ref is None:
+        lookup = run(lambda kc: kc.get(name, **scope))
+    else:
+        lookup = run(lambda kc: kc.get_or_fetch(name, ref, **scope), with_source=True)
+    if not lookup:
+        click.echo(f"miss: {name} ({lookup.outcome})", err=True)
+        sys.exit(EXIT_MISS)
+    click.echo(json.dumps(lookup.value))
+
+
+@main.command()
+@click.option("--credential", help="Every scope's entry of this credential name.")
+@click.option("--execution-id", type=int, help="Every entry of this execution.")
+@click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S).")
+@click.option("--all", "everything", is_flag=True, help="Every entry.")
+def invalidate(credential: str | None, execution_id: int | None, secret: str | None, everything: bool) -> None:
+    """Stop serving entries at once (they are refreshed or swept later)."""
+    if sum(x is not None for x in (credential, execution_id, secret)) + everything != 1:
+        raise click.UsageError("give exactly one of --credential, --execution-id, --secret, --all")
+    count = run(lambda kc: kc.invalidate(credential=credential, execution_id=execution_id, secret=secret,
+                                         everything=everything))
+    click.echo(json.dumps({"invalidated": count}))
+
+
+@main.command()
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per delete statement.")
+def sweep(batch_size: int | None) -> None:
+    """Delete expired entries in bounded batches."""
+    click.echo(json.dumps({"swept": run(lambda kc: kc.sweep(batch_size))}))
+
+
+@main.command()
+def stats() -> None:
+    """Counts of entries by scope and state, and hit figures. Never values."""
+    rows = run(lambda kc: kc.stats())
+    total = sum(r["rows"] for r in rows)
+    read = sum(r["read_rows"] for r in rows)
+    click.echo(json.dumps({
+        "rows": total,
+        "hits": sum(r["hits"] for r in rows),
+        "rows_read_at_least_once": read,
+        "by_scope_and_state": rows,
+    }))
+
+
+@main.command()
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per transaction.")
+def rekey(batch_size: int | None) -> None:
+    """Re-encrypt every entry under the active (first) key of KEYCHAIN_KEYS, online."""
+    done, failed = run(lambda kc: kc.rekey(batch_size))
+    click.echo(json.dumps({"rekeyed": done, "undecryptable": failed}))
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--kid", default="k1", show_default=True, help="Key id.")
+def keygen(kid: str) -> None:
+    """Print a new random key, `kid:base64`, to put first in KEYCHAIN_KEYS."""
+    from .crypto import KeyRing
+
+    click.echo(KeyRing.generate_spec(kid))

@@ -1,0 +1,103 @@
+"""The values the keychain API takes and returns."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from .crypto import RowIdentity
+from .refs import SecretRef
+
+ScopeType = Literal["execution", "global", "session"]
+Outcome = Literal["hit", "miss", "expired", "stale", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who may read an entry: one execution, one session, or everyone (global)."""
+
+    type: ScopeType
+    execution_id: int | None = None
+    session_id: str | None = None
+
+    @classmethod
+    def of(
+        cls, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
+    ) -> "Scope":
+        """Scope from keyword arguments: an execution id means execution scope, a session id session scope."""
+        if execution_id is not None and session_id is not None:
+            raise ValueError("give an execution id or a session id, not both")
+        inferred = "execution" if execution_id is not None else "session" if session_id is not None else "global"
+        chosen = scope or inferred
+        if chosen == "local":  # NoETL's playbook word for execution scope
+            chosen = "execution"
+        if chosen != inferred:
+            raise ValueError(f"scope {chosen!r} needs " + {
+                "execution": "an execution id", "session": "a session id", "global": "neither an execution nor a session id",
+            }.get(chosen, "one of execution, session, global"))
+        if execution_id is not None and not isinstance(execution_id, int):
+            raise ValueError("execution id must be an integer")
+        return cls(chosen, execution_id, session_id)  # type: ignore[arg-type]
+
+    @property
+    def scope_id(self) -> str:
+        if self.type == "execution":
+            return str(self.execution_id)
+        if self.type == "session":
+            return self.session_id or ""
+        return ""
+
+    def identity(self, credential_name: str) -> RowIdentity:
+        return RowIdentity(credential_name, self.type, self.scope_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Which Secret Manager version a stored value came from; rotation finds and fences rows through it."""
+
+    ref: SecretRef  # as the playbook wrote it
+    resolved_name: str  # as Secret Manager answered: projects/NUMBER/secrets/S/versions/N
+
+    def as_json(self) -> dict[str, Any]:
+        resolved = SecretRef.parse(self.resolved_name)
+        names = list(dict.fromkeys([self.ref.secret_name, resolved.secret_name]))
+        return {"ref": str(self.ref), "names": names, "version": resolved.version, "pinned": self.ref.pinned}
+
+
+@dataclass(frozen=True)
+class Entry:
+    credential_name: str
+    scope: Scope
+    value: Any = field(repr=False)
+    sources: tuple[Provenance, ...] = ()
+    ttl_seconds: int | None = None
+    cache_type: str = "secret"
+    credential_type: str = "secret_manager"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The answer to a read. True when it is a hit; `value` is the decrypted value then."""
+
+    outcome: Outcome
+    value: Any = field(default=None, repr=False)
+    ready_at: datetime | None = None
+    error_code: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.outcome == "hit"
+
+
+def value_from_payload(payload: bytes) -> Any:
+    """A Secret Manager payload as a JSON value: text when it is UTF-8, else {"base64": ...}."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(payload).decode()}
+
+
+def sources_json(sources: tuple[Provenance, ...]) -> str:
+    return json.dumps([p.as_json() for p in sources], separators=(",", ":"))

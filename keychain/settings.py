@@ -1,0 +1,119 @@
+"""Every setting of keychain-warmer, read from environment variables, with its default, in one place.
+
+The environment variable names are the contract shared by the README, docker-compose.yml and deploy/.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def env(name: str, *, description: str, **kwargs):
+    """A field read from exactly one environment variable (or from its field name when built in code)."""
+    return Field(validation_alias=AliasChoices(name), description=description, **kwargs)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    # --- the keychain table -------------------------------------------------------------------------------------
+    dsn: str = env(
+        "KEYCHAIN_DSN",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        description="PostgreSQL DSN of the database that holds the keychain.",
+    )
+    schema_name: str = env(
+        "KEYCHAIN_SCHEMA",
+        default="noetl",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema of the keychain table (NoETL's is `noetl`).",
+    )
+    keys: SecretStr = env(
+        "KEYCHAIN_KEYS",
+        default=SecretStr(""),
+        description="Key ring: comma-separated `kid:base64-of-32-bytes`; the first key encrypts, all decrypt.",
+    )
+    ttl_seconds: int = env(
+        "KEYCHAIN_TTL_SECONDS", default=3600, gt=0, description="Default lifetime of a cached entry."
+    )
+    pool_min_size: int = env("KEYCHAIN_POOL_MIN_SIZE", default=1, ge=0, description="Smallest connection pool.")
+    pool_max_size: int = env("KEYCHAIN_POOL_MAX_SIZE", default=10, ge=1, description="Largest connection pool.")
+    fetch_lock_timeout_seconds: float = env(
+        "KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS",
+        default=30.0,
+        gt=0,
+        description="How long a read-through waits for another process that is fetching the same secret.",
+    )
+    negative_ttl_seconds: int = env(
+        "KEYCHAIN_NEGATIVE_TTL_SECONDS",
+        default=60,
+        gt=0,
+        description="How long a NOT_FOUND / PERMISSION_DENIED answer is remembered before asking again.",
+    )
+    sweep_batch_size: int = env(
+        "KEYCHAIN_SWEEP_BATCH_SIZE", default=5000, gt=0, description="Expired rows deleted per sweep statement."
+    )
+    rekey_batch_size: int = env(
+        "KEYCHAIN_REKEY_BATCH_SIZE", default=500, gt=0, description="Rows re-encrypted per rekey transaction."
+    )
+
+    # --- Secret Manager ---------------------------------------------------------------------------------------
+    secret_manager_endpoint: str | None = env(
+        "SECRET_MANAGER_ENDPOINT",
+        default=None,
+        description="`host:port` of a local Secret Manager gRPC server (plain, no TLS); unset = the real service.",
+    )
+    secret_manager_timeout_seconds: float = env(
+        "SECRET_MANAGER_TIMEOUT_SECONDS", default=10.0, gt=0, description="Deadline of one Secret Manager call."
+    )
+    secret_manager_retry_attempts: int = env(
+        "SECRET_MANAGER_RETRY_ATTEMPTS",
+        default=5,
+        ge=1,
+        description="Attempts per access when Secret Manager answers UNAVAILABLE or times out.",
+    )
+    secret_manager_retry_initial_seconds: float = env(
+        "SECRET_MANAGER_RETRY_INITIAL_SECONDS", default=0.2, gt=0, description="First retry backoff."
+    )
+    secret_manager_retry_max_seconds: float = env(
+        "SECRET_MANAGER_RETRY_MAX_SECONDS", default=5.0, gt=0, description="Largest retry backoff."
+    )
+
+    # --- Google Cloud / Kafka (used by the streams) -----------------------------------------------------------
+    google_cloud_project: str | None = env(
+        "GOOGLE_CLOUD_PROJECT", default=None, description="Project of short Pub/Sub subscription names."
+    )
+    pubsub_emulator_host: str | None = env(
+        "PUBSUB_EMULATOR_HOST", default=None, description="The Google client's own variable for the emulator."
+    )
+    rotation_subscription: str | None = env(
+        "KEYCHAIN_ROTATION_SUBSCRIPTION",
+        default=None,
+        description="Pub/Sub subscription of Secret Manager notifications (`projects/P/subscriptions/S` or `S`).",
+    )
+    kafka_bootstrap_servers: str = env(
+        "KAFKA_BOOTSTRAP_SERVERS", default="127.0.0.1:9092", description="Kafka brokers, comma-separated."
+    )
+    events_topic: str = env(
+        "KEYCHAIN_EVENTS_TOPIC", default="noetl.execution.events", description="Execution lifecycle events."
+    )
+    dlq_topic: str = env(
+        "KEYCHAIN_DLQ_TOPIC", default="noetl.execution.events.dlq", description="Dead letters, with the reason."
+    )
+    rotations_topic: str = env(
+        "KEYCHAIN_ROTATIONS_TOPIC", default="keychain.rotations", description="Secret Manager notices on Kafka."
+    )
+
+    # --- logging --------------------------------------------------------------------------------------------------
+    log_level: str = env("KEYCHAIN_LOG_LEVEL", default="INFO", description="Python log level.")
+    log_format: str = env(
+        "KEYCHAIN_LOG_FORMAT", default="text", pattern="^(text|json)$", description="`text` or `json` log lines."
+    )
+
+
+@lru_cache(maxsize=1)
+def settings_from_env() -> Settings:
+    return Settings()

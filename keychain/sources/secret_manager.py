@@ -1,0 +1,119 @@
+"""Google Secret Manager through the official async client.
+
+The client does not verify the payload checksum, and by default retries only some methods: this module checks
+CRC32C itself, retries UNAVAILABLE / DEADLINE_EXCEEDED with jittered exponential backoff (tenacity), and turns every
+other refusal into a typed error that never carries the payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import google_crc32c
+import grpc
+from google.api_core import exceptions as gexc
+from google.cloud.secretmanager_v1 import SecretManagerServiceAsyncClient
+from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
+    SecretManagerServiceGrpcAsyncIOTransport,
+)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from ..errors import (
+    ChecksumMismatch,
+    SecretNotFound,
+    SecretPermissionDenied,
+    SecretSourceError,
+    SecretUnavailable,
+    SecretVersionDisabled,
+)
+from ..refs import SecretRef
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (gexc.ServiceUnavailable, gexc.DeadlineExceeded)
+_PERMANENT: dict[type[Exception], type[SecretSourceError]] = {
+    gexc.NotFound: SecretNotFound,
+    gexc.PermissionDenied: SecretPermissionDenied,
+    gexc.FailedPrecondition: SecretVersionDisabled,
+}
+
+
+@dataclass(frozen=True)
+class SecretValue:
+    """One accessed version. `version_name` is the service's own name: the project by number, the version resolved."""
+
+    version_name: str
+    payload: bytes = field(repr=False)
+
+    @property
+    def ref(self) -> SecretRef:
+        return SecretRef.parse(self.version_name)
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8")
+
+
+def build_client(settings: Settings) -> SecretManagerServiceAsyncClient:
+    """The real service with application default credentials, or a local plain-text gRPC endpoint."""
+    if settings.secret_manager_endpoint:
+        channel = grpc.aio.insecure_channel(settings.secret_manager_endpoint)
+        return SecretManagerServiceAsyncClient(transport=SecretManagerServiceGrpcAsyncIOTransport(channel=channel))
+    return SecretManagerServiceAsyncClient()
+
+
+class SecretManagerSource:
+    def __init__(self, settings: Settings, client: SecretManagerServiceAsyncClient | None = None):
+        self._settings = settings
+        self._client = client
+        self.calls = 0  # accesses sent to Secret Manager by this source, retries included
+
+    @property
+    def client(self) -> SecretManagerServiceAsyncClient:
+        # Built on first use so the gRPC channel binds to the running event loop.
+        if self._client is None:
+            self._client = build_client(self._settings)
+        return self._client
+
+    async def access(self, ref: SecretRef) -> SecretValue:
+        s = self._settings
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_TRANSIENT),
+            stop=stop_after_attempt(s.secret_manager_retry_attempts),
+            wait=wait_exponential_jitter(
+                multiplier=s.secret_manager_retry_initial_seconds,
+                jitter=s.secret_manager_retry_initial_seconds,
+                max=s.secret_manager_retry_max_seconds,
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    self.calls += 1
+                    response = await self.client.access_secret_version(
+                        name=ref.version_name, retry=None, timeout=s.secret_manager_timeout_seconds
+                    )
+        except _TRANSIENT as exc:
+            raise SecretUnavailable(str(ref), f"after {s.secret_manager_retry_attempts} attempts: {type(exc).__name__}") from None
+        except tuple(_PERMANENT) as exc:
+            raise _PERMANENT[_permanent_type(exc)](str(ref)) from None
+        except gexc.GoogleAPICallError as exc:
+            raise SecretSourceError(str(ref), type(exc).__name__) from None
+
+        payload = response.payload
+        if payload.data_crc32c is not None and "data_crc32c" in payload:
+            if google_crc32c.value(payload.data) != payload.data_crc32c:
+                raise ChecksumMismatch(str(ref), "payload CRC32C does not match")
+        return SecretValue(version_name=response.name or ref.version_name, payload=payload.data)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.transport.close()
+            self._client = None
+
+
+def _permanent_type(exc: Exception) -> type[Exception]:
+    return next(kind for kind in _PERMANENT if isinstance(exc, kind))

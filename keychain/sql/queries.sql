@@ -1,0 +1,112 @@
+-- Every statement the keychain runs, by name. Loaded once by keychain/queries.py; asyncpg prepares each on first use.
+-- Statements run with search_path = the keychain schema.
+
+-- name: get_entry
+-- The worker read: serve a ready, unexpired row and count the hit in the same statement; otherwise say why not.
+-- The conditions that decide serving are on the updated row itself, so a row invalidated or deleted concurrently
+-- is re-checked against its newest version and not served.
+WITH found AS (
+    SELECT id, state, error_code, expires_at > now() AS live
+    FROM keychain
+    WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3
+), hit AS (
+    UPDATE keychain k
+    SET accessed_at = now(), access_count = k.access_count + 1
+    FROM found
+    WHERE k.id = found.id AND k.state = 'ready' AND k.expires_at > now()
+    RETURNING k.key_id, k.data, k.updated_at
+)
+SELECT found.state, found.error_code, found.live, hit.key_id, hit.data, hit.updated_at
+FROM found LEFT JOIN hit ON true;
+
+-- name: put_entries
+-- Store ready entries (one element per row in each array); a repeated delivery overwrites with the same outcome.
+INSERT INTO keychain AS k (credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
+                           state, error_code, key_id, data, sources, ttl_seconds, expires_at)
+SELECT e.credential_name, e.credential_type, e.scope_type, e.cache_type, e.execution_id, e.session_id,
+       'ready', NULL, e.key_id, e.data, e.sources, e.ttl_seconds, now() + make_interval(secs => e.ttl_seconds)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+            $7::text[], $8::bytea[], $9::jsonb[], $10::int[])
+     AS e(credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
+          key_id, data, sources, ttl_seconds)
+ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
+SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
+    state = 'ready', error_code = NULL, key_id = excluded.key_id, data = excluded.data,
+    sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
+    updated_at = now();
+
+-- name: delete_entry
+DELETE FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
+
+-- name: purge_execution
+-- Every execution-scoped row of one execution (its finish event, or an operator).
+DELETE FROM keychain WHERE scope_type = 'execution' AND execution_id = $1;
+
+-- name: invalidate_credential
+UPDATE keychain SET state = 'stale', updated_at = now()
+WHERE credential_name = $1 AND state = 'ready';
+
+-- name: invalidate_execution
+UPDATE keychain SET state = 'stale', updated_at = now()
+WHERE scope_type = 'execution' AND execution_id = $1 AND state = 'ready';
+
+-- name: invalidate_secret
+-- Rows holding any version of a secret ($1 = '[{"names": ["projects/P/secrets/S"]}]').
+UPDATE keychain SET state = 'stale', updated_at = now()
+WHERE sources @> $1::jsonb AND state = 'ready';
+
+-- name: invalidate_all
+UPDATE keychain SET state = 'stale', updated_at = now() WHERE state = 'ready';
+
+-- name: sweep_expired
+-- One bounded batch; SKIP LOCKED so a sweep never waits on, or blocks, rows being written.
+WITH doomed AS (
+    SELECT id FROM keychain WHERE expires_at <= now()
+    ORDER BY expires_at LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
+
+-- name: sweep_failures
+DELETE FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day';
+
+-- name: lock_identity
+-- Cross-process single flight for a read-through: hold a transaction-scoped advisory lock on the row identity
+-- while fetching. The fetched row is written with a durable commit even where the pool commits asynchronously.
+SELECT set_config('lock_timeout', $1, true), set_config('synchronous_commit', 'on', true),
+       pg_advisory_xact_lock($2);
+
+-- name: get_failure
+SELECT error_code FROM keychain_fetch_failure WHERE secret_ref = $1 AND retry_at > now();
+
+-- name: record_failure
+-- Backoff doubles with every refusal: $3 seconds, then 2x, 4x, ... capped at one day.
+INSERT INTO keychain_fetch_failure AS f (secret_ref, error_code, attempts, retry_at)
+VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+ON CONFLICT (secret_ref) DO UPDATE
+SET error_code = excluded.error_code, attempts = f.attempts + 1, updated_at = now(),
+    retry_at = now() + make_interval(secs => least($3 * 2 ^ least(f.attempts, 20), 86400));
+
+-- name: clear_failure
+DELETE FROM keychain_fetch_failure WHERE secret_ref = $1;
+
+-- name: rekey_candidates
+-- Keyset pagination over rows sealed under any key but the active one.
+SELECT id, credential_name, scope_type, scope_id, key_id, data
+FROM keychain
+WHERE id > $1 AND key_id <> $2 AND data IS NOT NULL
+ORDER BY id LIMIT $3;
+
+-- name: rekey_rows
+-- Replace a ciphertext only if the row still holds the one that was read: a concurrent refresh wins.
+UPDATE keychain k SET key_id = r.key_id, data = r.data
+FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[]) AS r(id, key_id, data, old_data)
+WHERE k.id = r.id AND k.data = r.old_data;
+
+-- name: stats
+SELECT scope_type, state,
+       count(*)                                   AS rows,
+       count(*) FILTER (WHERE expires_at <= now()) AS expired,
+       count(*) FILTER (WHERE access_count > 0)   AS read_rows,
+       coalesce(sum(access_count), 0)::bigint     AS hits
+FROM keychain GROUP BY scope_type, state ORDER BY scope_type, state;

@@ -1,0 +1,324 @@
+"""The Keychain: every database operation on `noetl.keychain`, with encryption, read-through and single flight."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+
+import asyncpg
+
+from .crypto import KeyRing, RowIdentity
+from .errors import CachedFailure, ConfigurationError, DecryptionError, KeychainError, SecretSourceError
+from .migrate import migrate
+from .model import Entry, Lookup, Provenance, Scope, sources_json, value_from_payload
+from .queries import queries
+from .refs import SecretRef
+from .settings import Settings
+from .sources import SecretManagerSource
+
+log = logging.getLogger("keychain")
+
+
+def advisory_key(identity: RowIdentity) -> int:
+    """A 64-bit advisory lock id for one row identity, the same in every process."""
+    text = json.dumps(identity_args(identity))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+class Keychain:
+    """Owns a connection pool and the key ring. Use `async with Keychain(settings) as kc:` or open()/close()."""
+
+    def __init__(self, settings: Settings, *, source: SecretManagerSource | None = None):
+        self.settings = settings
+        self.keyring = KeyRing.parse(settings.keys.get_secret_value())
+        self.source = source
+        self._pool: asyncpg.Pool | None = None
+        self._q = queries()
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[Lookup]] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    async def open(self) -> "Keychain":
+        if self._pool is None:
+            self._pool = await connect_pool(self.settings)
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self.source is not None:
+            await self.source.close()
+
+    async def __aenter__(self) -> "Keychain":
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise KeychainError("the keychain is not open: call `await keychain.open()` first")
+        return self._pool
+
+    async def migrate(self) -> list[int]:
+        async with self.pool.acquire() as conn:
+            return await migrate(conn, self.settings.schema_name)
+
+    @asynccontextmanager
+    async def _durable(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction whose commit is flushed to disk (the pool commits asynchronously for read bookkeeping)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit TO on")
+            yield conn
+
+    # --- read -----------------------------------------------------------------------------------------------------
+    async def get(
+        self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
+    ) -> Lookup:
+        """Read one entry in one statement (hit bookkeeping included). Raises CachedFailure for a remembered refusal."""
+        identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
+        return await self._lookup(self.pool, identity)
+
+    async def _lookup(self, conn: asyncpg.Pool | asyncpg.Connection, identity: RowIdentity) -> Lookup:
+        row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
+        lookup = self._classify(identity, row)
+        log.info(
+            "keychain %s credential=%s scope=%s id=%s",
+            lookup.outcome, identity.credential_name, identity.scope_type, identity.scope_id or "-",
+        )
+        if lookup.outcome == "failed":
+            raise CachedFailure(identity.credential_name, lookup.error_code or "ERROR")
+        return lookup
+
+    def _classify(self, identity: RowIdentity, row: asyncpg.Record | None) -> Lookup:
+        if row is None:
+            return Lookup("miss")
+        if row["data"] is not None:
+            value = self.keyring.open(identity, row["key_id"], row["data"])
+            return Lookup("hit", value, ready_at=row["updated_at"])
+        if not row["live"]:
+            return Lookup("expired")
+        if row["state"] == "failed":
+            return Lookup("failed", error_code=row["error_code"])
+        return Lookup("stale")
+
+    # --- read-through -------------------------------------------------------------------------------------------
+    async def get_or_fetch(
+        self,
+        name: str,
+        ref: str | SecretRef,
+        *,
+        execution_id: int | None = None,
+        session_id: str | None = None,
+        scope: str | None = None,
+        ttl_seconds: int | None = None,
+    ) -> Lookup:
+        """Read; on a miss fetch `ref` from Secret Manager, store it and return it.
+
+        Concurrent misses of one entry call Secret Manager once: in-process through a shared future, across
+        processes through a PostgreSQL advisory lock held while fetching.
+        """
+        identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
+        lookup = await self._lookup(self.pool, identity)
+        if lookup:
+            return lookup
+        secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
+        entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
+        return await self._single_flight(
+            (identity.credential_name, identity.scope_type, identity.scope_id),
+            lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
+        )
+
+    async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[Lookup]]) -> Lookup:
+        future = self._inflight.get(key)
+        if future is None:
+            future = asyncio.ensure_future(make())
+            self._inflight[key] = future
+            future.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(future)
+
+    async def _fetch_locked(
+        self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
+    ) -> Lookup:
+        if self.source is None:
+            raise ConfigurationError("read-through needs a Secret Manager source: Keychain(settings, source=...)")
+        refusal: SecretSourceError | None = None
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
+                    await conn.execute(self._q["lock_identity"], timeout_ms, advisory_key(identity))
+                    lookup = await self._lookup(conn, identity)
+                    if lookup:
+                        return lookup  # another process fetched it while we waited for the lock
+                    failure = await conn.fetchrow(self._q["get_failure"], str(ref))
+                    if failure is not None:
+                        raise CachedFailure(identity.credential_name, failure["error_code"])
+                    try:
+                        secret = await self.source.access(ref)
+                    except SecretSourceError as exc:
+                        if not exc.permanent:
+                            raise
+                        refusal = exc
+                        await conn.execute(
+                            self._q["record_failure"], str(ref), exc.code, float(self.settings.negative_ttl_seconds)
+                        )
+                    else:
+                        entry = Entry(
+                            identity.credential_name,
+                            scope,
+                            value_from_payload(secret.payload),
+                            sources=(Provenance(ref, secret.version_name),),
+                            ttl_seconds=ttl_seconds,
+                        )
+                        await self._write(conn, [entry])
+                        return Lookup("hit", entry.value)
+            except asyncpg.LockNotAvailableError:
+                raise KeychainError(
+                    f"{identity.credential_name}: another process has been fetching it for longer than "
+                    f"{self.settings.fetch_lock_timeout_seconds}s"
+                ) from None
+        raise refusal
+
+    # --- write ----------------------------------------------------------------------------------------------------
+    async def put(
+        self,
+        name: str,
+        value: Any,
+        *,
+        execution_id: int | None = None,
+        session_id: str | None = None,
+        scope: str | None = None,
+        ttl_seconds: int | None = None,
+        sources: Iterable[Provenance] = (),
+    ) -> None:
+        entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
+        await self.put_many([Entry(name, entry_scope, value, tuple(sources), ttl_seconds)])
+
+    async def put_many(self, entries: list[Entry]) -> None:
+        """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome)."""
+        if entries:
+            async with self._durable() as conn:
+                await self._write(conn, entries)
+
+    async def _write(self, conn: asyncpg.Connection, entries: list[Entry]) -> None:
+        columns: list[list[Any]] = [[] for _ in range(10)]
+        for e in entries:
+            kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value)
+            row = (
+                e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
+                e.scope.session_id, kid, data, sources_json(e.sources), e.ttl_seconds or self.settings.ttl_seconds,
+            )
+            for column, item in zip(columns, row):
+                column.append(item)
+        await conn.execute(self._q["put_entries"], *columns)
+
+    async def delete(
+        self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
+    ) -> int:
+        identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
+        async with self._durable() as conn:
+            return affected(await conn.execute(self._q["delete_entry"], *identity_args(identity)))
+
+    async def purge_execution(self, execution_id: int) -> int:
+        async with self._durable() as conn:
+            return affected(await conn.execute(self._q["purge_execution"], execution_id))
+
+    # --- invalidation ---------------------------------------------------------------------------------------------
+    async def invalidate(
+        self,
+        *,
+        credential: str | None = None,
+        execution_id: int | None = None,
+        secret: str | None = None,
+        everything: bool = False,
+    ) -> int:
+        """Stop serving entries (they stay, marked stale, until refreshed, purged or swept). Returns rows changed."""
+        chosen = [x for x in (credential, execution_id, secret) if x is not None] + ([True] if everything else [])
+        if len(chosen) != 1:
+            raise ValueError("invalidate exactly one of: credential, execution_id, secret, everything")
+        if credential is not None:
+            statement, args = "invalidate_credential", (credential,)
+        elif execution_id is not None:
+            statement, args = "invalidate_execution", (execution_id,)
+        elif secret is not None:
+            statement, args = "invalidate_secret", (json.dumps([{"names": [SecretRef.parse(secret).secret_name]}]),)
+        else:
+            statement, args = "invalidate_all", ()
+        async with self._durable() as conn:
+            return affected(await conn.execute(self._q[statement], *args))
+
+    # --- maintenance ----------------------------------------------------------------------------------------------
+    async def sweep(self, batch_size: int | None = None) -> int:
+        """Delete expired rows in bounded batches; returns how many."""
+        batch = batch_size or self.settings.sweep_batch_size
+        total = 0
+        while True:
+            deleted = affected(await self.pool.execute(self._q["sweep_expired"], batch))
+            total += deleted
+            if deleted < batch:
+                break
+        await self.pool.execute(self._q["sweep_failures"])
+        return total
+
+    async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:
+        """Re-encrypt every row under the active key, online. Returns (rows rekeyed, rows that failed to decrypt)."""
+        batch = batch_size or self.settings.rekey_batch_size
+        active = self.keyring.active_key_id
+        last_id, done, failed = 0, 0, 0
+        while True:
+            rows = await self.pool.fetch(self._q["rekey_candidates"], last_id, active, batch)
+            if not rows:
+                return done, failed
+            ids, kids, datas, olds = [], [], [], []
+            for row in rows:
+                identity = RowIdentity(row["credential_name"], row["scope_type"], row["scope_id"])
+                try:
+                    value = self.keyring.open(identity, row["key_id"], row["data"])
+                except DecryptionError as exc:
+                    failed += 1
+                    log.warning("rekey skipped row %s: %s", row["id"], exc)
+                    continue
+                kid, data = self.keyring.seal(identity, value)
+                ids.append(row["id"]), kids.append(kid), datas.append(data), olds.append(row["data"])
+            if ids:
+                async with self._durable() as conn:
+                    done += affected(await conn.execute(self._q["rekey_rows"], ids, kids, datas, olds))
+            last_id = rows[-1]["id"]
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self.pool.fetch(self._q["stats"])]
+
+
+async def connect_pool(settings: Settings) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(
+            settings.dsn,
+            min_size=settings.pool_min_size,
+            max_size=settings.pool_max_size,
+            server_settings={
+                "search_path": settings.schema_name,
+                # Hit bookkeeping is statistics: not worth an fsync per read. Writes turn it back on (_durable).
+                "synchronous_commit": "off",
+                "application_name": "keychain",
+            },
+        )
+    except ValueError:
+        # The parser's message may quote the DSN, password included.
+        raise ConfigurationError("KEYCHAIN_DSN is not a valid PostgreSQL DSN") from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConfigurationError(f"cannot connect to KEYCHAIN_DSN: {type(exc).__name__}: {exc}") from None
+
+
+def identity_args(identity: RowIdentity) -> tuple[str, str, str]:
+    return identity.credential_name, identity.scope_type, identity.scope_id
+
+
+def affected(status: str) -> int:
+    """Row count from a command status such as 'DELETE 3' or 'UPDATE 0'."""
+    return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,431 @@
+"""A Secret Manager test server that speaks the real gRPC API to the official client.
+
+There is no Secret Manager emulator. This server keeps secrets in memory, names them the way the real service does
+(the project by NUMBER in every name it returns, `latest` = the most recently created version), injects latency and
+faults so tests and benchmarks can model the real service, and publishes the same Pub/Sub notifications the real
+service publishes (`../shared/reference/secret-manager-notifications.md`) when given a topic.
+
+Run alone: `python -m keychain.testing.secret_manager_server --port 8085 --delay-ms 250`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import google_crc32c
+import grpc
+from google.cloud.secretmanager_v1 import types
+from google.protobuf import empty_pb2, field_mask_pb2, timestamp_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE = "google.cloud.secretmanager.v1.SecretManagerService"
+DEFAULT_PROJECT_ID = "test-project"
+DEFAULT_PROJECT_NUMBER = "1014428265962"  # the seed's project number
+
+
+class RpcError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Fault:
+    """Answer `code` instead of the real answer, for the next `times` calls (None = every call), with `rate`."""
+
+    code: grpc.StatusCode
+    method: str = "AccessSecretVersion"
+    times: int | None = None
+    rate: float = 1.0
+    secret: str | None = None  # only calls naming this secret id
+
+
+@dataclass
+class _Version:
+    number: int
+    payload: bytes = field(repr=False)
+    state: str = "ENABLED"
+    create_time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+@dataclass
+class _Secret:
+    secret_id: str
+    topics: list[str]
+    labels: dict[str, str]
+    aliases: dict[str, int] = field(default_factory=dict)
+    versions: list[_Version] = field(default_factory=list)
+    create_time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class SecretManagerTestServer:
+    def __init__(
+        self,
+        *,
+        project_id: str = DEFAULT_PROJECT_ID,
+        project_number: str = DEFAULT_PROJECT_NUMBER,
+        notify_topic: str | None = None,
+        delay_seconds: float = 0.0,
+    ):
+        self.project_id = project_id
+        self.project_number = project_number
+        self.notify_topic = notify_topic
+        self.delay_seconds = delay_seconds
+        self.corrupt_crc32c = False
+        self.faults: list[Fault] = []
+        self.calls: Counter[str] = Counter()
+        self.accessed: list[str] = []  # version names answered by AccessSecretVersion, in order
+        self._secrets: dict[str, _Secret] = {}
+        self._lock = threading.Lock()
+        self._publisher = None
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    # --- running ----------------------------------------------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> "SecretManagerTestServer":
+        """Serve on a thread of its own (its own event loop), so sync and async callers can share it."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._start(port))
+            except BaseException as exc:  # report start-up failures to the caller
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="secret-manager-test-server", daemon=True)
+        self._thread.start()
+        ready.wait(30)
+        if failure:
+            raise failure[0]
+        return self
+
+    async def _start(self, port: int) -> None:
+        self._server = grpc.aio.server()
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        await self._server.start()
+        log.info("Secret Manager test server on %s", self.address)
+
+    def stop(self) -> None:
+        if self._loop is None or self._server is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace=0.5), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._publisher is not None:
+            self._publisher.stop()
+        self._server = None
+
+    # --- controls for tests ---------------------------------------------------------------------------------------
+    def inject(self, code: grpc.StatusCode, **kwargs) -> Fault:
+        fault = Fault(code, **kwargs)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+        self.corrupt_crc32c = False
+        self.delay_seconds = 0.0
+
+    def access_count(self, secret_id: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for name in self.accessed if secret_id is None or f"/secrets/{secret_id}/" in name)
+
+    def create_secret(self, secret_id: str, *, topics: list[str] | None = None) -> str:
+        secret = types.Secret(topics=[types.Topic(name=t) for t in topics or []])
+        return self._create_secret(f"projects/{self.project_id}", secret_id, secret).name
+
+    def add_version(self, secret_id: str, payload: bytes | str) -> str:
+        data = payload.encode() if isinstance(payload, str) else payload
+        parent = f"projects/{self.project_id}/secrets/{secret_id}"
+        return self._add_version(parent, types.SecretPayload(data=data)).name
+
+    def set_state(self, version_name: str, state: str) -> None:
+        action = {"ENABLED": "Enable", "DISABLED": "Disable", "DESTROYED": "Destroy"}[state]
+        self._change_state(version_name, action)
+
+    # --- names --------------------------------------------------------------------------------------------------
+    def _project(self, project: str) -> str:
+        if project not in (self.project_id, self.project_number):
+            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"Permission denied on project {project}")
+        return self.project_number
+
+    def _secret_name(self, secret_id: str) -> str:
+        return f"projects/{self.project_number}/secrets/{secret_id}"
+
+    def _parse(self, name: str, *, version: bool) -> tuple[str, str | None]:
+        parts = name.split("/")
+        if version and (len(parts) != 6 or parts[0] != "projects" or parts[2] != "secrets" or parts[4] != "versions"):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
+        if not version and (len(parts) != 4 or parts[0] != "projects" or parts[2] != "secrets"):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
+        self._project(parts[1])
+        return parts[3], (parts[5] if version else None)
+
+    def _get_secret(self, secret_id: str) -> _Secret:
+        secret = self._secrets.get(secret_id)
+        if secret is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Secret [{self._secret_name(secret_id)}] not found.")
+        return secret
+
+    def _get_version(self, name: str) -> tuple[_Secret, _Version]:
+        secret_id, wanted = self._parse(name, version=True)
+        secret = self._get_secret(secret_id)
+        number: int | None
+        if wanted == "latest":
+            number = secret.versions[-1].number if secret.versions else None
+        elif wanted.isdigit():
+            number = int(wanted)
+        else:
+            number = secret.aliases.get(wanted)
+        version = next((v for v in secret.versions if v.number == number), None)
+        if version is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Secret Version [{name}] not found.")
+        return secret, version
+
+    # --- resources as protos ----------------------------------------------------------------------------------------
+    def _secret_proto(self, secret: _Secret) -> types.Secret:
+        return types.Secret(
+            name=self._secret_name(secret.secret_id),
+            create_time=_ts(secret.create_time),
+            labels=secret.labels,
+            topics=[types.Topic(name=t) for t in secret.topics],
+            version_aliases=secret.aliases,
+            replication=types.Replication(automatic=types.Replication.Automatic()),
+        )
+
+    def _version_proto(self, secret: _Secret, version: _Version) -> types.SecretVersion:
+        return types.SecretVersion(
+            name=f"{self._secret_name(secret.secret_id)}/versions/{version.number}",
+            create_time=_ts(version.create_time),
+            state=types.SecretVersion.State[version.state],
+            client_specified_payload_checksum=True,
+        )
+
+    # --- notifications --------------------------------------------------------------------------------------------
+    def _notify(self, secret: _Secret, event_type: str, resource, extra: dict[str, str] | None = None) -> None:
+        topics = list(dict.fromkeys(secret.topics + ([self.notify_topic] if self.notify_topic else [])))
+        if not topics:
+            return
+        if self._publisher is None:
+            from google.cloud import pubsub_v1
+
+            self._publisher = pubsub_v1.PublisherClient()
+        attributes = {
+            "eventType": event_type,
+            "secretId": self._secret_name(secret.secret_id),
+            "dataFormat": "JSON_API_V1",
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            **(extra or {}),
+        }
+        data = type(resource).to_json(
+            resource, use_integers_for_enums=False, preserving_proto_field_name=False, indent=None
+        ).encode()
+        for topic in topics:
+            self._publisher.publish(topic, data, **attributes)
+
+    # --- the RPCs -------------------------------------------------------------------------------------------------
+    def _create_secret(self, parent: str, secret_id: str, secret: types.Secret) -> types.Secret:
+        self._project(parent.split("/")[1])
+        with self._lock:
+            if secret_id in self._secrets:
+                raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Secret [{self._secret_name(secret_id)}] already exists.")
+            stored = _Secret(secret_id, [t.name for t in secret.topics], dict(secret.labels))
+            self._secrets[secret_id] = stored
+        proto = self._secret_proto(stored)
+        self._notify(stored, "SECRET_CREATE", proto)
+        return proto
+
+    def _add_version(self, parent: str, payload: types.SecretPayload) -> types.SecretVersion:
+        secret_id, _ = self._parse(parent, version=False)
+        if "data_crc32c" in payload and google_crc32c.value(payload.data) != payload.data_crc32c:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Checksum mismatch.")
+        with self._lock:
+            secret = self._get_secret(secret_id)
+            version = _Version(len(secret.versions) + 1, payload.data)
+            secret.versions.append(version)
+        proto = self._version_proto(secret, version)
+        self._notify(secret, "SECRET_VERSION_ADD", proto, {"versionId": proto.name})
+        return proto
+
+    def _change_state(self, name: str, action: str) -> types.SecretVersion:
+        with self._lock:
+            secret, version = self._get_version(name)
+            if version.state == "DESTROYED":
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"Secret Version [{name}] is destroyed.")
+            version.state = {"Enable": "ENABLED", "Disable": "DISABLED", "Destroy": "DESTROYED"}[action]
+            if action == "Destroy":
+                version.payload = b""
+        proto = self._version_proto(secret, version)
+        event = {"Enable": "SECRET_VERSION_ENABLE", "Disable": "SECRET_VERSION_DISABLE", "Destroy": "SECRET_VERSION_DESTROY"}
+        self._notify(secret, event[action], proto, {"versionId": proto.name})
+        return proto
+
+    async def _access(self, request: types.AccessSecretVersionRequest) -> types.AccessSecretVersionResponse:
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+        with self._lock:
+            secret, version = self._get_version(request.name)
+            name = f"{self._secret_name(secret.secret_id)}/versions/{version.number}"
+            if version.state != "ENABLED":
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"Secret Version [{name}] is in {version.state} state.")
+            self.accessed.append(name)
+            payload = version.payload
+        checksum = google_crc32c.value(payload) ^ (1 if self.corrupt_crc32c else 0)
+        return types.AccessSecretVersionResponse(
+            name=name, payload=types.SecretPayload(data=payload, data_crc32c=checksum)
+        )
+
+    def _update_secret(self, secret: types.Secret, mask: field_mask_pb2.FieldMask) -> types.Secret:
+        secret_id, _ = self._parse(secret.name, version=False)
+        with self._lock:
+            stored = self._get_secret(secret_id)
+            paths = set(mask.paths) or {"labels", "topics", "version_aliases"}
+            if "labels" in paths:
+                stored.labels = dict(secret.labels)
+            if "topics" in paths:
+                stored.topics = [t.name for t in secret.topics]
+            if "version_aliases" in paths:
+                stored.aliases = {k: int(v) for k, v in secret.version_aliases.items()}
+        proto = self._secret_proto(stored)
+        self._notify(stored, "SECRET_UPDATE", proto)
+        return proto
+
+    def _delete_secret(self, name: str) -> empty_pb2.Empty:
+        secret_id, _ = self._parse(name, version=False)
+        with self._lock:
+            secret = self._get_secret(secret_id)
+            del self._secrets[secret_id]
+        self._notify(secret, "SECRET_DELETE", self._secret_proto(secret), {"deleteType": "REQUESTED"})
+        return empty_pb2.Empty()
+
+    def _list_versions(self, parent: str) -> types.ListSecretVersionsResponse:
+        secret_id, _ = self._parse(parent, version=False)
+        with self._lock:
+            secret = self._get_secret(secret_id)
+            versions = [self._version_proto(secret, v) for v in reversed(secret.versions)]
+        return types.ListSecretVersionsResponse(versions=versions, total_size=len(versions))
+
+    def _get_version_rpc(self, name: str) -> types.SecretVersion:
+        with self._lock:
+            return self._version_proto(*self._get_version(name))
+
+    def _get_secret_rpc(self, name: str) -> types.Secret:
+        secret_id, _ = self._parse(name, version=False)
+        with self._lock:
+            return self._secret_proto(self._get_secret(secret_id))
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        t = types
+        methods = {
+            "CreateSecret": (t.CreateSecretRequest, t.Secret, lambda r: self._create_secret(r.parent, r.secret_id, r.secret)),
+            "GetSecret": (t.GetSecretRequest, t.Secret, lambda r: self._get_secret_rpc(r.name)),
+            "UpdateSecret": (t.UpdateSecretRequest, t.Secret, lambda r: self._update_secret(r.secret, r.update_mask)),
+            "DeleteSecret": (t.DeleteSecretRequest, None, lambda r: self._delete_secret(r.name)),
+            "AddSecretVersion": (t.AddSecretVersionRequest, t.SecretVersion, lambda r: self._add_version(r.parent, r.payload)),
+            "GetSecretVersion": (t.GetSecretVersionRequest, t.SecretVersion, lambda r: self._get_version_rpc(r.name)),
+            "ListSecretVersions": (t.ListSecretVersionsRequest, t.ListSecretVersionsResponse, lambda r: self._list_versions(r.parent)),
+            "AccessSecretVersion": (t.AccessSecretVersionRequest, t.AccessSecretVersionResponse, self._access),
+            "DisableSecretVersion": (t.DisableSecretVersionRequest, t.SecretVersion, lambda r: self._change_state(r.name, "Disable")),
+            "EnableSecretVersion": (t.EnableSecretVersionRequest, t.SecretVersion, lambda r: self._change_state(r.name, "Enable")),
+            "DestroySecretVersion": (t.DestroySecretVersionRequest, t.SecretVersion, lambda r: self._change_state(r.name, "Destroy")),
+        }
+        handlers = {}
+        for method, (request_type, response_type, call) in methods.items():
+            serializer = response_type.serialize if response_type is not None else empty_pb2.Empty.SerializeToString
+            handlers[method] = grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, call), request_deserializer=request_type.deserialize, response_serializer=serializer
+            )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _wrap(self, method: str, call):
+        async def handle(request, context: grpc.aio.ServicerContext):
+            self.calls[method] += 1
+            fault = self._due_fault(method, request)
+            try:
+                if fault is not None:
+                    raise RpcError(fault.code, f"injected {fault.code.name}")
+                result = call(request)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                return result
+            except RpcError as exc:
+                await context.abort(exc.code, exc.message)
+
+        return handle
+
+    def _due_fault(self, method: str, request) -> Fault | None:
+        name = getattr(request, "name", "") or getattr(request, "parent", "")
+        with self._lock:
+            for fault in self.faults:
+                if fault.method != method or (fault.secret and f"/secrets/{fault.secret}" not in name):
+                    continue
+                if fault.times is not None and fault.times <= 0:
+                    continue
+                if random.random() >= fault.rate:
+                    continue
+                if fault.times is not None:
+                    fault.times -= 1
+                return fault
+        return None
+
+
+def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8085)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="latency added to every AccessSecretVersion")
+    parser.add_argument("--project-id", default=DEFAULT_PROJECT_ID)
+    parser.add_argument("--project-number", default=DEFAULT_PROJECT_NUMBER)
+    parser.add_argument("--notify-topic", help="Pub/Sub topic for notifications (needs PUBSUB_EMULATOR_HOST locally)")
+    parser.add_argument("--secret", action="append", default=[], metavar="ID=VALUE", help="create a secret version")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    server = SecretManagerTestServer(
+        project_id=args.project_id,
+        project_number=args.project_number,
+        notify_topic=args.notify_topic,
+        delay_seconds=args.delay_ms / 1000,
+    ).start(args.port)
+    for item in args.secret:
+        secret_id, _, value = item.partition("=")
+        server.create_secret(secret_id)
+        server.add_version(secret_id, value)
+    print(f"SECRET_MANAGER_ENDPOINT={server.address}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

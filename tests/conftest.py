@@ -1,0 +1,109 @@
+"""Real services, started once per test session; each test gets its own schema, secrets and ids."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import asyncpg
+import pytest
+
+from keychain import Keychain, SecretManagerSource, Settings
+from keychain.crypto import KeyRing
+from keychain.testing.stack import LocalStack
+
+
+@pytest.fixture(scope="session")
+def stack():
+    with LocalStack() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def secret_manager(stack):
+    return stack.secret_manager
+
+
+@pytest.fixture
+def sm(secret_manager):
+    """The Secret Manager test server, with no faults or delay left over from another test."""
+    secret_manager.clear_faults()
+    yield secret_manager
+    secret_manager.clear_faults()
+
+
+@pytest.fixture
+def unique():
+    """A short unique token for names of this test's secrets, schemas and ids."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def execution_id():
+    return int.from_bytes(os.urandom(7), "big")
+
+
+@pytest.fixture
+def schema(unique):
+    return f"t_{unique}"
+
+
+@pytest.fixture
+def key_spec():
+    return KeyRing.generate_spec("k1")
+
+
+def make_settings(stack: LocalStack, schema: str, keys: str, **overrides) -> Settings:
+    return Settings(
+        dsn=stack.env["KEYCHAIN_DSN"],
+        schema_name=schema,
+        keys=keys,
+        secret_manager_endpoint=stack.env["SECRET_MANAGER_ENDPOINT"],
+        secret_manager_retry_initial_seconds=0.01,
+        secret_manager_retry_max_seconds=0.05,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def settings(stack, schema, key_spec):
+    return make_settings(stack, schema, key_spec)
+
+
+@pytest.fixture
+def cli_env(stack, settings, key_spec):
+    """Environment variables for a `keychain` subprocess reaching this test's schema."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_"))}
+    env.update(
+        KEYCHAIN_DSN=settings.dsn,
+        KEYCHAIN_SCHEMA=settings.schema_name,
+        KEYCHAIN_KEYS=key_spec,
+        SECRET_MANAGER_ENDPOINT=stack.env["SECRET_MANAGER_ENDPOINT"],
+        SECRET_MANAGER_RETRY_INITIAL_SECONDS="0.01",
+    )
+    return env
+
+
+@pytest.fixture
+async def keychain(settings):
+    async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
+        await kc.migrate()
+        yield kc
+
+
+@pytest.fixture
+async def db(settings):
+    """A plain connection to this test's schema, for looking at (and tampering with) the table directly."""
+    conn = await asyncpg.connect(settings.dsn, server_settings={"search_path": settings.schema_name})
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def secret(sm, unique):
+    """A fresh secret with one version; returns (secret id, the version's value)."""
+    secret_id = f"s-{unique}"
+    value = f"plaintext-{uuid.uuid4().hex}"
+    sm.create_secret(secret_id)
+    sm.add_version(secret_id, value)
+    return secret_id, value

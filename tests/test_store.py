@@ -1,0 +1,263 @@
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from keychain import CachedFailure, DecryptionError, Keychain, SecretManagerSource, SecretNotFound
+from keychain.crypto import KeyRing
+from keychain.model import Entry, Provenance, Scope
+from keychain.refs import SecretRef
+
+from .conftest import make_settings
+
+PROJECT = "test-project"
+
+
+def ref_of(secret_id: str, version: str = "latest") -> str:
+    return f"projects/{PROJECT}/secrets/{secret_id}/versions/{version}"
+
+
+async def test_put_then_get_is_scoped(keychain, execution_id):
+    await keychain.put("openai", {"key": "v-exec"}, execution_id=execution_id)
+    await keychain.put("openai", {"key": "v-global"})
+    await keychain.put("openai", {"key": "v-session"}, session_id="sess-1")
+
+    assert (await keychain.get("openai", execution_id=execution_id)).value == {"key": "v-exec"}
+    assert (await keychain.get("openai")).value == {"key": "v-global"}
+    assert (await keychain.get("openai", session_id="sess-1")).value == {"key": "v-session"}
+    other = await keychain.get("openai", execution_id=execution_id + 1)
+    assert not other and other.outcome == "miss"
+    assert (await keychain.get("openai", session_id="sess-2")).outcome == "miss"
+
+
+async def test_put_is_idempotent_one_row_per_identity(keychain, db, execution_id):
+    for value in ("a", "b", "b"):
+        await keychain.put("cred", value, execution_id=execution_id)
+        await keychain.put("cred", value)
+    rows = await db.fetch("SELECT scope_type, execution_id FROM keychain ORDER BY scope_type")
+    assert [(r["scope_type"], r["execution_id"]) for r in rows] == [("execution", execution_id), ("global", None)]
+    assert (await keychain.get("cred", execution_id=execution_id)).value == "b"
+
+
+async def test_expired_rows_are_never_served(keychain, db, execution_id):
+    await keychain.put("short", "v", execution_id=execution_id, ttl_seconds=3600)
+    assert await keychain.get("short", execution_id=execution_id)
+    await db.execute("UPDATE keychain SET expires_at = now() - interval '1 second'")
+    lookup = await keychain.get("short", execution_id=execution_id)
+    assert not lookup and lookup.outcome == "expired" and lookup.value is None
+
+
+async def test_ttl_sets_expiry(keychain, db, execution_id):
+    await keychain.put("ttl", "v", execution_id=execution_id, ttl_seconds=120)
+    row = await db.fetchrow("SELECT ttl_seconds, expires_at - created_at AS lifetime FROM keychain")
+    assert row["ttl_seconds"] == 120 and row["lifetime"].total_seconds() == pytest.approx(120, abs=1)
+
+
+async def test_hit_bookkeeping_proves_a_hit(keychain, db, execution_id):
+    await keychain.put("cred", "v", execution_id=execution_id)
+    before = await db.fetchrow("SELECT access_count, created_at, accessed_at FROM keychain")
+    assert before["access_count"] == 0 and before["accessed_at"] == before["created_at"]
+    await asyncio.sleep(0.01)
+    for _ in range(3):
+        assert await keychain.get("cred", execution_id=execution_id)
+    await keychain.get("cred", execution_id=execution_id + 1)  # a miss elsewhere counts nothing here
+    after = await db.fetchrow("SELECT access_count, created_at, accessed_at FROM keychain")
+    assert after["access_count"] == 3
+    assert after["accessed_at"] > after["created_at"]
+
+
+async def test_read_through_fetches_once_then_hits(keychain, sm, secret, execution_id, db):
+    secret_id, value = secret
+    first = await keychain.get_or_fetch(ref_of(secret_id), ref_of(secret_id), execution_id=execution_id)
+    assert first.value == value
+    second = await keychain.get_or_fetch(ref_of(secret_id), ref_of(secret_id), execution_id=execution_id)
+    assert second.outcome == "hit" and second.value == value
+    assert sm.access_count(secret_id) == 1
+    sources = await db.fetchval("SELECT sources FROM keychain")
+    assert '"version": "1"' in sources and "projects/1014428265962/secrets/" in sources  # resolved by number
+    assert f"projects/{PROJECT}/secrets/{secret_id}" in sources
+
+
+async def test_concurrent_read_through_in_one_process_calls_once(keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    sm.delay_seconds = 0.2
+    results = await asyncio.gather(*[
+        keychain.get_or_fetch("openai", ref_of(secret_id), execution_id=execution_id) for _ in range(50)
+    ])
+    assert {r.value for r in results} == {value}
+    assert sm.access_count(secret_id) == 1
+
+
+async def test_concurrent_read_through_across_keychains_calls_once(settings, keychain, sm, secret, execution_id):
+    """Separate pools and single-flight maps, as separate processes have: the database lock decides."""
+    secret_id, value = secret
+    sm.delay_seconds = 0.3
+    others = [await Keychain(settings, source=SecretManagerSource(settings)).open() for _ in range(4)]
+    try:
+        results = await asyncio.gather(*[
+            kc.get_or_fetch("openai", ref_of(secret_id), execution_id=execution_id) for kc in others for _ in range(3)
+        ])
+    finally:
+        for kc in others:
+            await kc.close()
+    assert {r.value for r in results} == {value}
+    assert sm.access_count(secret_id) == 1
+
+
+async def test_not_found_is_remembered_not_retried(keychain, sm, unique, execution_id):
+    missing = ref_of(f"missing-{unique}")
+    with pytest.raises(SecretNotFound):
+        await keychain.get_or_fetch("m", missing, execution_id=execution_id)
+    calls = sm.calls["AccessSecretVersion"]
+    for other in range(20):
+        with pytest.raises(CachedFailure, match="NOT_FOUND"):
+            await keychain.get_or_fetch("m", missing, execution_id=execution_id + other)
+    assert sm.calls["AccessSecretVersion"] == calls
+
+
+async def test_unavailable_is_retried(keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    sm.inject(grpc.StatusCode.UNAVAILABLE, times=3)
+    lookup = await keychain.get_or_fetch("x", ref_of(secret_id), execution_id=execution_id)
+    assert lookup.value == value
+
+
+async def test_tampered_row_is_an_error_not_a_value(keychain, db, execution_id):
+    await keychain.put("cred", "the-value", execution_id=execution_id)
+    await db.execute("UPDATE keychain SET data = overlay(data placing '\\x00'::bytea from 20 for 1)")
+    with pytest.raises(DecryptionError) as caught:
+        await keychain.get("cred", execution_id=execution_id)
+    assert "the-value" not in str(caught.value)
+
+
+async def test_ciphertext_swapped_between_executions_is_rejected(keychain, db, execution_id):
+    await keychain.put("cred", "value-of-a", execution_id=execution_id)
+    await keychain.put("cred", "value-of-b", execution_id=execution_id + 1)
+    await db.execute(
+        """UPDATE keychain SET data = (SELECT data FROM keychain WHERE execution_id = $1)
+           WHERE execution_id = $2""",
+        execution_id, execution_id + 1,
+    )
+    with pytest.raises(DecryptionError):
+        await keychain.get("cred", execution_id=execution_id + 1)
+    assert (await keychain.get("cred", execution_id=execution_id)).value == "value-of-a"
+
+
+async def test_wrong_key_is_a_clear_error(keychain, stack, settings, execution_id):
+    await keychain.put("cred", "v", execution_id=execution_id)
+    stranger = make_settings(stack, settings.schema_name, KeyRing.generate_spec("k1"))
+    async with Keychain(stranger) as other:
+        with pytest.raises(DecryptionError, match="failed authentication"):
+            await other.get("cred", execution_id=execution_id)
+
+
+async def test_key_rotation_and_rekey(keychain, stack, settings, key_spec, db, execution_id):
+    for i in range(25):
+        await keychain.put(f"cred-{i}", {"n": i}, execution_id=execution_id)
+    new_key = KeyRing.generate_spec("k2")
+    rotated = make_settings(stack, settings.schema_name, f"{new_key},{key_spec}")
+    async with Keychain(rotated) as kc:
+        assert (await kc.get("cred-3", execution_id=execution_id)).value == {"n": 3}  # old rows still read
+        await kc.put("fresh", 1)  # new rows use the new key
+        assert await db.fetchval("SELECT key_id FROM keychain WHERE credential_name = 'fresh'") == "k2"
+        assert await kc.rekey(batch_size=7) == (25, 0)
+        assert await kc.rekey() == (0, 0)
+    assert await db.fetchval("SELECT count(*) FROM keychain WHERE key_id <> 'k2'") == 0
+    only_new = make_settings(stack, settings.schema_name, new_key)
+    async with Keychain(only_new) as kc:
+        for i in range(25):
+            assert (await kc.get(f"cred-{i}", execution_id=execution_id)).value == {"n": i}
+
+
+async def test_rekey_under_concurrent_reads_fails_no_read(keychain, stack, settings, key_spec, execution_id):
+    for i in range(200):
+        await keychain.put(f"c{i}", i, execution_id=execution_id)
+    rotated = make_settings(stack, settings.schema_name, f"{KeyRing.generate_spec('k2')},{key_spec}")
+    async with Keychain(rotated) as reader, Keychain(rotated) as rekeyer:
+        stop = asyncio.Event()
+        reads = 0
+
+        async def read_loop(offset):
+            nonlocal reads
+            i = offset
+            while not stop.is_set():
+                lookup = await reader.get(f"c{i % 200}", execution_id=execution_id)
+                assert lookup.value == i % 200
+                reads += 1
+                i += 7
+
+        readers = [asyncio.create_task(read_loop(k)) for k in range(4)]
+        assert await rekeyer.rekey(batch_size=10) == (200, 0)
+        stop.set()
+        await asyncio.gather(*readers)  # any failed read raises here
+    assert reads > 0
+
+
+async def test_no_plaintext_in_table_or_logs(keychain, sm, secret, db, execution_id, caplog):
+    secret_id, value = secret
+    caplog.set_level(logging.DEBUG)
+    await keychain.get_or_fetch("openai", ref_of(secret_id), execution_id=execution_id)
+    await keychain.put("other", {"password": value}, execution_id=execution_id)
+    assert (await keychain.get("openai", execution_id=execution_id)).value == value
+    dump = "\n".join(r[0] for r in await db.fetch("SELECT k::text FROM keychain k"))
+    assert dump and value not in dump
+    assert caplog.records and all(value not in r.getMessage() for r in caplog.records)
+    assert value not in repr(await keychain.get("openai", execution_id=execution_id))
+
+
+async def test_purge_execution_deletes_only_that_execution(keychain, execution_id):
+    await keychain.put("a", 1, execution_id=execution_id)
+    await keychain.put("b", 2, execution_id=execution_id)
+    await keychain.put("a", 3, execution_id=execution_id + 1)
+    await keychain.put("a", 4)
+    assert await keychain.purge_execution(execution_id) == 2
+    assert (await keychain.get("a", execution_id=execution_id)).outcome == "miss"
+    assert (await keychain.get("a", execution_id=execution_id + 1)).value == 3
+    assert (await keychain.get("a")).value == 4
+
+
+async def test_sweep_deletes_exactly_the_expired_rows(keychain, db, execution_id):
+    for i in range(30):
+        await keychain.put(f"c{i}", i, execution_id=execution_id)
+    await db.execute("UPDATE keychain SET expires_at = now() - interval '1 minute' WHERE credential_name ~ '^c[0-9]$'")
+    assert await keychain.sweep(batch_size=3) == 10
+    names = {r[0] for r in await db.fetch("SELECT credential_name FROM keychain")}
+    assert names == {f"c{i}" for i in range(10, 30)}
+    assert await keychain.sweep() == 0
+
+
+async def test_invalidate_matches_project_id_and_number(keychain, sm, secret, execution_id):
+    secret_id, _ = secret
+    await keychain.get_or_fetch("by-id", ref_of(secret_id), execution_id=execution_id)
+    await keychain.put("unrelated", "x", execution_id=execution_id)
+    assert await keychain.invalidate(secret=f"projects/1014428265962/secrets/{secret_id}") == 1
+    assert (await keychain.get("by-id", execution_id=execution_id)).outcome == "stale"
+    assert await keychain.get("unrelated", execution_id=execution_id)
+    await keychain.get_or_fetch("again", ref_of(secret_id), execution_id=execution_id)
+    assert await keychain.invalidate(secret=f"projects/{PROJECT}/secrets/{secret_id}") == 1
+
+
+async def test_invalidate_by_credential_execution_and_all(keychain, execution_id):
+    await keychain.put("a", 1, execution_id=execution_id)
+    await keychain.put("a", 1)
+    await keychain.put("b", 1, execution_id=execution_id)
+    await keychain.put("c", 1, execution_id=execution_id + 1)
+    assert await keychain.invalidate(credential="a") == 2
+    assert await keychain.invalidate(execution_id=execution_id) == 1
+    assert await keychain.invalidate(everything=True) == 1
+    assert not await keychain.get("c", execution_id=execution_id + 1)
+    with pytest.raises(ValueError):
+        await keychain.invalidate(credential="a", everything=True)
+
+
+async def test_put_many_with_provenance(keychain, db, execution_id):
+    ref = SecretRef.parse(f"projects/{PROJECT}/secrets/s/versions/latest")
+    entries = [
+        Entry(f"n{i}", Scope.of(execution_id=execution_id + i), f"v{i}",
+              sources=(Provenance(ref, "projects/1014428265962/secrets/s/versions/4"),))
+        for i in range(100)
+    ]
+    await keychain.put_many(entries)
+    assert await db.fetchval("SELECT count(*) FROM keychain WHERE sources @> '[{\"version\": \"4\", \"pinned\": false}]'") == 100
+    assert (await keychain.get("n42", execution_id=execution_id + 42)).value == "v42"
