@@ -69,13 +69,16 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Entry:
+    """One row to write. With `error_code` it records a refusal (readers get CachedFailure) instead of a value."""
+
     credential_name: str
     scope: Scope
-    value: Any = field(repr=False)
+    value: Any = field(default=None, repr=False)
     sources: tuple[Provenance, ...] = ()
     ttl_seconds: int | None = None
     cache_type: str = "secret"
     credential_type: str = "secret_manager"
+    error_code: str | None = None
 
 
 @dataclass(frozen=True)

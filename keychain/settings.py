@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a NOT_FOUND / PERMISSION_DENIED answer is remembered before asking again.",
     )
+    fence_retention_seconds: int = env(
+        "KEYCHAIN_FENCE_RETENTION_SECONDS",
+        default=7 * 86400,
+        gt=0,
+        description="How long a finished execution stays fenced against late writes (longer than any redelivery).",
+    )
     sweep_batch_size: int = env(
         "KEYCHAIN_SWEEP_BATCH_SIZE", default=5000, gt=0, description="Expired rows deleted per sweep statement."
     )

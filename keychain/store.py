@@ -156,7 +156,7 @@ class Keychain:
                     lookup = await self._lookup(conn, identity)
                     if lookup:
                         return lookup  # another process fetched it while we waited for the lock
-                    failure = await conn.fetchrow(self._q["get_failure"], str(ref))
+                    failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
                     if failure is not None:
                         raise CachedFailure(identity.credential_name, failure["error_code"])
                     try:
@@ -165,9 +165,7 @@ class Keychain:
                         if not exc.permanent:
                             raise
                         refusal = exc
-                        await conn.execute(
-                            self._q["record_failure"], str(ref), exc.code, float(self.settings.negative_ttl_seconds)
-                        )
+                        await self._record_failure(conn, str(ref), exc.code)
                     else:
                         entry = Entry(
                             identity.credential_name,
@@ -207,16 +205,47 @@ class Keychain:
                 await self._write(conn, entries)
 
     async def _write(self, conn: asyncpg.Connection, entries: list[Entry]) -> None:
-        columns: list[list[Any]] = [[] for _ in range(10)]
+        """Inside a transaction: hold the executions' fence locks, then upsert every entry in one statement."""
+        columns: list[list[Any]] = [[] for _ in range(12)]
         for e in entries:
-            kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value)
+            if e.error_code is None:
+                state, (kid, data) = "ready", self.keyring.seal(e.scope.identity(e.credential_name), e.value)
+                ttl = e.ttl_seconds or self.settings.ttl_seconds
+            else:
+                state, kid, data = "failed", None, None
+                ttl = e.ttl_seconds or self.settings.negative_ttl_seconds
             row = (
                 e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
-                e.scope.session_id, kid, data, sources_json(e.sources), e.ttl_seconds or self.settings.ttl_seconds,
+                e.scope.session_id, state, e.error_code, kid, data, sources_json(e.sources), ttl,
             )
             for column, item in zip(columns, row):
                 column.append(item)
+        execution_ids = [e.scope.execution_id for e in entries if e.scope.execution_id is not None]
+        if execution_ids:
+            await conn.execute(self._q["lock_executions_shared"], execution_ids)
         await conn.execute(self._q["put_entries"], *columns)
+
+    async def ready_identities(self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0) -> set[RowIdentity]:
+        """The identities among these whose row is ready and outlives `min_remaining_seconds`. Counts no hit."""
+        wanted = list(identities)
+        if not wanted:
+            return set()
+        names, scopes, ids = (list(column) for column in zip(*(identity_args(i) for i in wanted)))
+        rows = await self.pool.fetch(self._q["ready_identities"], names, scopes, ids, float(min_remaining_seconds))
+        return {RowIdentity(*row) for row in rows}
+
+    # --- negative cache -------------------------------------------------------------------------------------------
+    async def active_failures(self, refs: Iterable[str]) -> dict[str, str]:
+        """Refusals still remembered, by reference: {ref: error code}."""
+        rows = await self.pool.fetch(self._q["active_failures"], list(refs))
+        return {row["secret_ref"]: row["error_code"] for row in rows}
+
+    async def record_failure(self, ref: str, code: str) -> None:
+        async with self._durable() as conn:
+            await self._record_failure(conn, ref, code)
+
+    async def _record_failure(self, conn: asyncpg.Connection, ref: str, code: str) -> None:
+        await conn.execute(self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds))
 
     async def delete(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
@@ -226,8 +255,16 @@ class Keychain:
             return affected(await conn.execute(self._q["delete_entry"], *identity_args(identity)))
 
     async def purge_execution(self, execution_id: int) -> int:
+        """Delete an execution's rows now; later writes for it are still allowed (see finish_execution)."""
         async with self._durable() as conn:
             return affected(await conn.execute(self._q["purge_execution"], execution_id))
+
+    async def finish_execution(self, execution_id: int) -> int:
+        """The execution ended: delete its rows and fence it, so no warm or read-through still in flight, nor a
+        redelivered start event, can write rows for it afterwards. Idempotent. Returns rows deleted."""
+        async with self._durable() as conn:
+            await conn.execute(self._q["lock_execution"], execution_id)
+            return await conn.fetchval(self._q["finish_execution"], execution_id)
 
     # --- invalidation ---------------------------------------------------------------------------------------------
     async def invalidate(
@@ -264,6 +301,7 @@ class Keychain:
             if deleted < batch:
                 break
         await self.pool.execute(self._q["sweep_failures"])
+        await self.pool.execute(self._q["sweep_fences"], float(self.settings.fence_retention_seconds))
         return total
 
     async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:

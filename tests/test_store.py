@@ -261,3 +261,45 @@ async def test_put_many_with_provenance(keychain, db, execution_id):
     await keychain.put_many(entries)
     assert await db.fetchval("SELECT count(*) FROM keychain WHERE sources @> '[{\"version\": \"4\", \"pinned\": false}]'") == 100
     assert (await keychain.get("n42", execution_id=execution_id + 42)).value == "v42"
+
+
+async def test_finish_fences_later_writes_and_read_through(keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    await keychain.put("a", 1, execution_id=execution_id)
+    await keychain.put("g", 1)
+    assert await keychain.finish_execution(execution_id) == 1
+    assert await keychain.finish_execution(execution_id) == 0  # idempotent
+    await keychain.put("a", 2, execution_id=execution_id)  # a late warm, or a redelivered start event
+    assert (await keychain.get("a", execution_id=execution_id)).outcome == "miss"
+    late = await keychain.get_or_fetch("b", ref_of(secret_id), execution_id=execution_id)
+    assert late.value == value  # the reader still gets its value ...
+    assert (await keychain.get("b", execution_id=execution_id)).outcome == "miss"  # ... but nothing is stored
+    assert await keychain.get("g")  # global rows are not the execution's
+
+
+async def test_writes_racing_finish_leave_nothing(keychain, settings, execution_id, db):
+    """Many writers against one finisher, repeated: after the finish commits, no row of the execution remains."""
+    async with Keychain(settings) as other:
+        for round_ in range(20):
+            eid = execution_id + round_
+            writes = [keychain.put(f"c{i}", i, execution_id=eid) for i in range(5)]
+            await asyncio.gather(*writes[:2], other.finish_execution(eid), *writes[2:])
+            assert await db.fetchval("SELECT count(*) FROM keychain WHERE execution_id = $1", eid) == 0
+
+
+async def test_failed_entries_surface_as_errors(keychain, execution_id):
+    await keychain.put_many([Entry("broken", Scope.of(execution_id=execution_id), error_code="NOT_FOUND")])
+    with pytest.raises(CachedFailure, match="NOT_FOUND"):
+        await keychain.get("broken", execution_id=execution_id)
+
+
+async def test_ready_identities_and_failures(keychain, execution_id):
+    await keychain.put("a", 1, execution_id=execution_id)
+    await keychain.put("b", 1, execution_id=execution_id, ttl_seconds=5)
+    wanted = [Scope.of(execution_id=execution_id).identity(n) for n in ("a", "b", "c")]
+    assert await keychain.ready_identities(wanted) == set(wanted[:2])
+    assert await keychain.ready_identities(wanted, min_remaining_seconds=60) == {wanted[0]}
+    await keychain.record_failure("projects/p/secrets/x/versions/1", "NOT_FOUND")
+    assert await keychain.active_failures(["projects/p/secrets/x/versions/1", "other"]) == {
+        "projects/p/secrets/x/versions/1": "NOT_FOUND"
+    }

@@ -20,20 +20,52 @@ SELECT found.state, found.error_code, found.live, hit.key_id, hit.data, hit.upda
 FROM found LEFT JOIN hit ON true;
 
 -- name: put_entries
--- Store ready entries (one element per row in each array); a repeated delivery overwrites with the same outcome.
+-- Store entries (one element per row in each array): ready ones with their ciphertext, failed ones with an error
+-- code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
+-- (the caller holds the executions' fence locks, see lock_executions_shared).
 INSERT INTO keychain AS k (credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
                            state, error_code, key_id, data, sources, ttl_seconds, expires_at)
 SELECT e.credential_name, e.credential_type, e.scope_type, e.cache_type, e.execution_id, e.session_id,
-       'ready', NULL, e.key_id, e.data, e.sources, e.ttl_seconds, now() + make_interval(secs => e.ttl_seconds)
+       e.state, e.error_code, e.key_id, e.data, e.sources, e.ttl_seconds,
+       now() + make_interval(secs => e.ttl_seconds)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-            $7::text[], $8::bytea[], $9::jsonb[], $10::int[])
+            $7::text[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::int[])
      AS e(credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
-          key_id, data, sources, ttl_seconds)
+          state, error_code, key_id, data, sources, ttl_seconds)
+WHERE e.execution_id IS NULL
+   OR NOT EXISTS (SELECT 1 FROM keychain_finished_execution f WHERE f.execution_id = e.execution_id)
 ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
 SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
-    state = 'ready', error_code = NULL, key_id = excluded.key_id, data = excluded.data,
+    state = excluded.state, error_code = excluded.error_code, key_id = excluded.key_id, data = excluded.data,
     sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
     updated_at = now();
+
+-- name: lock_executions_shared
+-- Writers of execution-scoped rows hold each execution's fence lock shared; finishing an execution takes it
+-- exclusively, so a write and a finish of one execution never interleave. Sorted, so lockers never deadlock.
+SELECT pg_advisory_xact_lock_shared(hashtextextended('keychain.execution:' || id::text, 0))
+FROM (SELECT DISTINCT unnest($1::bigint[]) AS id ORDER BY 1) ids;
+
+-- name: lock_execution
+SELECT pg_advisory_xact_lock(hashtextextended('keychain.execution:' || $1::text, 0));
+
+-- name: finish_execution
+-- Fence the execution, then delete its rows; returns how many rows were deleted.
+WITH fence AS (
+    INSERT INTO keychain_finished_execution (execution_id) VALUES ($1) ON CONFLICT DO NOTHING
+), purged AS (
+    DELETE FROM keychain WHERE scope_type = 'execution' AND execution_id = $1 RETURNING 1
+)
+SELECT count(*) FROM purged;
+
+-- name: ready_identities
+-- Which of these identities already hold a ready value that outlives $4 seconds (so a redelivered start event
+-- or an already-warm global credential costs no Secret Manager call).
+SELECT k.credential_name, k.scope_type, k.scope_id
+FROM keychain k
+JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(credential_name, scope_type, scope_id)
+  USING (credential_name, scope_type, scope_id)
+WHERE k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4);
 
 -- name: delete_entry
 DELETE FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
@@ -70,14 +102,18 @@ DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 -- name: sweep_failures
 DELETE FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day';
 
+-- name: sweep_fences
+-- A fence must outlive any start event that can still arrive for its execution; $1 = retention in seconds.
+DELETE FROM keychain_finished_execution WHERE finished_at < now() - make_interval(secs => $1);
+
 -- name: lock_identity
 -- Cross-process single flight for a read-through: hold a transaction-scoped advisory lock on the row identity
 -- while fetching. The fetched row is written with a durable commit even where the pool commits asynchronously.
 SELECT set_config('lock_timeout', $1, true), set_config('synchronous_commit', 'on', true),
        pg_advisory_xact_lock($2);
 
--- name: get_failure
-SELECT error_code FROM keychain_fetch_failure WHERE secret_ref = $1 AND retry_at > now();
+-- name: active_failures
+SELECT secret_ref, error_code FROM keychain_fetch_failure WHERE secret_ref = ANY($1::text[]) AND retry_at > now();
 
 -- name: record_failure
 -- Backoff doubles with every refusal: $3 seconds, then 2x, 4x, ... capped at one day.
@@ -86,9 +122,6 @@ VALUES ($1, $2, 1, now() + make_interval(secs => $3))
 ON CONFLICT (secret_ref) DO UPDATE
 SET error_code = excluded.error_code, attempts = f.attempts + 1, updated_at = now(),
     retry_at = now() + make_interval(secs => least($3 * 2 ^ least(f.attempts, 20), 86400));
-
--- name: clear_failure
-DELETE FROM keychain_fetch_failure WHERE secret_ref = $1;
 
 -- name: rekey_candidates
 -- Keyset pagination over rows sealed under any key but the active one.
