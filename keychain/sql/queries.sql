@@ -47,7 +47,7 @@ SELECT pg_advisory_xact_lock_shared(hashtextextended('keychain.execution:' || id
 FROM (SELECT DISTINCT unnest($1::bigint[]) AS id ORDER BY 1) ids;
 
 -- name: lock_execution
-SELECT pg_advisory_xact_lock(hashtextextended('keychain.execution:' || $1::text, 0));
+SELECT pg_advisory_xact_lock(hashtextextended('keychain.execution:' || $1::bigint::text, 0));
 
 -- name: finish_execution
 -- Fence the execution, then delete its rows; returns how many rows were deleted.
