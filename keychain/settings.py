@@ -113,6 +113,57 @@ class Settings(BaseSettings):
         "KEYCHAIN_ROTATIONS_TOPIC", default="keychain.rotations", description="Secret Manager notices on Kafka."
     )
 
+    # --- the stream worker ----------------------------------------------------------------------------------------
+    app_id: str = env(
+        "KEYCHAIN_APP_ID", default="keychain-warmer", description="Faust app id = Kafka consumer group."
+    )
+    topic_partitions: int = env(
+        "KEYCHAIN_TOPIC_PARTITIONS", default=8, ge=1, description="Partitions of topics the worker creates."
+    )
+    web_port: int = env("KEYCHAIN_WEB_PORT", default=6066, ge=1, le=65535, description="HTTP port of the worker.")
+    data_dir: str = env(
+        "KEYCHAIN_DATA_DIR", default="/tmp/keychain-warmer", description="Faust's scratch directory (no state)."
+    )
+    broker_session_timeout_seconds: float = env(
+        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS", default=10.0, gt=0, description="Consumer group session timeout."
+    )
+    broker_heartbeat_interval_seconds: float = env(
+        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS", default=1.0, gt=0, description="Consumer heartbeat interval."
+    )
+    warm_batch_size: int = env(
+        "KEYCHAIN_WARM_BATCH_SIZE", default=500, ge=1, description="Most events handled (and written) at once."
+    )
+    warm_batch_seconds: float = env(
+        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0, description="Longest wait to fill a batch."
+    )
+    warm_concurrency: int = env(
+        "KEYCHAIN_WARM_CONCURRENCY", default=16, ge=1, description="Secret Manager calls in flight per worker."
+    )
+    secret_manager_max_calls_per_minute: int = env(
+        "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",
+        default=6000,
+        ge=1,
+        description="Access budget per worker (the project quota is 90,000 per minute).",
+    )
+    warm_fetch_window_seconds: float = env(
+        "KEYCHAIN_WARM_FETCH_WINDOW_SECONDS",
+        default=10.0,
+        ge=0,
+        description="A fetched version is reused for this long by later batches: one call per secret per burst.",
+    )
+    warm_deadline_seconds: float = env(
+        "KEYCHAIN_WARM_DEADLINE_SECONDS",
+        default=30.0,
+        gt=0,
+        description="How long a batch retries Secret Manager UNAVAILABLE before dead-lettering the event.",
+    )
+    max_event_bytes: int = env(
+        "KEYCHAIN_MAX_EVENT_BYTES", default=1_048_576, ge=1, description="Larger events go to the dead-letter topic."
+    )
+    sweep_interval_seconds: float = env(
+        "KEYCHAIN_SWEEP_INTERVAL_SECONDS", default=60.0, gt=0, description="How often the leader sweeps."
+    )
+
     # --- logging --------------------------------------------------------------------------------------------------
     log_level: str = env("KEYCHAIN_LOG_LEVEL", default="INFO", description="Python log level.")
     log_format: str = env(

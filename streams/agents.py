@@ -1,0 +1,73 @@
+"""The execution-events agent (warm on start, purge on finish) and the leader-only sweep timer."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from .app import app, runtime, settings
+from .topics import dead_letters, execution_events
+from .warm import BatchResult, DeadLetter, Record
+
+log = logging.getLogger(__name__)
+
+# A database that is down or restarting: wait and retry the same batch, in order, until it is back.
+_DATABASE_DOWN = (OSError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.CannotConnectNowError)
+
+
+@app.agent(execution_events)
+async def executions(stream):
+    await runtime.ready()
+    async for events in stream.noack_take(settings.warm_batch_size, within=settings.warm_batch_seconds):
+        records = [
+            Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+            for e in events
+        ]
+        result = await handle_durably(records)
+        for dead in result.dead:
+            await dead_letter(dead)
+        # Only now, with rows written (durably) and dead letters acknowledged by the broker, may offsets commit.
+        for event in events:
+            await stream.ack(event)
+        log.info(
+            "batch: %d events, %d started, %d finished, %d rows written, %d purged, %d dead-lettered",
+            len(records), result.started, result.finished, result.rows_written, result.rows_purged, len(result.dead),
+        )
+
+
+async def handle_durably(records: list[Record]) -> BatchResult:
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(_DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("database unavailable; retrying batch (attempt %d)", attempt.retry_state.attempt_number)
+                return await runtime.warmer.handle(records)
+    except Exception as exc:  # a bug, not bad input: keep every event, in the DLQ, and keep the stream going
+        log.exception("batch failed; dead-lettering its %d events", len(records))
+        return BatchResult(dead=[DeadLetter(r, "internal_error", type(exc).__name__) for r in records])
+    raise AssertionError("unreachable")
+
+
+async def dead_letter(dead: DeadLetter) -> None:
+    record = dead.record
+    headers = {
+        "reason": dead.reason.encode(),
+        "detail": dead.detail.encode(),
+        "source": f"{record.topic}/{record.partition}/{record.offset}".encode(),
+    }
+    log.warning("dead letter %s/%s/%s: %s: %s", record.topic, record.partition, record.offset, dead.reason, dead.detail)
+    sent = await dead_letters.send(key=record.key, value=record.value, headers=headers)
+    await sent  # the broker's acknowledgement
+
+
+@app.timer(interval=settings.sweep_interval_seconds, on_leader=True)
+async def sweep() -> None:
+    await runtime.ready()
+    swept = await runtime.keychain.sweep()
+    log.info("sweep: %d expired rows deleted", swept)

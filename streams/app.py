@@ -1,0 +1,70 @@
+"""The faust app and the runtime it shares with its agents (keychain pool, Secret Manager source, warmer)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import faust
+from mode import Service
+
+from keychain.settings import Settings, settings_from_env
+from keychain.sources import SecretManagerSource
+from keychain.store import Keychain
+
+from .warm import Warmer
+
+
+def create_app(settings: Settings) -> faust.App:
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
+        key_serializer="raw",
+        value_serializer="raw",
+        datadir=settings.data_dir,
+        store="memory://",  # the state of record is PostgreSQL; no faust tables
+        autodiscover=False,
+        web_enabled=False,
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.broker_session_timeout_seconds,
+        broker_rebalance_timeout=settings.broker_session_timeout_seconds,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_seconds,
+        broker_commit_interval=1.0,
+        producer_acks=-1,
+    )
+
+
+class Runtime:
+    """Opened on first use by whichever agent or timer needs it first; closed when the worker stops."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keychain: Keychain | None = None
+        self.warmer: Warmer | None = None
+        self._lock = asyncio.Lock()
+
+    async def ready(self) -> "Runtime":
+        async with self._lock:
+            if self.keychain is None:
+                source = SecretManagerSource(self.settings)
+                keychain = await Keychain(self.settings, source=source).open()
+                await keychain.migrate()
+                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source)
+        return self
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self.keychain is not None:
+                await self.keychain.close()
+                self.keychain = self.warmer = None
+
+
+settings = settings_from_env()
+app = create_app(settings)
+runtime = Runtime(settings)
+
+
+@app.service
+class RuntimeCloser(Service):
+    async def on_stop(self) -> None:
+        await runtime.close()

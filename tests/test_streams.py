@@ -1,0 +1,166 @@
+import asyncio
+import time
+
+import pytest
+
+from keychain import CachedFailure
+
+from .streams_harness import Worker, consume, create_topics, finish_event, produce, start_event, worker_env
+
+REF = "projects/test-project/secrets/{}/versions/latest"
+
+
+async def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def streams(stack, settings, key_spec, unique, keychain):
+    """A worker on this test's own topics, group and schema. Yields a small helper object."""
+
+    class Streams:
+        bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+        events = f"events-{unique}"
+        dlq = f"dlq-{unique}"
+        worker: Worker | None = None
+
+        def start_worker(self, **extra):
+            self.worker = Worker(worker_env(stack, settings, key_spec, unique, **extra)).start()
+            return self.worker
+
+        async def send(self, *messages):
+            await produce(self.bootstrap, self.events, list(messages))
+
+        async def rows(self, execution_id=None):
+            if execution_id is None:
+                return await keychain.pool.fetchval("SELECT count(*) FROM keychain")
+            return await keychain.pool.fetchval("SELECT count(*) FROM keychain WHERE execution_id = $1", execution_id)
+
+    helper = Streams()
+    await create_topics(helper.bootstrap, helper.events, helper.dlq)
+    yield helper
+    if helper.worker is not None:
+        helper.worker.stop()
+
+
+async def test_two_seed_executions_first_read_is_a_hit(streams, keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    ref = REF.format(secret_id)
+    playbook = {"path": "test/cache_simple", "workflow": [
+        {"step": step, "tool": {"kind": "http", "auth": {"openai": {
+            "type": "bearer", "provider": "secret_manager", "key": "{{ workload.openai_secret_path }}"}}}}
+        for step in ("first_openai_call", "second_openai_call")]}
+    streams.start_worker()
+    executions = [execution_id, execution_id + 1]
+    await streams.send(*[start_event(e, [], workload={"openai_secret_path": ref}, playbook=playbook)
+                         for e in executions])
+    for e in executions:
+        await wait_for(lambda: streams.rows(e), what="warm rows")
+        first = await keychain.get(ref, execution_id=e)  # what the worker's first step asks
+        assert first.outcome == "hit" and first.value == value
+    assert sm.access_count(secret_id) == 1  # one fetch for both executions
+
+
+async def test_many_executions_one_secret_manager_call(streams, keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    sm.delay_seconds = 0.25
+    streams.start_worker()
+    await streams.send(*[start_event(execution_id + i, [REF.format(secret_id)]) for i in range(200)])
+    await wait_for(lambda: _equals(streams.rows(), 200), what="200 warm rows")
+    assert sm.access_count(secret_id) == 1
+    assert (await keychain.get(REF.format(secret_id), execution_id=execution_id + 199)).value == value
+
+
+async def _equals(coroutine, expected):
+    return await coroutine == expected
+
+
+async def test_finish_purges_and_a_racing_warm_leaves_nothing(streams, keychain, sm, secret, execution_id):
+    secret_id, _ = secret
+    streams.start_worker()
+    await streams.send(start_event(execution_id, [REF.format(secret_id)]))
+    await wait_for(lambda: streams.rows(execution_id), what="warm")
+    await streams.send(finish_event(execution_id, "playbook.completed"))
+    await wait_for(lambda: _equals(streams.rows(execution_id), 0), what="purge")
+
+    sm.delay_seconds = 0.3  # the warms are still fetching when their finishes arrive
+    racing = [execution_id + 100 + i for i in range(20)]
+    await streams.send(*[m for e in racing for m in (start_event(e, [REF.format(secret_id)]), finish_event(e))])
+    await streams.send(start_event(execution_id + 999, [REF.format(secret_id)]))  # a marker after them
+    await wait_for(lambda: streams.rows(execution_id + 999), what="the marker warmed")
+    for e in racing:
+        assert await streams.rows(e) == 0
+    # A redelivered start of a finished execution writes nothing either.
+    await streams.send(start_event(racing[0], [REF.format(secret_id)]), start_event(execution_id + 998, [REF.format(secret_id)]))
+    await wait_for(lambda: streams.rows(execution_id + 998), what="second marker")
+    assert await streams.rows(racing[0]) == 0
+
+
+async def test_bad_events_go_to_the_dlq_and_the_stream_goes_on(streams, keychain, sm, secret, execution_id):
+    secret_id, _ = secret
+    streams.start_worker(KEYCHAIN_MAX_EVENT_BYTES="100000")
+    bad = [
+        (None, b"{not json"),
+        (b"1", b'{"event_type": "execution.started"}'),
+        (b"2", b'{"event_type": "step.finished", "execution_id": 2}'),
+        (b"3", b'{"event_type": "execution.started", "execution_id": 3, "credentials": [{"ref": "{{ workload.nope }}"}]}'),
+        (b"4", b"x" * 200_000),
+    ]
+    await streams.send(*bad, start_event(execution_id, [REF.format(secret_id)]))
+    await wait_for(lambda: streams.rows(execution_id), what="the valid event after the bad ones")
+    dead = await consume(streams.bootstrap, streams.dlq, len(bad))
+    reasons = sorted(dict(m.headers)["reason"].decode() for m in dead)
+    assert reasons == sorted(["malformed_json", "invalid_event", "unknown_event_type", "bad_template", "too_large"])
+    assert {m.value for m in dead} == {v for _, v in bad}  # the original bytes
+
+
+async def test_secret_manager_refusals(streams, keychain, sm, secret, unique, execution_id):
+    import grpc
+
+    secret_id, value = secret
+    missing = REF.format(f"missing-{unique}")
+    sm.inject(grpc.StatusCode.UNAVAILABLE, times=3, secret=secret_id)
+    streams.start_worker()
+    await streams.send(*[start_event(execution_id + i, [missing]) for i in range(30)],
+                       start_event(execution_id + 100, [REF.format(secret_id)]))
+    await wait_for(lambda: streams.rows(execution_id + 100), what="warm despite UNAVAILABLE")
+    assert (await keychain.get(REF.format(secret_id), execution_id=execution_id + 100)).value == value
+    await wait_for(lambda: streams.rows(execution_id + 29), what="failed rows")
+    with pytest.raises(CachedFailure, match="NOT_FOUND"):
+        await keychain.get(missing, execution_id=execution_id + 5)
+    assert sm.calls["AccessSecretVersion"] - sm.access_count() <= 3 + 1  # 3 injected faults + one NOT_FOUND
+    dead = await consume(streams.bootstrap, streams.dlq, 30)
+    assert {dict(m.headers)["reason"] for m in dead} == {b"secret_not_found"} and len(dead) == 30
+
+
+async def test_worker_killed_mid_batch_loses_nothing(streams, keychain, sm, unique, execution_id):
+    secret_ids = [f"k{i}-{unique}" for i in range(5)]
+    for s in secret_ids:
+        sm.create_secret(s)
+        sm.add_version(s, f"value-{s}")
+    sm.delay_seconds = 0.1
+    total = 300
+    worker = streams.start_worker(KEYCHAIN_WARM_BATCH_SIZE="20", KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")
+    await streams.send(*[start_event(execution_id + i, [REF.format(secret_ids[i % 5])]) for i in range(total)])
+    for _ in range(2):
+        await wait_for(lambda: streams.rows(), what="some progress")
+        worker.kill()
+        worker.start()
+    await wait_for(lambda: _equals(streams.rows(), total), timeout=90, what="every event warmed")
+    duplicates = await keychain.pool.fetchval(
+        "SELECT count(*) FROM (SELECT execution_id FROM keychain GROUP BY 1 HAVING count(*) > 1) d")
+    assert duplicates == 0
+
+
+async def test_leader_sweeps_expired_rows(streams, keychain, execution_id):
+    for i in range(10):
+        await keychain.put(f"c{i}", i, execution_id=execution_id, ttl_seconds=3600)
+    await keychain.pool.execute("UPDATE keychain SET expires_at = now() WHERE credential_name IN ('c1', 'c2', 'c3')")
+    streams.start_worker(KEYCHAIN_SWEEP_INTERVAL_SECONDS="0.5")
+    await wait_for(lambda: _equals(streams.rows(), 7), what="the sweep")
+    assert "sweep: 3 expired rows deleted" in streams.worker.output
