@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from pathlib import Path
 
+SQL_DIR = Path(__file__).parent / "sql"
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
@@ -22,7 +23,7 @@ def parse_named_statements(text: str) -> dict[str, str]:
 
 @cache
 def queries() -> dict[str, str]:
-    return parse_named_statements(resources.files(__package__).joinpath("sql/queries.sql").read_text())
+    return parse_named_statements((SQL_DIR / "queries.sql").read_text())
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,8 @@ class Migration:
 
 @cache
 def migrations() -> tuple[Migration, ...]:
-    folder = resources.files(__package__).joinpath("sql/migrations")
     found = []
-    for entry in folder.iterdir():
+    for entry in (SQL_DIR / "migrations").iterdir():
         match = re.match(r"^(\d{4})_(\w+)\.sql$", entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text()))
