@@ -133,7 +133,8 @@ async def test_secret_manager_refusals(streams, keychain, sm, secret, unique, ex
     await wait_for(lambda: streams.rows(execution_id + 29), what="failed rows")
     with pytest.raises(CachedFailure, match="NOT_FOUND"):
         await keychain.get(missing, execution_id=execution_id + 5)
-    assert sm.calls["AccessSecretVersion"] - sm.access_count() <= 3 + 1  # 3 injected faults + one NOT_FOUND
+    assert sm.access_count(f"missing-{unique}", code="NOT_FOUND") == 1  # then the negative cache answers
+    assert sm.access_count(secret_id, code="UNAVAILABLE") == 3 and sm.access_count(secret_id) == 1
     dead = await consume(streams.bootstrap, streams.dlq, 30)
     assert {dict(m.headers)["reason"] for m in dead} == {b"secret_not_found"} and len(dead) == 30
 

@@ -83,7 +83,7 @@ class SecretManagerTestServer:
         self.corrupt_crc32c = False
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
-        self.accessed: list[str] = []  # version names answered by AccessSecretVersion, in order
+        self.log: list[tuple[str, str, str]] = []  # (method, resource name asked for, status code name), in order
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
         self._publisher = None
@@ -151,9 +151,15 @@ class SecretManagerTestServer:
         self.corrupt_crc32c = False
         self.delay_seconds = 0.0
 
-    def access_count(self, secret_id: str | None = None) -> int:
+    def access_count(self, secret_id: str | None = None, code: str | None = "OK") -> int:
+        """AccessSecretVersion calls (of one secret; with one outcome, `None` = any outcome)."""
         with self._lock:
-            return sum(1 for name in self.accessed if secret_id is None or f"/secrets/{secret_id}/" in name)
+            return sum(
+                1 for method, name, outcome in self.log
+                if method == "AccessSecretVersion"
+                and (secret_id is None or f"/secrets/{secret_id}/" in name)
+                and (code is None or outcome == code)
+            )
 
     def create_secret(self, secret_id: str, *, topics: list[str] | None = None) -> str:
         secret = types.Secret(topics=[types.Topic(name=t) for t in topics or []])
@@ -293,7 +299,6 @@ class SecretManagerTestServer:
             name = f"{self._secret_name(secret.secret_id)}/versions/{version.number}"
             if version.state != "ENABLED":
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"Secret Version [{name}] is in {version.state} state.")
-            self.accessed.append(name)
             payload = version.payload
         checksum = google_crc32c.value(payload) ^ (1 if self.corrupt_crc32c else 0)
         return types.AccessSecretVersionResponse(
@@ -365,24 +370,30 @@ class SecretManagerTestServer:
     def _wrap(self, method: str, call):
         async def handle(request, context: grpc.aio.ServicerContext):
             self.calls[method] += 1
-            fault = self._due_fault(method, request)
+            name = getattr(request, "name", "") or getattr(request, "parent", "")
+            fault = self._due_fault(method, name)
             try:
                 if fault is not None:
                     raise RpcError(fault.code, f"injected {fault.code.name}")
                 result = call(request)
                 if asyncio.iscoroutine(result):
                     result = await result
-                return result
             except RpcError as exc:
+                self._record(method, name, exc.code.name)
                 await context.abort(exc.code, exc.message)
+            self._record(method, name, "OK")
+            return result
 
         return handle
 
-    def _due_fault(self, method: str, request) -> Fault | None:
-        name = getattr(request, "name", "") or getattr(request, "parent", "")
+    def _record(self, method: str, name: str, code: str) -> None:
+        with self._lock:
+            self.log.append((method, name, code))
+
+    def _due_fault(self, method: str, name: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.method != method or (fault.secret and f"/secrets/{fault.secret}" not in name):
+                if fault.method != method or (fault.secret and f"/secrets/{fault.secret}/" not in name + "/"):
                     continue
                 if fault.times is not None and fault.times <= 0:
                     continue
