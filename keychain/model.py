@@ -60,11 +60,15 @@ class Provenance:
 
     ref: SecretRef  # as the playbook wrote it
     resolved_name: str  # as Secret Manager answered: projects/NUMBER/secrets/S/versions/N
+    field: str | None = None  # the value's field it fills, for a keychain entry that maps several secrets
 
     def as_json(self) -> dict[str, Any]:
         resolved = SecretRef.parse(self.resolved_name)
         names = list(dict.fromkeys([self.ref.secret_name, resolved.secret_name]))
-        return {"ref": str(self.ref), "names": names, "version": resolved.version, "pinned": self.ref.pinned}
+        document = {"ref": str(self.ref), "names": names, "version": resolved.version, "pinned": self.ref.pinned}
+        if self.field is not None:
+            document["field"] = self.field
+        return document
 
 
 @dataclass(frozen=True)

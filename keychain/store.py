@@ -234,6 +234,9 @@ class Keychain:
         rows = await self.pool.fetch(self._q["ready_identities"], names, scopes, ids, float(min_remaining_seconds))
         return {RowIdentity(*row) for row in rows}
 
+    async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self._q["globals_to_refresh"], float(within_seconds), limit)
+
     # --- negative cache -------------------------------------------------------------------------------------------
     async def active_failures(self, refs: Iterable[str]) -> dict[str, str]:
         """Refusals still remembered, by reference: {ref: error code}."""

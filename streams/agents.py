@@ -1,4 +1,4 @@
-"""The execution-events agent (warm on start, purge on finish) and the leader-only sweep timer."""
+"""The execution-events agent (warm on start, purge on finish) and the leader-only maintenance timer."""
 
 from __future__ import annotations
 
@@ -67,7 +67,11 @@ async def dead_letter(dead: DeadLetter) -> None:
 
 
 @app.timer(interval=settings.sweep_interval_seconds, on_leader=True)
-async def sweep() -> None:
+async def maintain() -> None:
+    """Leader only: delete expired rows, and fetch again the global credentials in use that are about to expire."""
     await runtime.ready()
     swept = await runtime.keychain.sweep()
     log.info("sweep: %d expired rows deleted", swept)
+    refreshed = await runtime.warmer.refresh_globals()
+    if refreshed:
+        log.info("keep-warm: %d global rows refreshed", refreshed)

@@ -1,23 +1,25 @@
 """Execution events -> keychain rows: warm on start, purge and fence on finish.
 
 Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing), then
-every start's wanted rows, minus those already warm; each distinct secret version is fetched ONCE per burst
-(a short in-memory window shared by consecutive batches), with bounded concurrency and a calls-per-minute budget;
-then all rows are written in one durable statement. The caller acknowledges the batch only after `handle` returns.
+every start's wanted rows, minus those already warm. Each distinct secret version is fetched ONCE per burst (a short
+in-memory window shared by consecutive batches), with bounded concurrency and a calls-per-minute budget. Rows are
+written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
+UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
+The caller acknowledges the batch only after `handle` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
-from keychain.crypto import RowIdentity
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
-from keychain.model import Entry, Provenance, value_from_payload
+from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
 from keychain.settings import Settings
 from keychain.sources import SecretManagerSource, SecretValue
@@ -73,59 +75,87 @@ class Warmer:
             for ref in refs:
                 self._recent.pop(ref, None)
 
+    # --- events -----------------------------------------------------------------------------------------------------
     async def handle(self, records: list[Record]) -> BatchResult:
         result = BatchResult()
-        starts: list[tuple[Record, ExecutionEvent]] = []
+        starts: list[tuple[Record, list[Want]]] = []
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
+                if event.is_finish:
+                    result.finished += 1
+                    result.rows_purged += await self.keychain.finish_execution(event.execution_id)
+                else:
+                    starts.append((record, resolve(event)))
+                    result.started += 1
             except BadEvent as bad:
                 result.dead.append(DeadLetter(record, bad.reason, bad.detail))
-                continue
-            if event.is_finish:
-                result.finished += 1
-                result.rows_purged += await self.keychain.finish_execution(event.execution_id)
-            else:
-                starts.append((record, event))
         if starts:
-            await self._warm(starts, result)
+            refused, result.rows_written = await self.warm([w for _, wants in starts for w in wants])
+            for record, wants in starts:
+                for code in sorted({refused[w] for w in wants if w in refused}):
+                    detail = "Secret Manager did not give a secret this execution names"
+                    result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
         return result
 
-    async def _warm(self, starts: list[tuple[Record, ExecutionEvent]], result: BatchResult) -> None:
-        wants_by_record: list[tuple[Record, list[Want]]] = []
-        for record, event in starts:
-            try:
-                wants_by_record.append((record, resolve(event)))
-                result.started += 1
-            except BadEvent as bad:
-                result.dead.append(DeadLetter(record, bad.reason, bad.detail))
-        all_wants = [w for _, wants in wants_by_record for w in wants]
-        # Already warm with at least half a TTL left: a redelivery, or a global credential another execution warmed.
-        ready = await self.keychain.ready_identities(
-            (w.scope.identity(w.credential_name) for w in all_wants), self.settings.ttl_seconds / 2
-        )
-        refs = {str(ref) for w in all_wants if w.scope.identity(w.credential_name) not in ready for ref in w.refs}
-        values, errors = await self._fetch_all(refs)
+    # --- warming ----------------------------------------------------------------------------------------------------
+    async def warm(self, wants: list[Want], *, skip_ready: bool = True) -> tuple[dict[Want, str], int]:
+        """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
+        Returns (error code of each want not written as ready, rows written)."""
+        if skip_ready:
+            # Already warm with at least half a TTL left: a redelivery, or a global credential already shared.
+            ready = await self.keychain.ready_identities(
+                (w.scope.identity(w.credential_name) for w in wants), self.settings.ttl_seconds / 2
+            )
+            wants = [w for w in wants if w.scope.identity(w.credential_name) not in ready]
+        todo = list(dict.fromkeys(wants))
+        values, errors = self._from_window({str(ref) for w in todo for ref in w.refs})
+        errors.update(await self.keychain.active_failures({str(r) for w in todo for r in w.refs} - values.keys()))
+        refused: dict[Want, str] = {}
+        written = 0
+        deadline = time.monotonic() + self.settings.warm_deadline_seconds
+        delay = self.settings.secret_manager_retry_initial_seconds
+        while True:
+            pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
+            await self._fetch_round(pending, values, errors)
+            entries, waiting = [], []
+            for want in todo:
+                codes = [errors[str(r)] for r in want.refs if str(r) in errors]
+                permanent = [c for c in codes if c in PERMANENT_ERRORS]
+                if permanent:
+                    refused[want] = permanent[0]
+                    entries.append(Entry(want.credential_name, want.scope, error_code=permanent[0]))
+                elif codes:
+                    waiting.append(want)
+                else:
+                    entries.append(self._entry(want, values))
+            await self.keychain.put_many(entries)
+            written += len(entries)
+            todo = waiting
+            if not todo:
+                return refused, written
+            if time.monotonic() + delay > deadline:
+                for want in todo:
+                    refused[want] = "UNAVAILABLE"
+                return refused, written
+            log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(todo), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
+            for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
+                del errors[ref]
 
-        entries: dict[RowIdentity, Entry] = {}
-        for record, wants in wants_by_record:
-            reasons = set()
-            for want in wants:
-                identity = want.scope.identity(want.credential_name)
-                if identity in ready:
-                    continue
-                failed = [errors[str(ref)] for ref in want.refs if str(ref) in errors]
-                if failed:
-                    reasons.add(failed[0])
-                    if failed[0] in PERMANENT_ERRORS:
-                        entries[identity] = Entry(want.credential_name, want.scope, error_code=failed[0])
-                    continue
-                entries[identity] = self._entry(want, values)
-            for reason in sorted(reasons):
-                detail = "Secret Manager refused a secret this execution names"
-                result.dead.append(DeadLetter(record, f"secret_{reason.lower()}", detail))
-        await self.keychain.put_many(list(entries.values()))
-        result.rows_written += len(entries)
+    async def refresh_globals(self) -> int:
+        """Keep warm: fetch again the global credentials that are read and about to expire. Returns rows written."""
+        rows = await self.keychain.globals_to_refresh(self.settings.ttl_seconds / 4)
+        wants = [
+            Want(row["credential_name"], Scope.of(),
+                 tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(row["sources"])))
+            for row in rows
+        ]
+        if not wants:
+            return 0
+        _, written = await self.warm(wants, skip_ready=False)
+        return written
 
     @staticmethod
     def _entry(want: Want, values: dict[str, SecretValue]) -> Entry:
@@ -134,43 +164,28 @@ class Warmer:
             value = value_from_payload(fetched[0][2].payload)
         else:
             value = {name: value_from_payload(secret.payload) for name, _, secret in fetched}
-        sources = tuple(Provenance(ref, secret.version_name) for _, ref, secret in fetched)
+        sources = tuple(Provenance(ref, secret.version_name, name) for name, ref, secret in fetched)
         return Entry(want.credential_name, want.scope, value, sources=sources)
 
-    async def _fetch_all(self, refs: set[str]) -> tuple[dict[str, SecretValue], dict[str, str]]:
-        """Each reference at most once: from the burst window, the negative cache, or one Secret Manager call.
-        Returns (values by ref, error codes by ref). Transient failures are retried until the warm deadline."""
+    # --- fetching ---------------------------------------------------------------------------------------------------
+    def _from_window(self, refs: set[str]) -> tuple[dict[str, SecretValue], dict[str, str]]:
         now = time.monotonic()
         window = self.settings.warm_fetch_window_seconds
         self._recent = {ref: item for ref, item in self._recent.items() if now - item[0] < window}
-        values = {ref: self._recent[ref][1] for ref in refs if ref in self._recent}
-        errors = await self.keychain.active_failures(refs - values.keys()) if refs - values.keys() else {}
-        pending = refs - values.keys() - errors.keys()
-        deadline = now + self.settings.warm_deadline_seconds
-        delay = self.settings.secret_manager_retry_initial_seconds
-        while pending:
-            outcomes = await asyncio.gather(*(self._fetch(ref) for ref in pending))
-            transient = set()
-            for ref, outcome in zip(pending, outcomes):
-                if isinstance(outcome, SecretValue):
-                    values[ref] = outcome
-                    self._recent[ref] = (time.monotonic(), outcome)
-                elif outcome.permanent:
-                    errors[ref] = outcome.code
-                    await self.keychain.record_failure(ref, outcome.code)
-                else:
-                    transient.add(ref)
-                    errors[ref] = outcome.code
-            pending = transient
-            if pending and time.monotonic() + delay < deadline:
-                log.warning("Secret Manager unavailable for %d reference(s); retrying in %.1fs", len(pending), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
-                for ref in pending:
-                    errors.pop(ref, None)
+        return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}, {}
+
+    async def _fetch_round(self, refs: set[str], values: dict[str, SecretValue], errors: dict[str, str]) -> None:
+        """One call per reference, concurrently; fills `values` and `errors` (permanent refusals are remembered)."""
+        ordered = sorted(refs)
+        outcomes = await asyncio.gather(*(self._fetch(ref) for ref in ordered))
+        for ref, outcome in zip(ordered, outcomes):
+            if isinstance(outcome, SecretValue):
+                values[ref] = outcome
+                self._recent[ref] = (time.monotonic(), outcome)
             else:
-                break
-        return values, errors
+                errors[ref] = outcome.code
+                if outcome.permanent:
+                    await self.keychain.record_failure(ref, outcome.code)
 
     async def _fetch(self, ref: str) -> SecretValue | SecretSourceError:
         async with self._concurrency:

@@ -67,6 +67,14 @@ JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(credential_name, scope_type
   USING (credential_name, scope_type, scope_id)
 WHERE k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4);
 
+-- name: globals_to_refresh
+-- Keep warm: global rows read since they were written whose expiry is near ($1 seconds); their sources say
+-- what to fetch again.
+SELECT credential_name, cache_type, sources FROM keychain
+WHERE scope_type = 'global' AND state = 'ready' AND sources <> '[]'
+  AND expires_at < now() + make_interval(secs => $1) AND accessed_at > updated_at
+ORDER BY expires_at LIMIT $2;
+
 -- name: delete_entry
 DELETE FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 

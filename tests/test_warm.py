@@ -1,0 +1,64 @@
+"""The warmer against real PostgreSQL and the Secret Manager test server, without the broker."""
+
+import grpc
+import pytest
+
+from keychain import SecretManagerSource
+from keychain.model import Scope
+from keychain.refs import SecretRef
+from streams.resolve import Want
+from streams.warm import Warmer
+
+from .conftest import make_settings
+
+
+@pytest.fixture
+def warmer(stack, settings, keychain, key_spec):
+    tuned = make_settings(stack, settings.schema_name, key_spec, warm_deadline_seconds=5.0)
+    return Warmer(tuned, keychain, SecretManagerSource(tuned))
+
+
+def want(name, secret_id, execution_id=None, field=None):
+    scope = Scope.of(execution_id=execution_id)
+    return Want(name, scope, ((field, SecretRef.parse(f"projects/test-project/secrets/{secret_id}")),))
+
+
+async def test_unavailable_secret_does_not_hold_back_others(warmer, keychain, sm, unique, execution_id):
+    for name in ("slow", "fine"):
+        sm.create_secret(f"{name}-{unique}")
+        sm.add_version(f"{name}-{unique}", name)
+    sm.inject(grpc.StatusCode.UNAVAILABLE, times=40, secret=f"slow-{unique}")  # beyond the source's own retries
+    refused, written = await warmer.warm([want("a", f"slow-{unique}", execution_id), want("b", f"fine-{unique}", execution_id)])
+    assert refused == {} and written == 2
+    rows = {r["credential_name"]: r["updated_at"] for r in await keychain.pool.fetch("SELECT credential_name, updated_at FROM keychain")}
+    assert rows["b"] < rows["a"]  # the healthy secret's row was written first, in an earlier round
+    assert (await keychain.get("a", execution_id=execution_id)).value == "slow"
+
+
+async def test_unavailable_past_the_deadline_is_refused_not_written(warmer, keychain, sm, secret, execution_id):
+    secret_id, _ = secret
+    sm.inject(grpc.StatusCode.UNAVAILABLE, secret=secret_id)
+    warmer.settings = warmer.settings.model_copy(update={"warm_deadline_seconds": 0.3})
+    wanted = want("x", secret_id, execution_id)
+    refused, written = await warmer.warm([wanted])
+    assert refused == {wanted: "UNAVAILABLE"} and written == 0
+    assert (await keychain.get("x", execution_id=execution_id)).outcome == "miss"
+
+
+async def test_keep_warm_refreshes_read_global_rows_near_expiry(warmer, keychain, sm, secret, unique):
+    secret_id, value = secret
+    sm.create_secret(f"other-{unique}")
+    sm.add_version(f"other-{unique}", "other-value")
+    mapped = Want("amadeus", Scope.of(), (
+        ("client_id", SecretRef.parse(f"projects/test-project/secrets/{secret_id}")),
+        ("client_secret", SecretRef.parse(f"projects/test-project/secrets/other-{unique}")),
+    ))
+    await warmer.warm([mapped, want("unread", secret_id)])
+    assert (await keychain.get("amadeus")).value == {"client_id": value, "client_secret": "other-value"}
+    await keychain.pool.execute("UPDATE keychain SET expires_at = now() + interval '1 second'")
+    sm.add_version(secret_id, "rotated")
+    warmer.forget()
+    assert await warmer.refresh_globals() == 1  # only the row that was read since it was written
+    assert (await keychain.get("amadeus")).value == {"client_id": "rotated", "client_secret": "other-value"}
+    assert await keychain.pool.fetchval(
+        "SELECT expires_at > now() + interval '1 minute' FROM keychain WHERE credential_name = 'amadeus'")
