@@ -59,13 +59,21 @@ class Provenance:
     """Which Secret Manager version a stored value came from; rotation finds and fences rows through it."""
 
     ref: SecretRef  # as the playbook wrote it
-    resolved_name: str  # as Secret Manager answered: projects/NUMBER/secrets/S/versions/N
+    resolved_name: str | None  # as Secret Manager answered: projects/NUMBER/secrets/S/versions/N (None: refused)
     field: str | None = None  # the value's field it fills, for a keychain entry that maps several secrets
 
     def as_json(self) -> dict[str, Any]:
-        resolved = SecretRef.parse(self.resolved_name)
-        names = list(dict.fromkeys([self.ref.secret_name, resolved.secret_name]))
-        document = {"ref": str(self.ref), "names": names, "version": resolved.version, "pinned": self.ref.pinned}
+        resolved = SecretRef.parse(self.resolved_name) if self.resolved_name else None
+        names = list(dict.fromkeys([self.ref.secret_name] + ([resolved.secret_name] if resolved else [])))
+        document: dict[str, Any] = {
+            "ref": str(self.ref),
+            "secret_id": self.ref.secret,
+            "names": names,
+            "pinned": self.ref.pinned,
+            "alias": not self.ref.pinned and self.ref.version != "latest",
+        }
+        if resolved is not None:
+            document["version"] = resolved.version
         if self.field is not None:
             document["field"] = self.field
         return document
@@ -83,6 +91,8 @@ class Entry:
     cache_type: str = "secret"
     credential_type: str = "secret_manager"
     error_code: str | None = None
+    # Rotation fence: the generation of each secret (by short id) observed before its value was fetched.
+    fences: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,31 @@ class Settings(BaseSettings):
         "KEYCHAIN_SWEEP_INTERVAL_SECONDS", default=60.0, gt=0, description="How often the leader sweeps."
     )
 
+    rewarm_mode: str = env(
+        "KEYCHAIN_REWARM_MODE",
+        default="refresh",
+        pattern="^(refresh|drop)$",
+        description="After an invalidation: `refresh` running executions' rows with the new version, or `drop` them.",
+    )
+    reconcile_interval_seconds: float = env(
+        "KEYCHAIN_RECONCILE_INTERVAL_SECONDS",
+        default=60.0,
+        gt=0,
+        description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
+    )
+    reconcile_batch: int = env(
+        "KEYCHAIN_RECONCILE_BATCH",
+        default=50,
+        ge=1,
+        description="Secrets compared per reconciliation (reads; the project quota is 600 per minute).",
+    )
+    pubsub_max_messages: int = env(
+        "KEYCHAIN_PUBSUB_MAX_MESSAGES",
+        default=100,
+        ge=1,
+        description="Flow control: notifications held by the bridge at once.",
+    )
+
     # --- logging --------------------------------------------------------------------------------------------------
     log_level: str = env("KEYCHAIN_LOG_LEVEL", default="INFO", description="Python log level.")
     log_format: str = env(

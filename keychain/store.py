@@ -159,29 +159,44 @@ class Keychain:
                     failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
                     if failure is not None:
                         raise CachedFailure(identity.credential_name, failure["error_code"])
-                    try:
-                        secret = await self.source.access(ref)
-                    except SecretSourceError as exc:
-                        if not exc.permanent:
-                            raise
-                        refusal = exc
-                        await self._record_failure(conn, str(ref), exc.code)
-                    else:
+                    for _ in range(3):  # again only if the secret was invalidated while we fetched
+                        generation = await self._generations(conn, [ref.secret])
+                        try:
+                            secret = await self.source.access(ref)
+                        except SecretSourceError as exc:
+                            if not exc.permanent:
+                                raise
+                            refusal = exc
+                            await self._record_failure(conn, str(ref), exc.code)
+                            break
                         entry = Entry(
                             identity.credential_name,
                             scope,
                             value_from_payload(secret.payload),
                             sources=(Provenance(ref, secret.version_name),),
                             ttl_seconds=ttl_seconds,
+                            fences=tuple(generation.items()),
                         )
-                        await self._write(conn, [entry])
-                        return Lookup("hit", entry.value)
+                        if not await self._write(conn, [entry]):
+                            return Lookup("hit", entry.value)
+                    else:
+                        raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
             except asyncpg.LockNotAvailableError:
                 raise KeychainError(
                     f"{identity.credential_name}: another process has been fetching it for longer than "
                     f"{self.settings.fetch_lock_timeout_seconds}s"
                 ) from None
         raise refusal
+
+    async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
+        """The rotation generation of each secret (0 when never invalidated). Read it BEFORE fetching."""
+        async with self.pool.acquire() as conn:
+            return await self._generations(conn, list(secret_ids))
+
+    async def _generations(self, conn: asyncpg.Connection, secret_ids: list[str]) -> dict[str, int]:
+        rows = await conn.fetch(self._q["secret_generations"], secret_ids)
+        found = {row["secret_id"]: row["generation"] for row in rows}
+        return {secret_id: found.get(secret_id, 0) for secret_id in secret_ids}
 
     # --- write ----------------------------------------------------------------------------------------------------
     async def put(
@@ -198,14 +213,23 @@ class Keychain:
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         await self.put_many([Entry(name, entry_scope, value, tuple(sources), ttl_seconds)])
 
-    async def put_many(self, entries: list[Entry]) -> None:
-        """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome)."""
-        if entries:
-            async with self._durable() as conn:
-                await self._write(conn, entries)
+    async def put_many(self, entries: list[Entry]) -> list[Entry]:
+        """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome).
+        Returns the entries NOT written because a secret they hold was invalidated after its generation was read."""
+        if not entries:
+            return []
+        async with self._durable() as conn:
+            return await self._write(conn, entries)
 
-    async def _write(self, conn: asyncpg.Connection, entries: list[Entry]) -> None:
-        """Inside a transaction: hold the executions' fence locks, then upsert every entry in one statement."""
+    async def _write(self, conn: asyncpg.Connection, entries: list[Entry]) -> list[Entry]:
+        """Inside a transaction: hold the rotation and execution fences, then upsert the entries in one statement."""
+        fenced_ids = sorted({secret_id for e in entries for secret_id, _ in e.fences})
+        stale: list[Entry] = []
+        if fenced_ids:
+            await conn.execute(self._q["ensure_secret_states"], fenced_ids)
+            current = dict(await conn.fetch(self._q["lock_secret_states"], fenced_ids))
+            stale = [e for e in entries if any(current[sid] != gen for sid, gen in e.fences)]
+            entries = [e for e in entries if e not in stale]
         columns: list[list[Any]] = [[] for _ in range(12)]
         for e in entries:
             if e.error_code is None:
@@ -223,7 +247,9 @@ class Keychain:
         execution_ids = [e.scope.execution_id for e in entries if e.scope.execution_id is not None]
         if execution_ids:
             await conn.execute(self._q["lock_executions_shared"], execution_ids)
-        await conn.execute(self._q["put_entries"], *columns)
+        if entries:
+            await conn.execute(self._q["put_entries"], *columns)
+        return stale
 
     async def ready_identities(self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0) -> set[RowIdentity]:
         """The identities among these whose row is ready and outlives `min_remaining_seconds`. Counts no hit."""
@@ -282,16 +308,45 @@ class Keychain:
         chosen = [x for x in (credential, execution_id, secret) if x is not None] + ([True] if everything else [])
         if len(chosen) != 1:
             raise ValueError("invalidate exactly one of: credential, execution_id, secret, everything")
+        if secret is not None:
+            ref = SecretRef.parse(secret)
+            changed = await self.invalidate_matching(ref.secret, {"names": [ref.secret_name]})
+            return changed or 0
         if credential is not None:
             statement, args = "invalidate_credential", (credential,)
         elif execution_id is not None:
             statement, args = "invalidate_execution", (execution_id,)
-        elif secret is not None:
-            statement, args = "invalidate_secret", (json.dumps([{"names": [SecretRef.parse(secret).secret_name]}]),)
         else:
             statement, args = "invalidate_all", ()
         async with self._durable() as conn:
+            if everything:
+                await conn.execute(self._q["bump_all_generations"])
             return affected(await conn.execute(self._q[statement], *args))
+
+    async def invalidate_matching(
+        self, secret_id: str, match: dict[str, Any], *, notice_id: str | None = None, drop: bool = False
+    ) -> int | None:
+        """Apply one rotation notice, atomically: bump the secret's generation (fencing in-flight fetches), then
+        mark stale (or delete) every row whose sources contain `match`, and forget remembered refusals of the
+        secret. Returns rows changed, or None when `notice_id` was applied before (a duplicate)."""
+        async with self._durable() as conn:
+            if notice_id is not None and await conn.fetchval(self._q["record_notice"], notice_id) is None:
+                return None
+            await conn.fetchval(self._q["bump_generation"], secret_id)
+            statement = "delete_matching" if drop else "mark_stale_matching"
+            changed = affected(await conn.execute(self._q[statement], json.dumps([{"secret_id": secret_id, **match}])))
+            await conn.execute(self._q["clear_failures_of_secret"], secret_id)
+            return changed
+
+    async def stale_rows(self, secret_id: str, match: dict[str, Any], limit: int = 10_000) -> list[asyncpg.Record]:
+        document = json.dumps([{"secret_id": secret_id, **match}])
+        return await self.pool.fetch(self._q["stale_rows_matching"], document, limit)
+
+    async def latest_secrets_to_check(self, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self._q["latest_secrets_to_check"], limit)
+
+    async def mark_checked(self, secret_id: str) -> None:
+        await self.pool.execute(self._q["mark_checked"], secret_id)
 
     # --- maintenance ----------------------------------------------------------------------------------------------
     async def sweep(self, batch_size: int | None = None) -> int:
@@ -305,6 +360,7 @@ class Keychain:
                 break
         await self.pool.execute(self._q["sweep_failures"])
         await self.pool.execute(self._q["sweep_fences"], float(self.settings.fence_retention_seconds))
+        await self.pool.execute(self._q["sweep_notices"], float(self.settings.fence_retention_seconds))
         return total
 
     async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:

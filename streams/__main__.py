@@ -13,8 +13,8 @@ def main() -> None:
         return
     if command != "worker":
         sys.exit(f"usage: python -m streams worker [faust worker options] | schema (got {command!r})")
-    from . import agents  # noqa: F401  (registers the agents and timers on the app)
-    from .app import app, settings
+    from .app import settings
+    from .worker import app
 
     sys.argv = ["streams", "worker", "--loglevel", settings.log_level.lower(), *sys.argv[2:]]
     app.main()

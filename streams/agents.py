@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable, TypeVar
 
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from .app import app, runtime, settings
-from .topics import dead_letters, execution_events
+from .topics import execution_events, send_dead_letter
 from .warm import BatchResult, DeadLetter, Record
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A database that is down or restarting: wait and retry the same batch, in order, until it is back.
 _DATABASE_DOWN = (OSError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
@@ -28,7 +30,9 @@ async def executions(stream):
         ]
         result = await handle_durably(records)
         for dead in result.dead:
-            await dead_letter(dead)
+            record = dead.record
+            source = f"{record.topic}/{record.partition}/{record.offset}"
+            await send_dead_letter(record.key, record.value, dead.reason, dead.detail, {"source": source})
         # Only now, with rows written (durably) and dead letters acknowledged by the broker, may offsets commit.
         for event in events:
             await stream.ack(event)
@@ -38,32 +42,25 @@ async def executions(stream):
         )
 
 
-async def handle_durably(records: list[Record]) -> BatchResult:
+async def handle_durably_with(work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` until the database takes it: an outage holds the stream (in order) instead of losing events."""
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(_DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
     )
-    try:
-        async for attempt in retrying:
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    log.warning("database unavailable; retrying batch (attempt %d)", attempt.retry_state.attempt_number)
-                return await runtime.warmer.handle(records)
-    except Exception as exc:  # a bug, not bad input: keep every event, in the DLQ, and keep the stream going
-        log.exception("batch failed; dead-lettering its %d events", len(records))
-        return BatchResult(dead=[DeadLetter(r, "internal_error", type(exc).__name__) for r in records])
+    async for attempt in retrying:
+        with attempt:
+            if attempt.retry_state.attempt_number > 1:
+                log.warning("database unavailable; retrying (attempt %d)", attempt.retry_state.attempt_number)
+            return await work()
     raise AssertionError("unreachable")
 
 
-async def dead_letter(dead: DeadLetter) -> None:
-    record = dead.record
-    headers = {
-        "reason": dead.reason.encode(),
-        "detail": dead.detail.encode(),
-        "source": f"{record.topic}/{record.partition}/{record.offset}".encode(),
-    }
-    log.warning("dead letter %s/%s/%s: %s: %s", record.topic, record.partition, record.offset, dead.reason, dead.detail)
-    sent = await dead_letters.send(key=record.key, value=record.value, headers=headers)
-    await sent  # the broker's acknowledgement
+async def handle_durably(records: list[Record]) -> BatchResult:
+    try:
+        return await handle_durably_with(lambda: runtime.warmer.handle(records))
+    except Exception as exc:  # a bug, not bad input: keep every event, in the DLQ, and keep the stream going
+        log.exception("batch failed; dead-lettering its %d events", len(records))
+        return BatchResult(dead=[DeadLetter(r, "internal_error", type(exc).__name__) for r in records])
 
 
 @app.timer(interval=settings.sweep_interval_seconds, on_leader=True)

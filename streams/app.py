@@ -11,6 +11,7 @@ from keychain.settings import Settings, settings_from_env
 from keychain.sources import SecretManagerSource
 from keychain.store import Keychain
 
+from .invalidate import Invalidator
 from .warm import Warmer
 
 
@@ -41,6 +42,7 @@ class Runtime:
         self.settings = settings
         self.keychain: Keychain | None = None
         self.warmer: Warmer | None = None
+        self.invalidator: Invalidator | None = None
         self._lock = asyncio.Lock()
 
     async def ready(self) -> "Runtime":
@@ -50,13 +52,14 @@ class Runtime:
                 keychain = await Keychain(self.settings, source=source).open()
                 await keychain.migrate()
                 self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source)
+                self.invalidator = Invalidator(self.settings, keychain, self.warmer)
         return self
 
     async def close(self) -> None:
         async with self._lock:
             if self.keychain is not None:
                 await self.keychain.close()
-                self.keychain = self.warmer = None
+                self.keychain = self.warmer = self.invalidator = None
 
 
 settings = settings_from_env()

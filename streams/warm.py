@@ -49,6 +49,12 @@ class DeadLetter:
     detail: str
 
 
+@dataclass(frozen=True)
+class Fetched:
+    value: SecretValue
+    generation: int  # of the secret, read before the value was fetched: the write is fenced on it
+
+
 @dataclass
 class BatchResult:
     started: int = 0
@@ -65,7 +71,8 @@ class Warmer:
         self.source = source
         self._limiter = AsyncLimiter(settings.secret_manager_max_calls_per_minute, 60)
         self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
-        self._recent: dict[str, tuple[float, SecretValue]] = {}  # ref -> (fetched at, value): the burst window
+        # The burst window: ref -> (fetched at, value, the secret's rotation generation read before the fetch).
+        self._recent: dict[str, tuple[float, Fetched]] = {}
 
     def forget(self, refs: set[str] | None = None) -> None:
         """Drop fetched values from the burst window (all, or those of some references)."""
@@ -74,6 +81,9 @@ class Warmer:
         else:
             for ref in refs:
                 self._recent.pop(ref, None)
+
+    def forget_secret(self, secret_id: str) -> None:
+        self.forget({ref for ref in self._recent if SecretRef.parse(ref).secret == secret_id})
 
     # --- events -----------------------------------------------------------------------------------------------------
     async def handle(self, records: list[Record]) -> BatchResult:
@@ -118,19 +128,26 @@ class Warmer:
         while True:
             pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
             await self._fetch_round(pending, values, errors)
-            entries, waiting = [], []
+            entries, waiting = {}, []
             for want in todo:
                 codes = [errors[str(r)] for r in want.refs if str(r) in errors]
                 permanent = [c for c in codes if c in PERMANENT_ERRORS]
                 if permanent:
                     refused[want] = permanent[0]
-                    entries.append(Entry(want.credential_name, want.scope, error_code=permanent[0]))
+                    entries[want] = Entry(want.credential_name, want.scope, error_code=permanent[0],
+                                          sources=tuple(Provenance(r, None, f) for f, r in want.fields))
                 elif codes:
                     waiting.append(want)
                 else:
-                    entries.append(self._entry(want, values))
-            await self.keychain.put_many(entries)
-            written += len(entries)
+                    entries[want] = self._entry(want, values)
+            fenced = await self.keychain.put_many(list(entries.values()))
+            written += len(entries) - len(fenced)
+            if fenced:  # invalidated while we fetched: fetch those secrets again
+                again = {str(p.ref) for e in fenced for p in e.sources}
+                self.forget(again)
+                for ref in again:
+                    values.pop(ref, None)
+                waiting += [w for w, e in entries.items() if e in fenced]
             todo = waiting
             if not todo:
                 return refused, written
@@ -158,30 +175,34 @@ class Warmer:
         return written
 
     @staticmethod
-    def _entry(want: Want, values: dict[str, SecretValue]) -> Entry:
+    def _entry(want: Want, values: dict[str, Fetched]) -> Entry:
         fetched = [(name, ref, values[str(ref)]) for name, ref in want.fields]
         if len(fetched) == 1 and fetched[0][0] is None:
-            value = value_from_payload(fetched[0][2].payload)
+            value = value_from_payload(fetched[0][2].value.payload)
         else:
-            value = {name: value_from_payload(secret.payload) for name, _, secret in fetched}
-        sources = tuple(Provenance(ref, secret.version_name, name) for name, ref, secret in fetched)
-        return Entry(want.credential_name, want.scope, value, sources=sources)
+            value = {name: value_from_payload(f.value.payload) for name, _, f in fetched}
+        sources = tuple(Provenance(ref, f.value.version_name, name) for name, ref, f in fetched)
+        fences = tuple({ref.secret: f.generation for _, ref, f in fetched}.items())
+        return Entry(want.credential_name, want.scope, value, sources=sources, fences=fences)
 
     # --- fetching ---------------------------------------------------------------------------------------------------
-    def _from_window(self, refs: set[str]) -> tuple[dict[str, SecretValue], dict[str, str]]:
+    def _from_window(self, refs: set[str]) -> tuple[dict[str, Fetched], dict[str, str]]:
         now = time.monotonic()
         window = self.settings.warm_fetch_window_seconds
         self._recent = {ref: item for ref, item in self._recent.items() if now - item[0] < window}
         return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}, {}
 
-    async def _fetch_round(self, refs: set[str], values: dict[str, SecretValue], errors: dict[str, str]) -> None:
+    async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str]) -> None:
         """One call per reference, concurrently; fills `values` and `errors` (permanent refusals are remembered)."""
+        if not refs:
+            return
         ordered = sorted(refs)
+        generations = await self.keychain.generations({SecretRef.parse(ref).secret for ref in ordered})
         outcomes = await asyncio.gather(*(self._fetch(ref) for ref in ordered))
         for ref, outcome in zip(ordered, outcomes):
             if isinstance(outcome, SecretValue):
-                values[ref] = outcome
-                self._recent[ref] = (time.monotonic(), outcome)
+                values[ref] = Fetched(outcome, generations[SecretRef.parse(ref).secret])
+                self._recent[ref] = (time.monotonic(), values[ref])
             else:
                 errors[ref] = outcome.code
                 if outcome.permanent:

@@ -109,6 +109,19 @@ class SecretManagerSource:
                 raise ChecksumMismatch(str(ref), "payload CRC32C does not match")
         return SecretValue(version_name=response.name or ref.version_name, payload=payload.data)
 
+    async def latest_version(self, ref: SecretRef) -> str:
+        """The version number `latest` resolves to now (GetSecretVersion: the read quota, not the access quota)."""
+        try:
+            version = await self.client.get_secret_version(
+                name=ref.with_version("latest").version_name, retry=None,
+                timeout=self._settings.secret_manager_timeout_seconds,
+            )
+        except tuple(_PERMANENT) as exc:
+            raise _PERMANENT[_permanent_type(exc)](str(ref)) from None
+        except gexc.GoogleAPICallError as exc:
+            raise SecretUnavailable(str(ref), type(exc).__name__) from None
+        return SecretRef.parse(version.name).version
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.transport.close()

@@ -90,11 +90,6 @@ WHERE credential_name = $1 AND state = 'ready';
 UPDATE keychain SET state = 'stale', updated_at = now()
 WHERE scope_type = 'execution' AND execution_id = $1 AND state = 'ready';
 
--- name: invalidate_secret
--- Rows holding any version of a secret ($1 = '[{"names": ["projects/P/secrets/S"]}]').
-UPDATE keychain SET state = 'stale', updated_at = now()
-WHERE sources @> $1::jsonb AND state = 'ready';
-
 -- name: invalidate_all
 UPDATE keychain SET state = 'stale', updated_at = now() WHERE state = 'ready';
 
@@ -151,3 +146,68 @@ SELECT scope_type, state,
        count(*) FILTER (WHERE access_count > 0)   AS read_rows,
        coalesce(sum(access_count), 0)::bigint     AS hits
 FROM keychain GROUP BY scope_type, state ORDER BY scope_type, state;
+
+-- name: secret_generations
+SELECT secret_id, generation FROM keychain_secret_state WHERE secret_id = ANY($1::text[]);
+
+-- name: ensure_secret_states
+-- A state row must exist for a writer to hold it FOR SHARE (an invalidator creating it concurrently then waits).
+INSERT INTO keychain_secret_state (secret_id)
+SELECT DISTINCT s FROM unnest($1::text[]) AS s ORDER BY 1
+ON CONFLICT DO NOTHING;
+
+-- name: lock_secret_states
+-- Held until the writer commits: an invalidation of these secrets waits, then sees (and marks) what was written.
+SELECT secret_id, generation FROM keychain_secret_state
+WHERE secret_id = ANY($1::text[]) ORDER BY secret_id FOR SHARE;
+
+-- name: record_notice
+-- Returns a row only the first time a notification is applied.
+INSERT INTO keychain_applied_notice (notice_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING notice_id;
+
+-- name: bump_generation
+-- Waits for writers holding the state row, so the next statement of this transaction sees their rows.
+INSERT INTO keychain_secret_state AS s (secret_id, generation, invalidated_at) VALUES ($1, 1, now())
+ON CONFLICT (secret_id) DO UPDATE SET generation = s.generation + 1, invalidated_at = now()
+RETURNING generation;
+
+-- name: bump_all_generations
+UPDATE keychain_secret_state SET generation = generation + 1, invalidated_at = now();
+
+-- name: mark_stale_matching
+-- $1 = '[{"secret_id": "S", ...}]': rows whose sources contain such an element stop being served.
+UPDATE keychain SET state = 'stale', updated_at = now()
+WHERE sources @> $1::jsonb AND state IN ('ready', 'failed');
+
+-- name: delete_matching
+DELETE FROM keychain WHERE sources @> $1::jsonb;
+
+-- name: stale_rows_matching
+-- What re-warm refreshes: stale rows of one secret (finished executions' rows are already gone).
+SELECT credential_name, cache_type, scope_type, execution_id, session_id, sources
+FROM keychain WHERE sources @> $1::jsonb AND state = 'stale'
+ORDER BY id LIMIT $2;
+
+-- name: clear_failures_of_secret
+DELETE FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1;
+
+-- name: latest_secrets_to_check
+-- Reconciliation: secrets that ready rows hold through `latest`, least recently checked first, with the versions
+-- those rows resolved to and a reference to ask Secret Manager with.
+SELECT held.secret_id, held.ref, held.versions
+FROM (
+    SELECT src->>'secret_id' AS secret_id, min(src->>'ref') AS ref, array_agg(DISTINCT src->>'version') AS versions
+    FROM keychain k, jsonb_array_elements(k.sources) AS src
+    WHERE k.state = 'ready' AND src->>'ref' LIKE '%/versions/latest' AND src ? 'version'
+    GROUP BY 1
+) held
+LEFT JOIN keychain_secret_state s USING (secret_id)
+ORDER BY s.checked_at NULLS FIRST
+LIMIT $1;
+
+-- name: mark_checked
+INSERT INTO keychain_secret_state AS s (secret_id, checked_at) VALUES ($1, now())
+ON CONFLICT (secret_id) DO UPDATE SET checked_at = now();
+
+-- name: sweep_notices
+DELETE FROM keychain_applied_notice WHERE applied_at < now() - make_interval(secs => $1);

@@ -1,0 +1,91 @@
+"""Rotation notices -> keychain: stop serving what a notice makes wrong, then refresh running executions' rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from keychain.errors import SecretSourceError
+from keychain.model import Scope
+from keychain.refs import SecretRef
+from keychain.settings import Settings
+from keychain.store import Keychain
+
+from .notices import NO_VALUE_CHANGE, RotationNotice
+from .resolve import Want
+from .warm import Warmer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Applied:
+    changed: int | None  # rows stopped being served; None for a duplicate notice
+    refreshed: int
+    lag_ms: float  # from Secret Manager's event time to the rows no longer being served
+
+
+class Invalidator:
+    def __init__(self, settings: Settings, keychain: Keychain, warmer: Warmer):
+        self.settings = settings
+        self.keychain = keychain
+        self.warmer = warmer
+
+    async def apply(self, notice: RotationNotice) -> Applied:
+        match = notice.match()
+        if match is None:
+            log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
+            return Applied(0, 0, 0.0)
+        drop = self.settings.rewarm_mode == "drop"
+        changed = await self.keychain.invalidate_matching(notice.secret_id, match, notice_id=notice.notice_id, drop=drop)
+        lag_ms = (datetime.now(timezone.utc) - notice.occurred_at).total_seconds() * 1000
+        self.warmer.forget_secret(notice.secret_id)
+        refreshed = 0 if drop else await self.refresh(notice.secret_id, match)
+        log.info(
+            "notice %s %s for %s: %s rows invalidated, %d refreshed, lag %.0f ms",
+            notice.notice_id, notice.event_type, notice.secret,
+            "duplicate, no" if changed is None else changed, refreshed, lag_ms,
+        )
+        return Applied(changed, refreshed, lag_ms)
+
+    async def refresh(self, secret_id: str, match: dict) -> int:
+        """Re-warm the stale rows of a secret (each secret fetched once); finished executions have none left."""
+        rows = await self.keychain.stale_rows(secret_id, match)
+        wants = [
+            Want(
+                row["credential_name"],
+                Scope.of(execution_id=row["execution_id"], session_id=row["session_id"], scope=row["scope_type"]),
+                tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(row["sources"])),
+            )
+            for row in rows
+        ]
+        if not wants:
+            return 0
+        _, written = await self.warmer.warm(wants, skip_ready=False)
+        return written
+
+    async def reconcile(self) -> int:
+        """Catch notices that never arrived: compare what `latest` rows hold with the secret's latest version.
+        Returns how many secrets were found behind (and invalidated)."""
+        behind = 0
+        for row in await self.keychain.latest_secrets_to_check(self.settings.reconcile_batch):
+            ref = SecretRef.parse(row["ref"])
+            try:
+                latest = await self.warmer.source.latest_version(ref)
+            except SecretSourceError as exc:
+                log.warning("reconcile %s: %s", ref.secret_name, exc.code)
+                continue
+            finally:
+                await self.keychain.mark_checked(row["secret_id"])
+            if any(version != latest for version in row["versions"]):
+                behind += 1
+                notice = RotationNotice(
+                    notice_id=f"reconcile:{row['secret_id']}:{latest}:{datetime.now(timezone.utc).isoformat()}",
+                    event_type="SECRET_VERSION_ADD", secret=ref.secret_name,
+                    version=ref.with_version(latest).version_name, occurred_at=datetime.now(timezone.utc),
+                )
+                log.warning("reconcile: %s rows hold an older version than latest (%s)", ref.secret_name, latest)
+                await self.apply(notice)
+        return behind

@@ -1,0 +1,121 @@
+"""Secret Manager notifications: validated from Pub/Sub, carried on Kafka, and what each one invalidates.
+
+See ../shared/reference/secret-manager-notifications.md. Be liberal in what is accepted: a version event without
+`versionId` takes the version from the data's `name`; a missing `timestamp` falls back to the publish time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from keychain.errors import InvalidReference
+from keychain.refs import SecretRef
+
+from .events import BadEvent
+
+VERSION_EVENTS = frozenset({
+    "SECRET_VERSION_ADD", "SECRET_VERSION_ENABLE", "SECRET_VERSION_DISABLE", "SECRET_VERSION_DESTROY",
+    "SECRET_VERSION_DESTROY_SCHEDULED",
+})
+SECRET_EVENTS = frozenset({"SECRET_CREATE", "SECRET_UPDATE", "SECRET_DELETE", "SECRET_ROTATE"})
+IGNORED = frozenset({"TOPIC_CONFIGURED"})
+# Events after which no cached value is wrong: logged and counted, nothing dropped.
+NO_VALUE_CHANGE = frozenset({"SECRET_CREATE", "SECRET_ROTATE", "SECRET_VERSION_ENABLE"})
+
+
+class RotationNotice(BaseModel):
+    """A notification as the bridge puts it on KEYCHAIN_ROTATIONS_TOPIC (key = the secret's short id)."""
+
+    notice_id: str = Field(min_length=1, max_length=200, description="Pub/Sub message id: duplicates share it")
+    event_type: str
+    secret: str = Field(description="projects/P/secrets/S as the notification named it")
+    version: str | None = Field(default=None, description="projects/P/secrets/S/versions/N for version events")
+    occurred_at: datetime = Field(description="When Secret Manager says it happened")
+
+    @property
+    def secret_id(self) -> str:
+        return SecretRef.parse(self.secret).secret
+
+    @property
+    def version_number(self) -> str | None:
+        return SecretRef.parse(self.version).version if self.version else None
+
+    def match(self) -> dict[str, Any] | None:
+        """Which rows this notice makes wrong, as a containment pattern on `sources` (None: none)."""
+        kind = self.event_type
+        if kind == "SECRET_VERSION_ADD":
+            return {"pinned": False}  # rows through `latest` or an alias; pinned rows stay valid
+        if kind in ("SECRET_VERSION_DISABLE", "SECRET_VERSION_DESTROY", "SECRET_VERSION_DESTROY_SCHEDULED"):
+            return {"version": self.version_number}  # that version, pinned or through `latest`
+        if kind == "SECRET_DELETE":
+            return {}
+        if kind == "SECRET_UPDATE":
+            return {"alias": True}
+        return None
+
+    def to_kafka(self) -> tuple[bytes, bytes]:
+        return self.secret_id.encode(), self.model_dump_json().encode()
+
+
+def notice_from_pubsub(
+    message_id: str, attributes: dict[str, str], data: bytes, publish_time: datetime | None
+) -> RotationNotice | None:
+    """Validate one Pub/Sub message. None for a notice that needs no forwarding (TOPIC_CONFIGURED)."""
+    event_type = attributes.get("eventType", "")
+    if event_type in IGNORED:
+        return None
+    if event_type not in VERSION_EVENTS | SECRET_EVENTS:
+        raise BadEvent("unknown_event_type", f"eventType {event_type[:100]!r} is not a Secret Manager event")
+    try:
+        secret = SecretRef.parse(attributes.get("secretId", ""))
+    except InvalidReference:
+        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S") from None
+    if secret.version != "latest" or attributes["secretId"].count("/") != 3:
+        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S")
+    version = None
+    if event_type in VERSION_EVENTS:
+        version = attributes.get("versionId") or _name_from_data(data)
+        try:
+            parsed = SecretRef.parse(version or "")
+        except InvalidReference:
+            raise BadEvent("invalid_notice", "a version event needs versionId (or the version's name in data)") from None
+        if not parsed.pinned or parsed.secret != secret.secret:
+            raise BadEvent("invalid_notice", "versionId does not name a numbered version of secretId")
+    occurred = _timestamp(attributes.get("timestamp")) or publish_time or datetime.now(timezone.utc)
+    try:
+        return RotationNotice(
+            notice_id=message_id, event_type=event_type, secret=attributes["secretId"], version=version,
+            occurred_at=occurred,
+        )
+    except ValidationError as exc:
+        raise BadEvent("invalid_notice", "; ".join(e["msg"] for e in exc.errors()[:3])) from None
+
+
+def notice_from_kafka(value: bytes | None) -> RotationNotice:
+    try:
+        return RotationNotice.model_validate_json(value or b"")
+    except ValidationError as exc:
+        raise BadEvent("invalid_notice", "; ".join(e["msg"] for e in exc.errors()[:3])) from None
+
+
+def _name_from_data(data: bytes) -> str | None:
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    name = document.get("name") if isinstance(document, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,0 +1,6 @@
+"""The worker: the app with every agent, timer and service registered (`faust -A streams.worker:app worker`)."""
+
+from . import agents, rotation  # noqa: F401  (registering them on the app is the import's purpose)
+from .app import app
+
+__all__ = ["app"]
