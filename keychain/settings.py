@@ -188,6 +188,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Flow control: notifications held by the bridge at once.",
     )
+    pubsub_ack_deadline_seconds: int = env(
+        "KEYCHAIN_PUBSUB_ACK_DEADLINE_SECONDS",
+        default=10,
+        ge=10,
+        le=600,
+        description="Lease per notification; what a crashed bridge held is redelivered after it.",
+    )
 
     # --- logging --------------------------------------------------------------------------------------------------
     log_level: str = env("KEYCHAIN_LOG_LEVEL", default="INFO", description="Python log level.")

@@ -51,7 +51,12 @@ class RotationBridge:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._subscriber = pubsub_v1.SubscriberClient()
-        flow = pubsub_v1.types.FlowControl(max_messages=self.settings.pubsub_max_messages, max_bytes=64 * 1024 * 1024)
+        flow = pubsub_v1.types.FlowControl(
+            max_messages=self.settings.pubsub_max_messages,
+            max_bytes=64 * 1024 * 1024,
+            # Also the stream's ack deadline: what a crashed bridge held is redelivered this soon (default 60 s).
+            max_duration_per_lease_extension=self.settings.pubsub_ack_deadline_seconds,
+        )
         backoff = 0.5
         while not self._stopping:
             self._pull = self._subscriber.subscribe(self.subscription, callback=self._on_message, flow_control=flow)

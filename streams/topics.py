@@ -17,10 +17,13 @@ async def send_dead_letter(key: bytes | None, value: bytes, reason: str, detail:
     """Produce the original bytes with the reason, and wait for the broker's acknowledgement."""
     log.warning("dead letter from %s: %s: %s", headers.get("source", "?"), reason, detail)
     all_headers = {"reason": reason, "detail": detail, **headers}
-    sent = await dead_letters.send(key=key, value=value, headers={k: v.encode() for k, v in all_headers.items()})
+    # force: publish now, not attached to the event being processed (which is acknowledged only after this)
+    sent = await dead_letters.send(
+        key=key, value=value, headers={k: v.encode() for k, v in all_headers.items()}, force=True
+    )
     await sent
 
 
 async def publish_rotation(key: bytes, value: bytes) -> None:
-    sent = await rotations.send(key=key, value=value)
+    sent = await rotations.send(key=key, value=value, force=True)
     await sent
