@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check keychain streams tests
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -120,7 +120,15 @@ class Settings(BaseSettings):
     topic_partitions: int = env(
         "KEYCHAIN_TOPIC_PARTITIONS", default=8, ge=1, description="Partitions of topics the worker creates."
     )
-    web_port: int = env("KEYCHAIN_WEB_PORT", default=6066, ge=1, le=65535, description="HTTP port of the worker.")
+    web_port: int = env(
+        "KEYCHAIN_WEB_PORT", default=6066, ge=1, le=65535, description="HTTP port of the worker (health, metrics, admin)."
+    )
+    web_host: str = env("KEYCHAIN_WEB_HOST", default="0.0.0.0", description="Address the HTTP server binds.")
+    admin_token: SecretStr | None = env(
+        "KEYCHAIN_ADMIN_TOKEN",
+        default=None,
+        description="Bearer token for POST /invalidate; unset disables the endpoint.",
+    )
     data_dir: str = env(
         "KEYCHAIN_DATA_DIR", default="/tmp/keychain-warmer", description="Faust's scratch directory (no state)."
     )

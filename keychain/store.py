@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import asyncpg
 
+from . import metrics
 from .crypto import KeyRing, RowIdentity
 from .errors import CachedFailure, ConfigurationError, DecryptionError, KeychainError, SecretSourceError
 from .migrate import migrate
@@ -85,8 +87,17 @@ class Keychain:
         return await self._lookup(self.pool, identity)
 
     async def _lookup(self, conn: asyncpg.Pool | asyncpg.Connection, identity: RowIdentity) -> Lookup:
+        started = time.perf_counter()
         row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
-        lookup = self._classify(identity, row)
+        metrics.READ_SECONDS.observe(time.perf_counter() - started)
+        try:
+            lookup = self._classify(identity, row)
+        except DecryptionError:
+            metrics.READS.labels("error").inc()
+            raise
+        metrics.READS.labels(lookup.outcome).inc()
+        if lookup and row["first_read"]:
+            metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["updated_at"].timestamp()))
         log.info(
             "keychain %s credential=%s scope=%s id=%s",
             lookup.outcome, identity.credential_name, identity.scope_type, identity.scope_id or "-",
@@ -249,6 +260,7 @@ class Keychain:
             await conn.execute(self._q["lock_executions_shared"], execution_ids)
         if entries:
             await conn.execute(self._q["put_entries"], *columns)
+            metrics.ROWS_WRITTEN.inc(len(entries))
         return stale
 
     async def ready_identities(self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0) -> set[RowIdentity]:
@@ -293,7 +305,9 @@ class Keychain:
         redelivered start event, can write rows for it afterwards. Idempotent. Returns rows deleted."""
         async with self._durable() as conn:
             await conn.execute(self._q["lock_execution"], execution_id)
-            return await conn.fetchval(self._q["finish_execution"], execution_id)
+            purged = await conn.fetchval(self._q["finish_execution"], execution_id)
+        metrics.PURGED_ROWS.inc(purged)
+        return purged
 
     # --- invalidation ---------------------------------------------------------------------------------------------
     async def invalidate(
@@ -356,6 +370,7 @@ class Keychain:
         while True:
             deleted = affected(await self.pool.execute(self._q["sweep_expired"], batch))
             total += deleted
+            metrics.SWEPT_ROWS.inc(deleted)
             if deleted < batch:
                 break
         await self.pool.execute(self._q["sweep_failures"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Awaitable, Callable, TypeVar
 
 import asyncpg
@@ -68,6 +69,7 @@ async def maintain() -> None:
     """Leader only: delete expired rows, and fetch again the global credentials in use that are about to expire."""
     await runtime.ready()
     swept = await runtime.keychain.sweep()
+    runtime.last_sweep = {"at": datetime.now(timezone.utc).isoformat(), "rows": swept}
     log.info("sweep: %d expired rows deleted", swept)
     refreshed = await runtime.warmer.refresh_globals()
     if refreshed:

@@ -24,7 +24,7 @@ def create_app(settings: Settings) -> faust.App:
         datadir=settings.data_dir,
         store="memory://",  # the state of record is PostgreSQL; no faust tables
         autodiscover=False,
-        web_enabled=False,
+        web_enabled=True,  # served by streams.web.WebServer (registered in streams.worker)
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_seconds,
@@ -43,6 +43,9 @@ class Runtime:
         self.keychain: Keychain | None = None
         self.warmer: Warmer | None = None
         self.invalidator: Invalidator | None = None
+        self.bridge = None  # the rotation bridge, when this worker runs one
+        self.last_sweep: dict | None = None
+        self.last_invalidation_lag_ms: float | None = None
         self._lock = asyncio.Lock()
 
     async def ready(self) -> "Runtime":

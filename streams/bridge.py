@@ -48,6 +48,10 @@ class RotationBridge:
         self._stopping = False
         self._inflight: set[asyncio.Future] = set()
 
+    @property
+    def pulling(self) -> bool:
+        return self._pull is not None and not self._pull.done()
+
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._subscriber = pubsub_v1.SubscriberClient()

@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from keychain import metrics
 from keychain.errors import SecretSourceError
 from keychain.model import Scope
 from keychain.refs import SecretRef
 from keychain.settings import Settings
 from keychain.store import Keychain
 
-from .notices import NO_VALUE_CHANGE, RotationNotice
+from .notices import RotationNotice
 from .resolve import Want
 from .warm import Warmer
 
@@ -36,11 +37,16 @@ class Invalidator:
     async def apply(self, notice: RotationNotice) -> Applied:
         match = notice.match()
         if match is None:
+            metrics.INVALIDATIONS.labels(notice.event_type).inc()
             log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
             return Applied(0, 0, 0.0)
         drop = self.settings.rewarm_mode == "drop"
         changed = await self.keychain.invalidate_matching(notice.secret_id, match, notice_id=notice.notice_id, drop=drop)
         lag_ms = (datetime.now(timezone.utc) - notice.occurred_at).total_seconds() * 1000
+        metrics.INVALIDATIONS.labels(notice.event_type).inc()
+        if changed:
+            metrics.INVALIDATED_ROWS.inc(changed)
+            metrics.INVALIDATION_LAG_SECONDS.observe(max(0.0, lag_ms / 1000))
         self.warmer.forget_secret(notice.secret_id)
         refreshed = 0 if drop else await self.refresh(notice.secret_id, match)
         log.info(

@@ -24,7 +24,7 @@ class BridgeService(Service):
 
     async def on_start(self) -> None:
         if settings.rotation_subscription:
-            self.bridge = RotationBridge(settings, publish_rotation, send_dead_letter)
+            self.bridge = runtime.bridge = RotationBridge(settings, publish_rotation, send_dead_letter)
             self.add_future(self.bridge.run())
 
     async def on_stop(self) -> None:
@@ -44,7 +44,9 @@ async def invalidations(stream):
                 source = f"{message.topic}/{message.partition}/{message.offset}"
                 await send_dead_letter(message.key, message.value, bad.reason, bad.detail, {"source": source})
             else:
-                await handle_durably_with(lambda: runtime.invalidator.apply(notice))
+                applied = await handle_durably_with(lambda: runtime.invalidator.apply(notice))
+                if applied.changed:
+                    runtime.last_invalidation_lag_ms = round(applied.lag_ms, 1)
             await stream.ack(event)
 
 

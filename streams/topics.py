@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from keychain import metrics
+
 from .app import app, settings
 
 log = logging.getLogger(__name__)
@@ -16,6 +18,7 @@ dead_letters = app.topic(settings.dlq_topic)
 async def send_dead_letter(key: bytes | None, value: bytes, reason: str, detail: str, headers: dict[str, str]) -> None:
     """Produce the original bytes with the reason, and wait for the broker's acknowledgement."""
     log.warning("dead letter from %s: %s: %s", headers.get("source", "?"), reason, detail)
+    metrics.DEAD_LETTERS.labels(reason).inc()
     all_headers = {"reason": reason, "detail": detail, **headers}
     # force: publish now, not attached to the event being processed (which is acknowledged only after this)
     sent = await dead_letters.send(

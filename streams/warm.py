@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
+from keychain import metrics
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
@@ -25,7 +26,7 @@ from keychain.settings import Settings
 from keychain.sources import SecretManagerSource, SecretValue
 from keychain.store import Keychain
 
-from .events import BadEvent, ExecutionEvent, parse_event
+from .events import BadEvent, parse_event
 from .resolve import Want, resolve
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Warmer:
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
+                metrics.EVENTS.labels("finish" if event.is_finish else "start").inc()
                 if event.is_finish:
                     result.finished += 1
                     result.rows_purged += await self.keychain.finish_execution(event.execution_id)

@@ -2,5 +2,8 @@
 
 from . import agents, rotation  # noqa: F401  (registering them on the app is the import's purpose)
 from .app import app
+from .web import WebServer
+
+app.web_server(WebServer)
 
 __all__ = ["app"]

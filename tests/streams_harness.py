@@ -12,6 +12,8 @@ import threading
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from keychain.testing.stack import free_port
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 
@@ -76,6 +78,8 @@ def worker_env(stack, settings, key_spec: str, unique: str, **extra: str) -> dic
         KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS="0.5",
         KEYCHAIN_TOPIC_PARTITIONS="4",
         KEYCHAIN_LOG_LEVEL="INFO",
+        KEYCHAIN_WEB_PORT=str(free_port()),
+        KEYCHAIN_WEB_HOST="127.0.0.1",
     )
     env.update(extra)
     return env

@@ -2,7 +2,7 @@ import base64
 
 import pytest
 
-from keychain.crypto import KeyRing, RowIdentity
+from keychain.crypto import KeyRing
 from keychain.errors import ConfigurationError, DecryptionError, InvalidReference
 from keychain.model import Scope
 from keychain.refs import SecretRef

@@ -8,6 +8,7 @@ other refusal into a typed error that never carries the payload.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import google_crc32c
@@ -19,6 +20,7 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 )
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from .. import metrics
 from ..errors import (
     ChecksumMismatch,
     SecretNotFound,
@@ -93,9 +95,7 @@ class SecretManagerSource:
             async for attempt in retrying:
                 with attempt:
                     self.calls += 1
-                    response = await self.client.access_secret_version(
-                        name=ref.version_name, retry=None, timeout=s.secret_manager_timeout_seconds
-                    )
+                    response = await self._access_once(ref)
         except _TRANSIENT as exc:
             raise SecretUnavailable(str(ref), f"after {s.secret_manager_retry_attempts} attempts: {type(exc).__name__}") from None
         except tuple(_PERMANENT) as exc:
@@ -108,6 +108,20 @@ class SecretManagerSource:
             if google_crc32c.value(payload.data) != payload.data_crc32c:
                 raise ChecksumMismatch(str(ref), "payload CRC32C does not match")
         return SecretValue(version_name=response.name or ref.version_name, payload=payload.data)
+
+    async def _access_once(self, ref: SecretRef):
+        started = time.perf_counter()
+        try:
+            response = await self.client.access_secret_version(
+                name=ref.version_name, retry=None, timeout=self._settings.secret_manager_timeout_seconds
+            )
+        except gexc.GoogleAPICallError as exc:
+            metrics.SECRET_MANAGER_CALLS.labels(exc.grpc_status_code.name if exc.grpc_status_code else "ERROR").inc()
+            raise
+        finally:
+            metrics.SECRET_MANAGER_SECONDS.observe(time.perf_counter() - started)
+        metrics.SECRET_MANAGER_CALLS.labels("OK").inc()
+        return response
 
     async def latest_version(self, ref: SecretRef) -> str:
         """The version number `latest` resolves to now (GetSecretVersion: the read quota, not the access quota)."""

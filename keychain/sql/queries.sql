@@ -6,7 +6,7 @@
 -- The conditions that decide serving are on the updated row itself, so a row invalidated or deleted concurrently
 -- is re-checked against its newest version and not served.
 WITH found AS (
-    SELECT id, state, error_code, expires_at > now() AS live
+    SELECT id, state, error_code, expires_at > now() AS live, accessed_at <= updated_at AS first_read
     FROM keychain
     WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3
 ), hit AS (
@@ -16,7 +16,7 @@ WITH found AS (
     WHERE k.id = found.id AND k.state = 'ready' AND k.expires_at > now()
     RETURNING k.key_id, k.data, k.updated_at
 )
-SELECT found.state, found.error_code, found.live, hit.key_id, hit.data, hit.updated_at
+SELECT found.state, found.error_code, found.live, found.first_read, hit.key_id, hit.data, hit.updated_at
 FROM found LEFT JOIN hit ON true;
 
 -- name: put_entries

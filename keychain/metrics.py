@@ -1,0 +1,30 @@
+"""Prometheus metrics. Labels are outcomes, reasons and event types: never credential names, never values."""
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+READS = Counter("keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, error)", ["outcome"])
+READ_SECONDS = Histogram("keychain_read_seconds", "Time of one keychain read (one statement)", buckets=LATENCY_BUCKETS)
+WARM_LEAD_SECONDS = Histogram(
+    "keychain_warm_lead_seconds", "From a row being written to its first read (how early warming was)",
+    buckets=LEAD_BUCKETS,
+)
+SECRET_MANAGER_CALLS = Counter(
+    "keychain_secret_manager_calls_total", "Secret Manager accesses by outcome (OK or the gRPC code)", ["outcome"]
+)
+SECRET_MANAGER_SECONDS = Histogram(
+    "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
+)
+ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
+EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish)", ["kind"])
+DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
+INVALIDATIONS = Counter("keychain_invalidations_total", "Rotation notices applied, by Secret Manager event type", ["event_type"])
+INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
+INVALIDATION_LAG_SECONDS = Histogram(
+    "keychain_invalidation_lag_seconds", "From Secret Manager's event time to the rows no longer being served",
+    buckets=LEAD_BUCKETS,
+)
+SWEPT_ROWS = Counter("keychain_swept_rows_total", "Expired rows deleted by the sweep")
+PURGED_ROWS = Counter("keychain_purged_rows_total", "Rows deleted because their execution finished")

@@ -1,0 +1,169 @@
+"""The worker's HTTP server: /healthz, /readyz, /metrics, /stats and the admin POST /invalidate."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from datetime import datetime, timezone
+
+from aiohttp import web
+from mode import Service
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from keychain import metrics
+from keychain.errors import InvalidReference
+from keychain.refs import SecretRef
+
+from .app import runtime, settings
+from .notices import RotationNotice
+
+log = logging.getLogger(__name__)
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(_: web.Request) -> web.Response:
+    checks = {"database": await _database(), "broker": await _broker(), "pubsub": _pubsub()}
+    ready = all(state in ("ok", "not configured") for state in checks.values())
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def _database() -> str:
+    try:
+        await runtime.ready()
+        await asyncio.wait_for(runtime.keychain.pool.fetchval("SELECT 1"), 2)
+        return "ok"
+    except Exception as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+async def _broker() -> str:
+    for server in settings.kafka_bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
+        except (OSError, asyncio.TimeoutError, ValueError):
+            continue
+        writer.close()
+        return "ok"
+    return "unreachable"
+
+
+def _pubsub() -> str:
+    if not settings.rotation_subscription:
+        return "not configured"
+    bridge = runtime.bridge
+    return "ok" if bridge is not None and bridge.pulling else "not pulling"
+
+
+async def metrics_page(_: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _counts(counter) -> dict[str, float]:
+    return {s.labels.get("outcome") or s.labels.get("reason") or s.labels.get("event_type") or s.labels.get("kind")
+            or "total": s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")}
+
+
+async def stats(_: web.Request) -> web.Response:
+    await runtime.ready()
+    reads = _counts(metrics.READS)
+    total = sum(reads.values())
+    rows = await runtime.keychain.stats()
+    return web.json_response({
+        "reads": reads,
+        "hit_ratio": round(reads.get("hit", 0) / total, 4) if total else None,
+        "rows_by_scope_and_state": rows,
+        "secret_manager_calls": _counts(metrics.SECRET_MANAGER_CALLS),
+        "events": _counts(metrics.EVENTS),
+        "dead_letters": _counts(metrics.DEAD_LETTERS),
+        "invalidations": _counts(metrics.INVALIDATIONS),
+        "last_sweep": runtime.last_sweep,
+        "last_invalidation_lag_ms": runtime.last_invalidation_lag_ms,
+    }, dumps=_dumps)
+
+
+def _dumps(document) -> str:
+    import json
+
+    return json.dumps(document, default=str)
+
+
+async def invalidate(request: web.Request) -> web.Response:
+    """Body: {"secret": "projects/P/secrets/S"} | {"version": ".../versions/N"} | {"execution_id": N} |
+    {"credential": NAME} | {"all": true}. Secret and version invalidations re-warm like a notification."""
+    token = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not token:
+        return web.json_response({"error": "disabled: set KEYCHAIN_ADMIN_TOKEN to enable"}, status=403)
+    given = request.headers.get("Authorization", "")
+    scheme, _, credential = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(credential.encode(), token.encode()):
+        return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+    try:
+        body = await request.json()
+        if not isinstance(body, dict) or len(body) != 1:
+            raise ValueError
+    except ValueError:
+        return _bad_request()
+    await runtime.ready()
+    (what, target), = body.items()
+    try:
+        if what in ("secret", "version"):
+            ref = SecretRef.parse(target)
+            if what == "version" and not ref.pinned:
+                return _bad_request()
+            notice = RotationNotice(
+                notice_id=f"api:{uuid.uuid4()}",
+                event_type="SECRET_VERSION_DISABLE" if what == "version" else "SECRET_DELETE",
+                secret=ref.secret_name, version=ref.version_name if what == "version" else None,
+                occurred_at=datetime.now(timezone.utc),
+            )
+            applied = await runtime.invalidator.apply(notice)
+            return web.json_response({"invalidated": applied.changed, "refreshed": applied.refreshed})
+        if what == "execution_id" and isinstance(target, int) and not isinstance(target, bool):
+            return web.json_response({"invalidated": await runtime.keychain.invalidate(execution_id=target)})
+        if what == "credential" and isinstance(target, str) and target:
+            return web.json_response({"invalidated": await runtime.keychain.invalidate(credential=target)})
+        if what == "all" and target is True:
+            return web.json_response({"invalidated": await runtime.keychain.invalidate(everything=True)})
+    except (InvalidReference, TypeError, AttributeError):
+        return _bad_request()
+    return _bad_request()
+
+
+def _bad_request() -> web.Response:
+    return web.json_response({"error": 'give one of {"secret": "projects/P/secrets/S"}, {"version": '
+                              '"projects/P/secrets/S/versions/N"}, {"execution_id": N}, {"credential": NAME}, '
+                              '{"all": true}'}, status=400)
+
+
+def build_application() -> web.Application:
+    application = web.Application()
+    application.add_routes([
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_page),
+        web.get("/stats", stats),
+        web.post("/invalidate", invalidate),
+    ])
+    return application
+
+
+class WebServer(Service):
+    """Registered with `app.web_server`: faust starts it with the worker."""
+
+    _runner: web.AppRunner | None = None
+
+    async def on_start(self) -> None:
+        self._runner = web.AppRunner(build_application(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, settings.web_host, settings.web_port).start()
+        log.info("HTTP on %s:%d (/healthz /readyz /metrics /stats /invalidate)", settings.web_host, settings.web_port)
+
+    async def on_stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

@@ -1,0 +1,93 @@
+"""The worker's HTTP endpoints, over real HTTP, against a real worker."""
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .streams_harness import Worker, create_topics, produce, start_event, worker_env
+from .test_streams import wait_for
+
+TOKEN = "admin-token-for-tests"
+
+
+def http(port, path, *, method="GET", body=None, token=None):
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture
+async def worker(stack, settings, key_spec, unique):
+    env = worker_env(stack, settings, key_spec, unique, KEYCHAIN_ADMIN_TOKEN=TOKEN)
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], env["KEYCHAIN_EVENTS_TOPIC"], env["KEYCHAIN_DLQ_TOPIC"])
+    running = Worker(env).start()
+    running.port = int(env["KEYCHAIN_WEB_PORT"])
+    running.events_topic = env["KEYCHAIN_EVENTS_TOPIC"]
+    yield running
+    running.stop()
+
+
+async def test_health_readiness_metrics_and_stats(worker, stack, keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
+    assert http(worker.port, "/healthz") == (200, '{"status": "alive"}')
+    status, body = http(worker.port, "/readyz")
+    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "broker": "ok", "pubsub": "not configured"}
+    await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], worker.events_topic, [start_event(execution_id, [ref])])
+    await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], worker.events_topic, [(None, b"{broken")])
+
+    async def warmed():
+        return await keychain.pool.fetchval("SELECT count(*) FROM keychain") == 1
+
+    await wait_for(warmed, what="warm")
+    status, text = http(worker.port, "/metrics")
+    assert status == 200
+    for name in ("keychain_events_total", "keychain_secret_manager_calls_total", "keychain_rows_written_total",
+                 "keychain_dead_letters_total", "keychain_read_seconds"):
+        assert name in text
+    assert 'keychain_secret_manager_calls_total{outcome="OK"} 1.0' in text
+    assert value not in text and secret_id not in text  # no values, no secret names in labels
+    status, body = http(worker.port, "/stats")
+    figures = json.loads(body)
+    assert status == 200 and figures["events"]["start"] == 1.0 and figures["dead_letters"]["malformed_json"] == 1.0
+    assert sum(r["rows"] for r in figures["rows_by_scope_and_state"]) == 1
+    assert value not in body
+
+
+async def test_invalidate_needs_the_token(worker, keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
+    await keychain.get_or_fetch(ref, ref, execution_id=execution_id)
+    for token in (None, "wrong-token", TOKEN + "x"):
+        status, _ = http(worker.port, "/invalidate", method="POST", body={"all": True}, token=token)
+        assert status == 401
+    assert await keychain.get(ref, execution_id=execution_id)  # nothing changed
+    assert http(worker.port, "/invalidate", method="POST", body={"nonsense": 1}, token=TOKEN)[0] == 400
+    assert http(worker.port, "/invalidate", method="POST", body={"secret": "not-a-ref"}, token=TOKEN)[0] == 400
+    sm.add_version(secret_id, "second-value")
+    status, body = http(worker.port, "/invalidate", method="POST",
+                        body={"secret": f"projects/1014428265962/secrets/{secret_id}"}, token=TOKEN)
+    assert status == 200 and json.loads(body) == {"invalidated": 1, "refreshed": 1}
+    assert (await keychain.get(ref, execution_id=execution_id)).value == "second-value"
+    status, body = http(worker.port, "/invalidate", method="POST", body={"execution_id": execution_id}, token=TOKEN)
+    assert status == 200 and json.loads(body) == {"invalidated": 1}
+    assert (await keychain.get(ref, execution_id=execution_id)).outcome == "stale"
+
+
+async def test_invalidate_is_disabled_without_a_token(stack, settings, key_spec, unique):
+    env = worker_env(stack, settings, key_spec, unique)
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], env["KEYCHAIN_EVENTS_TOPIC"], env["KEYCHAIN_DLQ_TOPIC"])
+    running = Worker(env).start()
+    try:
+        port = int(env["KEYCHAIN_WEB_PORT"])
+        assert http(port, "/invalidate", method="POST", body={"all": True}, token="anything")[0] == 403
+    finally:
+        running.stop()
