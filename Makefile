@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m keychain.demo
+	$(PY) -m streams demo
 
 stack: $(STAMP)
 	$(PY) -m keychain.testing.stack

@@ -25,6 +25,8 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",  # the state of record is PostgreSQL; no faust tables
         autodiscover=False,
         web_enabled=True,  # served by streams.web.WebServer (registered in streams.worker)
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_seconds,

@@ -1,0 +1,197 @@
+"""`python -m streams demo`: the whole system on embedded defaults, with nothing else running.
+
+Starts PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator (when installed) and the Secret Manager test
+server (250 ms access latency, the seed's figure); migrates; starts the worker with its rotation bridge; then plays
+the seed's scenario and more: executions of a `test_cache_simple`-like playbook (two steps reading the same secret),
+a rotation (AddSecretVersion -> notification -> invalidation and refresh), executions finishing (purge) and a sweep.
+Stops everything it started. The last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import grpc
+from google.cloud.secretmanager_v1 import SecretManagerServiceClient
+from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
+
+from keychain.crypto import KeyRing
+from keychain.settings import Settings
+from keychain.store import Keychain
+from keychain.testing.stack import LocalStack, free_port
+from keychain.sources import SecretManagerSource
+
+from .local import WorkerProcess, create_topics, finish_event, produce
+
+EXECUTIONS = [507861119290048685 + i for i in range(3)]
+SECRET_ID = "openai-api-key"
+TOPIC = "secret-manager-events"
+SUBSCRIPTION = "keychain-warmer"
+STEP_GAP_SECONDS = 1.0  # from execution start to its first secret use (the seed measured 1.5 s)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def playbook() -> dict:
+    auth = {"openai": {"type": "bearer", "provider": "secret_manager", "key": "{{ workload.openai_secret_path }}",
+                       "oauth_credential": "{{ workload.oauth_cred }}"}}
+    steps = [{"step": "start", "tool": {"kind": "python", "auth": {}, "libs": {}, "args": {}, "code": "result = {}"}}]
+    steps += [{"step": name, "tool": {"kind": "http", "auth": auth}} for name in ("first_openai_call", "second_openai_call")]
+    steps += [{"step": "end", "tool": {"kind": "python", "auth": {}, "libs": {}, "args": {}, "code": "result = {}"}}]
+    return {"path": "test/cache_simple", "workload": {"oauth_cred": "google_oauth"}, "workflow": steps}
+
+
+def start(execution_id: int, ref: str) -> tuple[bytes, bytes]:
+    event = {"event_type": "playbook.initialized", "execution_id": execution_id,
+             "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "workload": {"openai_secret_path": ref}, "playbook": playbook()}
+    return str(execution_id).encode(), json.dumps(event).encode()
+
+
+async def play(stack: LocalStack) -> dict:
+    env = stack.env
+    server = stack.secret_manager
+    project = env["GOOGLE_CLOUD_PROJECT"]
+    pubsub = "PUBSUB_EMULATOR_HOST" in env
+    settings = Settings(dsn=env["KEYCHAIN_DSN"], keys=env["KEYCHAIN_KEYS"],
+                        secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"])
+    await create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
+                        settings.rotations_topic)
+    worker_env = {**os.environ, **env, "KEYCHAIN_APP_ID": "keychain-warmer-demo",
+                  "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-demo-"), "KEYCHAIN_WEB_PORT": str(free_port()),
+                  "KEYCHAIN_WEB_HOST": "127.0.0.1", "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
+                  "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5", "KEYCHAIN_SWEEP_INTERVAL_SECONDS": "1",
+                  "KEYCHAIN_RECONCILE_INTERVAL_SECONDS": "2", "KEYCHAIN_LOG_LEVEL": "INFO"}
+    topic = f"projects/{project}/topics/{TOPIC}"
+    if pubsub:
+        from google.cloud import pubsub_v1
+
+        pubsub_v1.PublisherClient().create_topic(name=topic)
+        subscription = pubsub_v1.SubscriberClient().create_subscription(
+            name=f"projects/{project}/subscriptions/{SUBSCRIPTION}", topic=topic, ack_deadline_seconds=10).name
+        worker_env["KEYCHAIN_ROTATION_SUBSCRIPTION"] = subscription
+        say(f"[2/7] Pub/Sub topic {topic} -> subscription {subscription}")
+    else:
+        say("[2/7] Pub/Sub emulator not installed here: rotations will be caught by reconciliation instead")
+
+    channel = grpc.insecure_channel(env["SECRET_MANAGER_ENDPOINT"])
+    secrets = SecretManagerServiceClient(transport=SecretManagerServiceGrpcTransport(channel=channel))
+    secret = secrets.create_secret(parent=f"projects/{project}", secret_id=SECRET_ID,
+                                   secret={"topics": [{"name": topic}] if pubsub else []})
+    secrets.add_secret_version(parent=secret.name, payload={"data": b"sk-demo-" + os.urandom(6).hex().encode()})
+    ref = f"{secret.name}/versions/latest"
+    say(f"[3/7] secret {ref} (access latency {server.delay_seconds * 1000:.0f} ms)")
+
+    async with Keychain(settings, source=SecretManagerSource(settings)) as keychain:
+        say(f"[4/7] migrated: {await keychain.migrate() or 'up to date'}; starting the worker ...")
+        worker = WorkerProcess(worker_env).start()
+        try:
+            return await scenario(keychain, server, secrets, secret.name, ref, env, pubsub)
+        finally:
+            worker.stop()
+            channel.close()
+
+
+async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> dict:
+    bootstrap, events_topic = env["KAFKA_BOOTSTRAP_SERVERS"], keychain.settings.events_topic
+    # The worker is consuming once a probe's finish event has fenced its execution id.
+    probe = 1
+    await produce(bootstrap, events_topic, [finish_event(probe)])
+    fenced = "SELECT count(*) FROM keychain_finished_execution WHERE execution_id = $1"
+    await wait(lambda: keychain.pool.fetchval(fenced, probe), 1)
+    say(f"[5/7] {len(EXECUTIONS)} executions of test/cache_simple; each reads {ref} in two steps")
+    figures = {"first_use_hits": 0, "first_use_reads": 0, "second_use_hits": 0, "second_use_reads": 0}
+    read_ms: dict[str, list[float]] = {"hit": [], "miss": []}
+    for execution_id in EXECUTIONS:
+        await produce(bootstrap, events_topic, [start(execution_id, ref)])
+        await asyncio.sleep(STEP_GAP_SECONDS)
+        for step, prefix in (("first_openai_call", "first_use"), ("second_openai_call", "second_use")):
+            started = time.perf_counter()
+            lookup = await keychain.get(ref, execution_id=execution_id)
+            outcome = "hit" if lookup else "miss"
+            if not lookup:
+                lookup = await keychain.get_or_fetch(ref, ref, execution_id=execution_id)
+            elapsed = (time.perf_counter() - started) * 1000
+            read_ms[outcome].append(elapsed)
+            figures[f"{prefix}_reads"] += 1
+            figures[f"{prefix}_hits"] += outcome == "hit"
+            say(f"      execution {execution_id}  {step:<19} {outcome.upper():<4} {elapsed:8.2f} ms")
+
+    say("[6/7] rotation: AddSecretVersion on Secret Manager -> " + ("Pub/Sub -> bridge -> invalidation"
+                                                                  if pubsub else "reconciliation"))
+    old = (await keychain.get(ref, execution_id=EXECUTIONS[0])).value
+    rotated_at = time.perf_counter()
+    secrets.add_secret_version(parent=secret_name, payload={"data": b"sk-rotated-" + os.urandom(6).hex().encode()})
+    stale_reads, applied = 0, False
+    while time.perf_counter() - rotated_at < 60:
+        lookup = await keychain.get(ref, execution_id=EXECUTIONS[0])
+        if lookup and lookup.value != old:
+            break
+        if not lookup:
+            applied = True  # invalidated: from here on, the old value must never come back
+        elif applied:
+            stale_reads += 1
+        await asyncio.sleep(0.005)
+    lag_ms = (time.perf_counter() - rotated_at) * 1000
+    for execution_id in EXECUTIONS:  # every running execution now reads the new version
+        for _ in range(10):
+            lookup = await keychain.get(ref, execution_id=execution_id)
+            stale_reads += bool(lookup) and lookup.value == old
+    say(f"      rows refreshed with the new version {lag_ms:.0f} ms after AddSecretVersion; "
+        f"{stale_reads} reads of the old version after it was invalidated")
+
+    say("[7/7] two executions finish (purge); the third's finish event is lost, its rows expire (sweep)")
+    count = "SELECT count(*) FROM keychain WHERE execution_id = ANY($1::bigint[])"
+    rows_before = await keychain.pool.fetchval(count, EXECUTIONS)
+    await produce(bootstrap, events_topic, [finish_event(e) for e in EXECUTIONS[:2]])
+    await wait(lambda: _rows(keychain, count, EXECUTIONS[:2]), 0)
+    purged = rows_before - await keychain.pool.fetchval(count, EXECUTIONS)
+    await keychain.pool.execute("UPDATE keychain SET expires_at = now() WHERE execution_id = $1", EXECUTIONS[2])
+    await wait(lambda: _rows(keychain, count, EXECUTIONS), 0)
+    swept = rows_before - purged - await keychain.pool.fetchval(count, EXECUTIONS)
+    rows_after = await keychain.pool.fetchval(count, EXECUTIONS)
+    say(f"      rows of these executions: {rows_before} before, {purged} purged on finish, {swept} swept, "
+        f"{rows_after} left")
+    return {
+        **figures,
+        "first_use_hit_ratio": round(figures["first_use_hits"] / figures["first_use_reads"], 3),
+        "hit_read_ms_p50": round(statistics.median(read_ms["hit"]), 3) if read_ms["hit"] else None,
+        "miss_read_ms_p50": round(statistics.median(read_ms["miss"]), 3) if read_ms["miss"] else None,
+        "sm_calls": server.access_count(),
+        "stale_reads_after_rotation": stale_reads,
+        "rotation_lag_ms": round(lag_ms, 1),
+        "rotation_via": "pubsub" if pubsub else "reconciliation",
+        "rows_before": rows_before,
+        "purged_rows": purged,
+        "swept_rows": swept,
+        "rows_after": rows_after,
+    }
+
+
+async def _rows(keychain, query, executions) -> int:
+    return await keychain.pool.fetchval(query, executions)
+
+
+async def wait(measure, expected, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while await measure() != expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the demo's worker did not catch up in time")
+        await asyncio.sleep(0.05)
+
+
+def main() -> None:
+    say("[1/7] starting PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator, the Secret Manager test server ...")
+    started = time.perf_counter()
+    os.environ.setdefault("KEYCHAIN_KEYS", KeyRing.generate_spec("demo1"))
+    with LocalStack(secret_manager_delay_seconds=0.25) as stack:
+        summary = asyncio.run(play(stack))
+    summary["demo_seconds"] = round(time.perf_counter() - started, 1)
+    say(json.dumps(summary))

@@ -1,0 +1,21 @@
+"""The README's first command: the demo on embedded defaults, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_", "KAFKA_", "PUBSUB_"))}
+    result = subprocess.run([sys.executable, "-m", "streams", "demo"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("[5/7]") for line in lines)  # progress is shown while it runs
+    summary = json.loads(lines[-1])
+    assert summary["first_use_reads"] == 3 and summary["first_use_hits"] == 3  # warmed before first use
+    assert summary["stale_reads_after_rotation"] == 0 and summary["rotation_lag_ms"] > 0
+    assert summary["purged_rows"] == 2 and summary["swept_rows"] == 1 and summary["rows_after"] == 0
+    assert summary["sm_calls"] >= 2  # the warm, and the refresh after the rotation
