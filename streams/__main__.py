@@ -1,29 +1,47 @@
-"""`python -m streams worker [faust options]` runs the worker; `demo` plays the demo; `schema` prints the event schema."""
+"""`python -m streams COMMAND`: worker (the faust worker, options passed on), demo, schema, pubsub-init, produce-demo."""
 
+import argparse
 import json
 import sys
+
+USAGE = "python -m streams worker [faust worker options] | demo | schema | pubsub-init | produce-demo"
 
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "worker"
-    if command == "demo":
+    if command == "worker":
+        from .app import settings
+        from .worker import app
+
+        level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
+        sys.argv = ["streams", "worker", "--loglevel", level, *sys.argv[2:]]
+        app.main()
+    elif command == "demo":
         from .demo import main as demo
 
         demo()
-        return
-    if command == "schema":
+    elif command == "schema":
         from .events import ExecutionEvent
 
         print(json.dumps(ExecutionEvent.model_json_schema(), indent=2))
-        return
-    if command != "worker":
-        sys.exit(f"usage: python -m streams worker [faust worker options] | demo | schema (got {command!r})")
-    from .app import settings
-    from .worker import app
+    elif command in ("pubsub-init", "produce-demo"):
+        from keychain.settings import settings_from_env
 
-    level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
-    sys.argv = ["streams", "worker", "--loglevel", level, *sys.argv[2:]]
-    app.main()
+        from .sample import produce_samples, pubsub_init
+
+        parser = argparse.ArgumentParser(prog=f"python -m streams {command}")
+        if command == "pubsub-init":
+            parser.add_argument("--topic", default="secret-manager-events", help="Secret Manager notification topic")
+            args = parser.parse_args(sys.argv[2:])
+            pubsub_init(settings_from_env(), args.topic)
+        else:
+            parser.add_argument("--ref", default="projects/test-project/secrets/openai-api-key/versions/latest")
+            parser.add_argument("--executions", type=int, default=10)
+            parser.add_argument("--interval", type=float, default=5.0)
+            args = parser.parse_args(sys.argv[2:])
+            produce_samples(settings_from_env(), args.ref, args.executions, args.interval)
+    else:
+        sys.exit(f"usage: {USAGE} (got {command!r})")
 
 
 main()

@@ -15,6 +15,20 @@ from .invalidate import Invalidator
 from .warm import Warmer
 
 
+def logging_config(settings: Settings) -> dict | None:
+    """JSON log lines for production (KEYCHAIN_LOG_FORMAT=json); None keeps faust's own text format."""
+    if settings.log_format != "json":
+        return None
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "pythonjsonlogger.json.JsonFormatter",
+                                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
+        "root": {"handlers": ["stderr"], "level": settings.log_level.upper()},
+    }
+
+
 def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
@@ -34,6 +48,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_heartbeat_interval=settings.broker_heartbeat_interval_seconds,
         broker_commit_interval=1.0,
         producer_acks=-1,
+        logging_config=logging_config(settings),
     )
 
 
