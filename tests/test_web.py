@@ -91,3 +91,24 @@ async def test_invalidate_is_disabled_without_a_token(stack, settings, key_spec,
         assert http(port, "/invalidate", method="POST", body={"all": True}, token="anything")[0] == 403
     finally:
         running.stop()
+
+
+async def test_json_logs_for_production(stack, settings, key_spec, unique, keychain, sm, secret, execution_id):
+    secret_id, value = secret
+    env = worker_env(stack, settings, key_spec, unique, KEYCHAIN_LOG_FORMAT="json")
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], env["KEYCHAIN_EVENTS_TOPIC"], env["KEYCHAIN_DLQ_TOPIC"])
+    running = Worker(env).start()
+    try:
+        ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
+        await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], env["KEYCHAIN_EVENTS_TOPIC"], [start_event(execution_id, [ref])])
+
+        async def warmed():
+            return await keychain.pool.fetchval("SELECT count(*) FROM keychain") == 1
+
+        await wait_for(warmed, what="warm")
+    finally:
+        running.stop()
+    records = [json.loads(line) for line in running.lines if line.startswith("{")]
+    assert any("Ready" in r["message"] for r in records)
+    assert any(r["message"].startswith("batch: 1 events") for r in records)
+    assert value not in running.output
