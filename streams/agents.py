@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A database that is down or restarting: wait and retry the same batch, in order, until it is back.
-_DATABASE_DOWN = (OSError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                  asyncpg.CannotConnectNowError)
+_DATABASE_DOWN = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                  asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
 
 
 @app.agent(execution_events)

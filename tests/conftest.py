@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 
@@ -22,6 +23,39 @@ def stack():
 @pytest.fixture(scope="session")
 def secret_manager(stack):
     return stack.secret_manager
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_plaintext_anywhere(stack):
+    """After the whole suite: no secret value the test server ever issued appears in any test schema's table, in
+    anything a worker printed, or in any HTTP answer. Fails the session (an error at teardown) if one does."""
+    yield
+    from .streams_harness import HTTP_BODIES, WORKERS
+
+    issued = [v for v in stack.secret_manager.issued if len(v) >= 8]
+    # As text, and as the hex PostgreSQL prints for bytea: an unencrypted value in `data` would show that way.
+    values = [v.decode() for v in issued] + [v.hex() for v in issued]
+    dumps = asyncio.run(_dump_test_tables(stack.env["KEYCHAIN_DSN"]))
+    places = {"table rows": dumps, "worker output": [w.output for w in WORKERS], "HTTP answers": HTTP_BODIES}
+    for where, texts in places.items():
+        leaked = [v for v in values for text in texts if v in text]
+        assert not leaked, f"plaintext secret values found in {where}"
+    print(f"\nno plaintext: {len(issued)} secret values checked against {len(dumps)} rows, "
+          f"{len(WORKERS)} worker outputs, {len(HTTP_BODIES)} HTTP answers")
+
+
+async def _dump_test_tables(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        schemas = await conn.fetch(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'keychain' "
+            "AND table_schema LIKE 't\\_%'")
+        rows = []
+        for (schema,) in schemas:
+            rows += [r[0] for r in await conn.fetch(f'SELECT k::text FROM "{schema}".keychain k')]
+        return rows
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -6,9 +6,19 @@ import os
 import tempfile
 
 from keychain.testing.stack import free_port
-from streams.local import WorkerProcess as Worker, consume, create_topics, finish_event, produce, start_event
+from streams.local import WorkerProcess, consume, create_topics, finish_event, produce, start_event
 
 __all__ = ["Worker", "consume", "create_topics", "finish_event", "produce", "start_event", "worker_env"]
+
+# Everything the suite's workers printed and its HTTP answers: searched for plaintext at the end of the session.
+WORKERS: list[WorkerProcess] = []
+HTTP_BODIES: list[str] = []
+
+
+class Worker(WorkerProcess):
+    def __init__(self, env: dict[str, str], **kwargs):
+        super().__init__(env, **kwargs)
+        WORKERS.append(self)
 
 
 def worker_env(stack, settings, key_spec: str, unique: str, **extra: str) -> dict[str, str]:

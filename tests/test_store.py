@@ -201,7 +201,7 @@ async def test_no_plaintext_in_table_or_logs(keychain, sm, secret, db, execution
     await keychain.put("other", {"password": value}, execution_id=execution_id)
     assert (await keychain.get("openai", execution_id=execution_id)).value == value
     dump = "\n".join(r[0] for r in await db.fetch("SELECT k::text FROM keychain k"))
-    assert dump and value not in dump
+    assert dump and value not in dump and value.encode().hex() not in dump  # as text, or as bytea hex
     assert caplog.records and all(value not in r.getMessage() for r in caplog.records)
     assert value not in repr(await keychain.get("openai", execution_id=execution_id))
 

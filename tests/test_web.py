@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from .streams_harness import Worker, create_topics, produce, start_event, worker_env
+from .streams_harness import HTTP_BODIES, Worker, create_topics, produce, start_event, worker_env
 from .test_streams import wait_for
 
 TOKEN = "admin-token-for-tests"
@@ -19,9 +19,11 @@ def http(port, path, *, method="GET", body=None, token=None):
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
+            status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        status, text = error.code, error.read().decode()
+    HTTP_BODIES.append(text)
+    return status, text
 
 
 @pytest.fixture

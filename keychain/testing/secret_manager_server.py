@@ -84,6 +84,7 @@ class SecretManagerTestServer:
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, resource name asked for, status code name), in order
+        self.issued: list[bytes] = []  # every payload ever stored, so tests can look for plaintext leaks
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
         self._publisher = None
@@ -274,6 +275,7 @@ class SecretManagerTestServer:
             secret = self._get_secret(secret_id)
             version = _Version(len(secret.versions) + 1, payload.data)
             secret.versions.append(version)
+            self.issued.append(payload.data)
         proto = self._version_proto(secret, version)
         self._notify(secret, "SECRET_VERSION_ADD", proto, {"versionId": proto.name})
         return proto

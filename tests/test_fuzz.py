@@ -1,0 +1,94 @@
+"""Property-based fuzzing of the two inputs from outside: execution events and Pub/Sub notifications.
+Every input either yields a valid result or a BadEvent with a known reason: never another exception."""
+
+import json
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from streams.events import BadEvent, parse_event
+from streams.notices import notice_from_pubsub
+from streams.resolve import resolve
+
+EVENT_REASONS = {"empty", "too_large", "malformed_json", "invalid_event", "unknown_event_type", "key_mismatch",
+                 "bad_template", "bad_reference"}
+NOTICE_REASONS = {"unknown_event_type", "invalid_notice"}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+templates = st.sampled_from([
+    "{{ workload.path }}", "{{ workload.missing }}", "{{ workload.path.__class__ }}", "{% for %}",
+    "projects/p1/secrets/s1", "projects/p1/secrets/s1/versions/3", "projects//secrets", "{{ 7 * 7 }}", "",
+    "{{ workload.path }}/versions/2", "{{ range(10**9) | list }}",
+])
+event_types = st.sampled_from(["execution.started", "playbook.initialized", "workflow.completed",
+                               "execution.cancelled", "step.started", ""]) | st.text(max_size=20)
+events = st.fixed_dictionaries(
+    {"event_type": event_types,
+     "execution_id": st.integers(min_value=-5, max_value=2**64) | st.text(max_size=5)},
+    optional={
+        "workload": st.dictionaries(st.sampled_from(["path", "other"]), templates | json_values, max_size=2),
+        "credentials": st.lists(st.fixed_dictionaries({"ref": templates | json_values},
+                                                      optional={"name": st.text(max_size=5), "scope": st.text(max_size=8)}),
+                                max_size=3),
+        "playbook": st.text(max_size=10) | st.fixed_dictionaries({}, optional={
+            "workload": st.dictionaries(st.sampled_from(["path"]), templates, max_size=1),
+            "keychain": st.lists(st.fixed_dictionaries({"kind": st.sampled_from(["secret_manager", "x"])}, optional={
+                "name": st.text(max_size=5) | json_values, "scope": st.sampled_from(["global", "local"]),
+                "map": st.dictionaries(st.text(max_size=5), templates | json_values, max_size=2) | json_values}),
+                max_size=2),
+            "workflow": json_values | st.lists(st.fixed_dictionaries({"tool": st.fixed_dictionaries({"auth": (
+                st.dictionaries(st.text(max_size=4), st.fixed_dictionaries(
+                    {"provider": st.sampled_from(["secret_manager", "x"]), "key": templates | json_values}),
+                    max_size=2) | json_values)})}), max_size=3),
+        }),
+    },
+)
+
+
+def classify_event(key, value):
+    try:
+        resolve(parse_event(key, value, max_bytes=4096))
+        return "ok"
+    except BadEvent as bad:
+        assert bad.reason in EVENT_REASONS, bad.reason
+        return bad.reason
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events, st.booleans())
+def test_execution_events_never_crash(document, keyed):
+    key = str(document.get("execution_id")).encode() if keyed else None
+    classify_event(key, json.dumps(document).encode())
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode), st.none() | st.binary(max_size=8))
+def test_arbitrary_bytes_never_crash(value, key):
+    classify_event(key, value)
+
+
+attributes = st.fixed_dictionaries({}, optional={
+    "eventType": st.sampled_from(["SECRET_VERSION_ADD", "SECRET_VERSION_DISABLE", "SECRET_DELETE", "SECRET_UPDATE",
+                                  "TOPIC_CONFIGURED", "SECRET_ROTATE", "BOGUS"]) | st.text(max_size=10),
+    "secretId": st.sampled_from(["projects/1/secrets/s", "projects/p/secrets/s/versions/1", "s", ""]) | st.text(max_size=40),
+    "versionId": st.sampled_from(["projects/1/secrets/s/versions/2", "projects/1/secrets/t/versions/2",
+                                  "projects/1/secrets/s/versions/latest"]) | st.text(max_size=40),
+    "timestamp": st.sampled_from(["2026-01-01T00:00:00Z", "yesterday", "2026-01-01T00:00:00.123+02:00"]),
+})
+
+
+@settings(max_examples=3000, deadline=None)
+@given(attributes, st.binary(max_size=100) | st.sampled_from([b'{"name": "projects/1/secrets/s/versions/4"}', b"{}"]))
+def test_notifications_never_crash(attrs, data):
+    try:
+        notice = notice_from_pubsub("m1", attrs, data, None)
+    except BadEvent as bad:
+        assert bad.reason in NOTICE_REASONS
+        return
+    if notice is not None:
+        key, value = notice.to_kafka()
+        assert key and json.loads(value)["notice_id"] == "m1"
+        notice.match()  # every accepted notice has a defined effect

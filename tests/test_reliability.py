@@ -1,0 +1,176 @@
+"""Faults with nothing lost: the database restarted under the worker, a flaky Secret Manager, bad input fuzzed."""
+
+import asyncio
+import json
+import random
+import time
+
+import asyncpg
+import grpc
+import pytest
+
+from .streams_harness import Worker, consume, create_topics, produce, start_event, worker_env
+
+REF = "projects/test-project/secrets/{}/versions/latest"
+
+
+async def count_rows(dsn, schema, query="SELECT count(*) FROM keychain", *args):
+    """Poll through a fresh connection: the database may be restarting."""
+    try:
+        conn = await asyncpg.connect(dsn, server_settings={"search_path": schema}, timeout=2)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return None
+    try:
+        return await conn.fetchval(query, *args)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        return None
+    finally:
+        await conn.close()
+
+
+async def until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def topics(stack, unique):
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", f"dlq-{unique}")
+
+
+async def test_postgres_restarted_mid_stream_loses_nothing(stack, settings, key_spec, unique, keychain, sm,
+                                                          topics, execution_id):
+    if stack.postgres is None:
+        pytest.skip("KEYCHAIN_DSN points at an external PostgreSQL this test cannot restart")
+    secret_ids = [f"pg{i}-{unique}" for i in range(4)]
+    for s in secret_ids:
+        sm.create_secret(s)
+        sm.add_version(s, f"value-{s}")
+    sm.delay_seconds = 0.02
+    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="10",
+                               KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")).start()
+    try:
+        total = 200
+        producing = asyncio.create_task(produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}",
+                                                [start_event(execution_id + i, [REF.format(secret_ids[i % 4])])
+                                                 for i in range(total)]))
+
+        async def some_progress():
+            return (await count_rows(settings.dsn, settings.schema_name) or 0) > 20
+
+        await until(some_progress, 60, "progress before the restart")
+        await asyncio.to_thread(stack.postgres.restart)  # fast shutdown: every connection is cut
+        await producing
+
+        async def all_warmed():
+            return await count_rows(settings.dsn, settings.schema_name) == total
+
+        await until(all_warmed, 120, "every event warmed after the restart")
+        duplicates = await count_rows(settings.dsn, settings.schema_name,
+                                      "SELECT count(*) FROM (SELECT execution_id FROM keychain GROUP BY 1 "
+                                      "HAVING count(*) > 1) d")
+        assert duplicates == 0
+        assert "database unavailable; retrying" in worker.output  # it did meet the outage, and recovered by itself
+    finally:
+        worker.stop()
+
+
+async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings, key_spec, unique, keychain, sm,
+                                                               topics, execution_id):
+    secret_ids = [f"fl{i}-{unique}" for i in range(10)]
+    for s in secret_ids:
+        sm.create_secret(s)
+        sm.add_version(s, f"value-{s}")
+    sm.delay_seconds = 0.05
+    for s in secret_ids:
+        sm.inject(grpc.StatusCode.UNAVAILABLE, rate=0.3, secret=s)
+    missing = REF.format(f"absent-{unique}")
+    executions = 100
+    events = [start_event(execution_id + i, [REF.format(secret_ids[(i + k) % 10]) for k in range(3)])
+              for i in range(executions)]
+    events += [start_event(execution_id + 1000 + i, [missing]) for i in range(5)]
+    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="25",
+                               KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")).start()
+    try:
+        await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", events)
+        ready = "SELECT count(*) FROM keychain WHERE state = 'ready'"
+
+        async def all_warmed():
+            return await keychain.pool.fetchval(ready) == executions * 3
+
+        await until(all_warmed, 120, "all executions warmed despite 30% UNAVAILABLE")
+    finally:
+        worker.stop()
+    injected = sum(sm.access_count(s, code="UNAVAILABLE") for s in secret_ids)
+    assert injected > 0  # the faults really happened
+    assert sm.access_count(f"absent-{unique}", code="NOT_FOUND") == 1  # then the negative cache answered
+    dead = await consume(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"dlq-{unique}", 5)
+    assert [dict(m.headers)["reason"] for m in dead] == [b"secret_not_found"] * 5
+    for i in range(0, executions, 17):
+        for k in range(3):
+            ref = REF.format(secret_ids[(i + k) % 10])
+            assert (await keychain.get(ref, execution_id=execution_id + i)).value == f"value-{secret_ids[(i + k) % 10]}"
+
+
+def random_message(rng: random.Random, execution_id: int) -> tuple[bytes | None, bytes]:
+    """Mostly-plausible garbage: broken JSON, wrong types, unknown types, bad templates, huge values."""
+    choice = rng.randrange(8)
+    key = str(execution_id).encode() if rng.random() < 0.8 else None
+    if choice == 0:
+        return key, rng.randbytes(rng.randrange(1, 200))
+    if choice == 1:
+        return key, json.dumps(rng.choice([[], "x", 1, None, {"event_type": 1}])).encode()
+    if choice == 2:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": rng.choice(["x", -1, 2**70])}).encode()
+    if choice == 3:
+        return key, json.dumps({"event_type": f"step.{rng.randrange(9)}", "execution_id": execution_id}).encode()
+    if choice == 4:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id,
+                                "credentials": [{"ref": "{{ workload.missing }}"}]}).encode()
+    if choice == 5:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id,
+                                "credentials": [{"ref": "{% for x in y %}"}]}).encode()
+    if choice == 6:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id,
+                                "playbook": {"keychain": [{"kind": "secret_manager", "name": "n"}]}}).encode()
+    return b"999", json.dumps({"event_type": "execution.completed", "execution_id": execution_id}).encode()
+
+
+async def test_fuzzed_stream_dead_letters_every_bad_input_and_keeps_going(stack, settings, key_spec, unique,
+                                                                         keychain, sm, secret, topics, execution_id):
+    from streams.events import BadEvent, parse_event
+    from streams.resolve import resolve
+
+    secret_id, _ = secret
+    rng = random.Random(unique)
+    messages, bad, valid = [], 0, []
+    for i in range(400):
+        if i % 20 == 0:
+            valid.append(execution_id + i)
+            messages.append(start_event(execution_id + i, [REF.format(secret_id)]))
+            continue
+        key, value = random_message(rng, execution_id + i)
+        try:
+            resolve(parse_event(key, value, max_bytes=1_048_576))
+        except BadEvent:
+            bad += 1
+        messages.append((key, value))
+    assert bad > 300
+    worker = Worker(worker_env(stack, settings, key_spec, unique)).start()
+    try:
+        await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", messages)
+
+        async def valid_warmed():
+            return await keychain.pool.fetchval("SELECT count(*) FROM keychain") == len(valid)
+
+        await until(valid_warmed, 60, "every valid event warmed")
+        dead = await consume(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"dlq-{unique}", bad, timeout=30)
+    finally:
+        worker.stop()
+    assert len(dead) == bad
+    assert all(dict(m.headers).get("reason") for m in dead)
+    assert "Traceback" not in worker.output
