@@ -419,12 +419,19 @@ async def connect_pool(settings: Settings) -> asyncpg.Pool:
                 "synchronous_commit": "off",
                 "application_name": "keychain",
             },
+            # asyncpg resets every connection it takes back (RESET ALL, UNLISTEN, ...): a second round trip per
+            # read. Nothing here leaves session state behind (transactions close, locks and SETs are LOCAL).
+            reset=_keep_session,
         )
     except ValueError:
         # The parser's message may quote the DSN, password included.
         raise ConfigurationError("KEYCHAIN_DSN is not a valid PostgreSQL DSN") from None
     except (OSError, asyncpg.PostgresError) as exc:
         raise ConfigurationError(f"cannot connect to KEYCHAIN_DSN: {type(exc).__name__}: {exc}") from None
+
+
+async def _keep_session(_: asyncpg.Connection) -> None:
+    return None
 
 
 def identity_args(identity: RowIdentity) -> tuple[str, str, str]:

@@ -1,0 +1,45 @@
+"""Shared by the benchmarks: arguments, percentiles, the settings for a local stack, the last JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+from keychain.settings import Settings
+from keychain.testing.stack import LocalStack
+
+
+def arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a smaller run, well under 60 s")
+    parser.add_argument("--sm-delay-ms", type=float, default=250.0,
+                        help="Secret Manager access latency modelled by the test server (the seed: 200-300 ms)")
+    return parser.parse_args()
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    if not ordered:
+        return math.nan
+    index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def median_ms(samples: list[float]) -> float:
+    return ms(statistics.median(samples))
+
+
+def settings_for(stack: LocalStack, schema: str, **overrides) -> Settings:
+    return Settings(dsn=stack.env["KEYCHAIN_DSN"], keys=stack.env["KEYCHAIN_KEYS"], schema_name=schema,
+                    secret_manager_endpoint=stack.env.get("SECRET_MANAGER_ENDPOINT"), **overrides)
+
+
+def report(figures: dict) -> None:
+    """The figures, as the last line printed."""
+    print(json.dumps(figures), flush=True)
