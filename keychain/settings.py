@@ -138,6 +138,13 @@ class Settings(BaseSettings):
     broker_heartbeat_interval_seconds: float = env(
         "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS", default=1.0, gt=0, description="Consumer heartbeat interval."
     )
+    consumer_fetch_max_wait_ms: int = env(
+        "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS",
+        default=100,
+        ge=1,
+        description="Longest a consumer fetch waits for records (faust's fixed 1500 ms delays events on brokers "
+        "that hold fetches, such as the local tansu).",
+    )
     warm_batch_size: int = env(
         "KEYCHAIN_WARM_BATCH_SIZE", default=500, ge=1, description="Most events handled (and written) at once."
     )

@@ -32,7 +32,8 @@ def logging_config(settings: Settings) -> dict | None:
 def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.app_id,
-        broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
+        # keychain-kafka = faust's aiokafka transport with a configurable fetch wait (streams/transport.py)
+        broker=[f"keychain-kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
         key_serializer="raw",
         value_serializer="raw",
         datadir=settings.data_dir,

@@ -1,0 +1,130 @@
+"""Warming through the real broker: N execution-start events, each naming 3 secrets out of a pool of M.
+
+Reports events/s, event -> rows-ready latency, Secret Manager calls per event, the first-use hit ratio when each
+execution's first read comes FIRST_READ_AFTER_S after its event, and the worker's peak RSS; next to a Secret Manager
+access measured in the same run (what each first read cost without warming).
+
+    python -m bench.warm [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+
+import psutil
+from aiokafka import AIOKafkaProducer
+
+from keychain import Keychain, SecretManagerSource
+from keychain.refs import SecretRef
+from keychain.testing.stack import LocalStack, free_port
+from streams.local import WorkerProcess, create_topics, finish_event, produce, start_event
+
+from .common import arguments, median_ms, ms, percentile, report, settings_for
+
+SECRETS_PER_EVENT = 3
+POOL = 20
+FIRST_READ_AFTER_S = 1.0
+
+
+async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
+    process = psutil.Process(pid)
+    while not stop.is_set():
+        try:
+            peak[0] = max(peak[0], process.memory_info().rss / 2**20)
+        except psutil.Error:
+            pass
+        await asyncio.sleep(0.1)
+
+
+async def run(stack: LocalStack, quick: bool) -> dict:
+    events = 300 if quick else 2000
+    settings = settings_for(stack, "bench_warm")
+    server = stack.secret_manager
+    refs = []
+    for i in range(POOL):
+        server.create_secret(f"warm-{i}")
+        server.add_version(f"warm-{i}", f"value-{i}-" + "x" * 40)
+        refs.append(f"projects/test-project/secrets/warm-{i}/versions/latest")
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
+    env = {**os.environ, **stack.env, "KEYCHAIN_SCHEMA": settings.schema_name, "KEYCHAIN_APP_ID": "bench-warm",
+           "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-bench-"), "KEYCHAIN_WEB_PORT": str(free_port()),
+           "KEYCHAIN_WEB_HOST": "127.0.0.1", "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
+           "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5", "KEYCHAIN_TOPIC_PARTITIONS": "8"}
+    async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
+        await kc.migrate()
+        sm_samples = []
+        for _ in range(3):
+            started = time.perf_counter()
+            await kc.source.access(SecretRef.parse(refs[0]))
+            sm_samples.append(time.perf_counter() - started)
+        calls_before = server.access_count()
+        worker = WorkerProcess(env).start()
+        try:
+            await produce(bootstrap, settings.events_topic, [finish_event(1)])  # the worker is consuming once
+            while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
+                await asyncio.sleep(0.05)
+            peak, stop = [0.0], asyncio.Event()
+            sampler = asyncio.create_task(sample_rss(worker.pid, peak, stop))
+            first_id = 10_000_000
+            sent_at: dict[int, float] = {}
+            first_reads: list[tuple[bool, float]] = []
+
+            async def first_read(execution_id: int, ref: str) -> None:
+                await asyncio.sleep(FIRST_READ_AFTER_S)
+                started = time.perf_counter()
+                lookup = await kc.get(ref, execution_id=execution_id)
+                first_reads.append((bool(lookup), time.perf_counter() - started))
+
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+            await producer.start()
+            readers = []
+            for n in range(events):
+                execution_id = first_id + n
+                wanted = [refs[(n * 7 + k) % POOL] for k in range(SECRETS_PER_EVENT)]
+                key, value = start_event(execution_id, wanted)
+                await producer.send(settings.events_topic, value, key=key)
+                sent_at[execution_id] = time.time()
+                readers.append(asyncio.create_task(first_read(execution_id, wanted[0])))
+            await producer.flush()
+            await producer.stop()
+            expected = events * SECRETS_PER_EVENT
+            deadline = time.monotonic() + 300
+            while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready'") < expected:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the worker did not warm every event in time")
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*readers)
+            stop.set()
+            await sampler
+            ready_rows = await kc.pool.fetch(
+                "SELECT execution_id, extract(epoch FROM max(created_at))::float8 AS ready FROM keychain GROUP BY 1")
+        finally:
+            worker.stop()
+    latencies = [row["ready"] - sent_at[row["execution_id"]] for row in ready_rows]
+    span = max(row["ready"] for row in ready_rows) - min(sent_at.values())
+    hits = [hit for hit, _ in first_reads if hit]
+    return {
+        "events": events,
+        "events_per_s": round(events / span, 1),
+        "ready_p50_ms": ms(percentile(latencies, 50)),
+        "ready_p99_ms": ms(percentile(latencies, 99)),
+        "sm_calls_per_event": round((server.access_count() - calls_before) / events, 4),
+        "first_use_hit_ratio": round(len(hits) / len(first_reads), 4),
+        "first_read_after_ms": FIRST_READ_AFTER_S * 1000,
+        "sm_p50_ms": median_ms(sm_samples),
+        "worker_rss_mb": round(peak[0], 1),
+    }
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0])
+    with LocalStack(secret_manager_delay_seconds=args.sm_delay_ms / 1000, pubsub=False) as stack:
+        report(asyncio.run(run(stack, args.quick)))
+
+
+if __name__ == "__main__":
+    main()
