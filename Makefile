@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo stack clean
+.PHONY: install test demo stack bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check keychain streams tests
+	$(VENV)/bin/ruff check keychain streams tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m streams demo
+
+bench: $(STAMP)
+	for b in hit_latency warm invalidate sweep; do $(PY) -m bench.$$b; done
 
 stack: $(STAMP)
 	$(PY) -m keychain.testing.stack

@@ -152,7 +152,7 @@ class Settings(BaseSettings):
         "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0, description="Longest wait to fill a batch."
     )
     warm_concurrency: int = env(
-        "KEYCHAIN_WARM_CONCURRENCY", default=16, ge=1, description="Secret Manager calls in flight per worker."
+        "KEYCHAIN_WARM_CONCURRENCY", default=32, ge=1, description="Secret Manager calls in flight per worker."
     )
     secret_manager_max_calls_per_minute: int = env(
         "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",

@@ -90,14 +90,17 @@ class Keychain:
         started = time.perf_counter()
         row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
-        try:
-            lookup = self._classify(identity, row)
-        except DecryptionError:
-            metrics.READS.labels("error").inc()
-            raise
+        if row is not None:
+            try:
+                lookup = Lookup("hit", self.keyring.open(identity, row["key_id"], row["data"]), row["updated_at"])
+            except DecryptionError:
+                metrics.READS.labels("error").inc()
+                raise
+            if row["first_read"]:
+                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["updated_at"].timestamp()))
+        else:
+            lookup = self._why_not(await conn.fetchrow(self._q["why_not_served"], *identity_args(identity)))
         metrics.READS.labels(lookup.outcome).inc()
-        if lookup and row["first_read"]:
-            metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["updated_at"].timestamp()))
         log.info(
             "keychain %s credential=%s scope=%s id=%s",
             lookup.outcome, identity.credential_name, identity.scope_type, identity.scope_id or "-",
@@ -106,12 +109,10 @@ class Keychain:
             raise CachedFailure(identity.credential_name, lookup.error_code or "ERROR")
         return lookup
 
-    def _classify(self, identity: RowIdentity, row: asyncpg.Record | None) -> Lookup:
+    @staticmethod
+    def _why_not(row: asyncpg.Record | None) -> Lookup:
         if row is None:
             return Lookup("miss")
-        if row["data"] is not None:
-            value = self.keyring.open(identity, row["key_id"], row["data"])
-            return Lookup("hit", value, ready_at=row["updated_at"])
         if not row["live"]:
             return Lookup("expired")
         if row["state"] == "failed":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 
 import asyncpg
@@ -41,7 +42,7 @@ def no_plaintext_anywhere(stack):
         leaked = [v for v in values for text in texts if v in text]
         assert not leaked, f"plaintext secret values found in {where}"
     print(f"\nno plaintext: {len(issued)} secret values checked against {len(dumps)} rows, "
-          f"{len(WORKERS)} worker outputs, {len(HTTP_BODIES)} HTTP answers")
+          f"{len(WORKERS)} worker outputs, {len(HTTP_BODIES)} HTTP answers", file=sys.__stderr__)
 
 
 async def _dump_test_tables(dsn: str) -> list[str]:

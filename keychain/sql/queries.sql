@@ -2,22 +2,20 @@
 -- Statements run with search_path = the keychain schema.
 
 -- name: get_entry
--- The worker read: serve a ready, unexpired row and count the hit in the same statement; otherwise say why not.
--- The conditions that decide serving are on the updated row itself, so a row invalidated or deleted concurrently
--- is re-checked against its newest version and not served.
-WITH found AS (
-    SELECT id, state, error_code, expires_at > now() AS live, accessed_at <= updated_at AS first_read
-    FROM keychain
-    WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3
-), hit AS (
-    UPDATE keychain k
-    SET accessed_at = now(), access_count = k.access_count + 1
-    FROM found
-    WHERE k.id = found.id AND k.state = 'ready' AND k.expires_at > now()
-    RETURNING k.key_id, k.data, k.updated_at
-)
-SELECT found.state, found.error_code, found.live, found.first_read, hit.key_id, hit.data, hit.updated_at
-FROM found LEFT JOIN hit ON true;
+-- The worker read, one statement: serve a ready, unexpired row and count the hit. The sub-select sees the row as
+-- it was before this statement (its snapshot), so `first_read` says whether this is the first read since the value
+-- was written (warm lead time). A row invalidated or deleted concurrently is re-checked and not served.
+UPDATE keychain k
+SET accessed_at = now(), access_count = k.access_count + 1
+WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
+  AND k.state = 'ready' AND k.expires_at > now()
+RETURNING k.key_id, k.data, k.updated_at,
+          (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
+
+-- name: why_not_served
+-- Only after a read found nothing to serve: was it absent, expired, invalidated, or a remembered refusal?
+SELECT state, error_code, expires_at > now() AS live
+FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 
 -- name: put_entries
 -- Store entries (one element per row in each array): ready ones with their ciphertext, failed ones with an error

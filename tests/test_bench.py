@@ -1,0 +1,48 @@
+"""The benchmarks keep working (quick mode) and report what they promise. Their speed is not asserted here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keychain.testing.stack import pubsub_unavailable_reason
+
+ROOT = Path(__file__).parent.parent
+KEYS = {
+    "hit_latency": {"get_p50_ms", "get_p99_ms", "select1_p50_ms", "sm_p50_ms", "ratio_vs_select1", "speedup_vs_sm",
+                    "get_per_s", "select1_per_s"},
+    "warm": {"events_per_s", "ready_p50_ms", "ready_p99_ms", "sm_calls_per_event", "first_use_hit_ratio",
+             "worker_rss_mb"},
+    "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
+    "sweep": {"rows_per_s", "reader_p99_idle_ms", "reader_p99_sweep_ms"},
+}
+
+
+def run_quick(name: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_", "KAFKA_", "PUBSUB_"))}
+    result = subprocess.run([sys.executable, "-m", f"bench.{name}", "--quick"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["hit_latency", "warm", "sweep"])
+def test_benchmark_reports_its_figures(name):
+    figures = run_quick(name)
+    assert KEYS[name] <= set(figures), KEYS[name] - set(figures)
+    assert all(isinstance(figures[k], (int, float)) for k in KEYS[name])
+    if name == "warm":
+        assert figures["sm_calls_per_event"] <= 20 / figures["events"] * 2  # each secret of the pool about once
+    if name == "sweep":
+        assert figures["expired_rows"] == 100_000  # all swept (the benchmark checks it), readers never missed
+
+
+@pytest.mark.skipif(pubsub_unavailable_reason() is not None, reason=str(pubsub_unavailable_reason()))
+def test_invalidate_benchmark_reports_its_figures():
+    figures = run_quick("invalidate")
+    assert KEYS["invalidate"] <= set(figures)
+    assert figures["rotations"] == 10
