@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 
 from keychain import Keychain
-from keychain.testing.stack import LocalStack, free_port, pubsub_unavailable_reason
-from streams.local import WorkerProcess, create_topics, finish_event, produce, start_event
+from keychain.testing.stack import LocalStack, pubsub_unavailable_reason
+from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce, start_event
 
 from .common import arguments, ms, percentile, report, settings_for
 
@@ -46,11 +45,8 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     probe = subscriber.subscribe(probe_subscription, callback=on_probe)
     bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
     await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic)
-    env = {**os.environ, **stack.env, "KEYCHAIN_SCHEMA": settings.schema_name, "KEYCHAIN_APP_ID": "bench-inv",
-           "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-bench-"), "KEYCHAIN_WEB_PORT": str(free_port()),
-           "KEYCHAIN_WEB_HOST": "127.0.0.1", "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
-           "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5", "KEYCHAIN_ROTATION_SUBSCRIPTION": worker_subscription,
-           "KEYCHAIN_RECONCILE_INTERVAL_SECONDS": "3600"}
+    env = local_worker_env({**os.environ, **stack.env}, "bench-inv", KEYCHAIN_SCHEMA=settings.schema_name,
+                           KEYCHAIN_ROTATION_SUBSCRIPTION=worker_subscription, KEYCHAIN_RECONCILE_INTERVAL_SECONDS="3600")
     lags, pubsub = [], []
     async with Keychain(settings) as kc:
         await kc.migrate()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import time
 
 import psutil
@@ -19,8 +18,8 @@ from aiokafka import AIOKafkaProducer
 
 from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
-from keychain.testing.stack import LocalStack, free_port
-from streams.local import WorkerProcess, create_topics, finish_event, produce, start_event
+from keychain.testing.stack import LocalStack
+from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce, start_event
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
 
@@ -50,10 +49,8 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         refs.append(f"projects/test-project/secrets/warm-{i}/versions/latest")
     bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
     await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
-    env = {**os.environ, **stack.env, "KEYCHAIN_SCHEMA": settings.schema_name, "KEYCHAIN_APP_ID": "bench-warm",
-           "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-bench-"), "KEYCHAIN_WEB_PORT": str(free_port()),
-           "KEYCHAIN_WEB_HOST": "127.0.0.1", "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
-           "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5", "KEYCHAIN_TOPIC_PARTITIONS": "8"}
+    env = local_worker_env({**os.environ, **stack.env}, "bench-warm", KEYCHAIN_SCHEMA=settings.schema_name,
+                           KEYCHAIN_TOPIC_PARTITIONS="8")
     async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
         await kc.migrate()
         sm_samples = []

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import grpc
@@ -23,10 +22,10 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 from keychain.crypto import KeyRing
 from keychain.settings import Settings
 from keychain.store import Keychain
-from keychain.testing.stack import LocalStack, free_port
+from keychain.testing.stack import LocalStack
 from keychain.sources import SecretManagerSource
 
-from .local import WorkerProcess, create_topics, finish_event, produce
+from .local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
 
 EXECUTIONS = [507861119290048685 + i for i in range(3)]
 SECRET_ID = "openai-api-key"
@@ -64,11 +63,8 @@ async def play(stack: LocalStack) -> dict:
                         secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"])
     await create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
                         settings.rotations_topic)
-    worker_env = {**os.environ, **env, "KEYCHAIN_APP_ID": "keychain-warmer-demo",
-                  "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-demo-"), "KEYCHAIN_WEB_PORT": str(free_port()),
-                  "KEYCHAIN_WEB_HOST": "127.0.0.1", "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
-                  "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5", "KEYCHAIN_SWEEP_INTERVAL_SECONDS": "1",
-                  "KEYCHAIN_RECONCILE_INTERVAL_SECONDS": "2", "KEYCHAIN_LOG_LEVEL": "INFO"}
+    worker_env = local_worker_env({**os.environ, **env}, "keychain-warmer-demo", KEYCHAIN_SWEEP_INTERVAL_SECONDS="1",
+                                  KEYCHAIN_RECONCILE_INTERVAL_SECONDS="2", KEYCHAIN_LOG_LEVEL="INFO")
     topic = f"projects/{project}/topics/{TOPIC}"
     if pubsub:
         from google.cloud import pubsub_v1

@@ -6,11 +6,30 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from keychain.testing.stack import free_port
+
+
+def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dict[str, str]:
+    """Environment of a worker on the local stack (`base`: the whole environment to start from): its own consumer
+    group, scratch directory and HTTP port, and short group timeouts (tansu admits a member after about half the
+    session timeout)."""
+    return {
+        **base,
+        "KEYCHAIN_APP_ID": app_id,
+        "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-worker-"),
+        "KEYCHAIN_WEB_PORT": str(free_port()),
+        "KEYCHAIN_WEB_HOST": "127.0.0.1",
+        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
+        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+        **overrides,
+    }
 
 
 class WorkerProcess:

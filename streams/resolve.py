@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from jinja2 import StrictUndefined, TemplateError
+from jinja2 import StrictUndefined
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from keychain.errors import InvalidReference
@@ -21,7 +22,25 @@ from keychain.refs import SecretRef
 
 from .events import BadEvent, ExecutionEvent
 
-_jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+MAX_RENDERED = 2048  # a secret reference is short; anything longer is not one
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja's sandbox, which also refuses `*` and `**` that would build huge values (`{{ 'x' * 10**9 }}`)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError("exponent too large")
+        if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+            count = right if isinstance(right, int) else left if isinstance(left, int) else 0
+            if count > MAX_RENDERED:
+                raise SecurityError("repetition too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_jinja = _Sandbox(undefined=StrictUndefined, autoescape=False)
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ def _ref(template: Any, context: dict[str, Any], where: str) -> SecretRef:
         raise BadEvent("invalid_event", f"{where}: a secret reference must be a string")
     try:
         rendered = _jinja.from_string(template).render(context) if "{" in template else template
-    except TemplateError as exc:
+    except Exception as exc:  # whatever a template does wrong (syntax, undefined, sandbox, 1/0, types) is bad input
         raise BadEvent("bad_template", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
     try:
         return SecretRef.parse(rendered)

@@ -108,15 +108,9 @@ def settings(stack, schema, key_spec):
 @pytest.fixture
 def cli_env(stack, settings, key_spec):
     """Environment variables for a `keychain` subprocess reaching this test's schema."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_"))}
-    env.update(
-        KEYCHAIN_DSN=settings.dsn,
-        KEYCHAIN_SCHEMA=settings.schema_name,
-        KEYCHAIN_KEYS=key_spec,
-        SECRET_MANAGER_ENDPOINT=stack.env["SECRET_MANAGER_ENDPOINT"],
-        SECRET_MANAGER_RETRY_INITIAL_SECONDS="0.01",
-    )
-    return env
+    from .streams_harness import process_env
+
+    return process_env(stack, settings, key_spec)
 
 
 @pytest.fixture

@@ -3,13 +3,12 @@
 import asyncio
 import json
 import random
-import time
 
 import asyncpg
 import grpc
 import pytest
 
-from .streams_harness import Worker, consume, create_topics, produce, start_event, worker_env
+from .streams_harness import Worker, consume, create_topics, produce, start_event, wait_for, worker_env
 
 REF = "projects/test-project/secrets/{}/versions/latest"
 
@@ -26,15 +25,6 @@ async def count_rows(dsn, schema, query="SELECT count(*) FROM keychain", *args):
         return None
     finally:
         await conn.close()
-
-
-async def until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -62,14 +52,14 @@ async def test_postgres_restarted_mid_stream_loses_nothing(stack, settings, key_
         async def some_progress():
             return (await count_rows(settings.dsn, settings.schema_name) or 0) > 20
 
-        await until(some_progress, 60, "progress before the restart")
+        await wait_for(some_progress, 60, "progress before the restart")
         await asyncio.to_thread(stack.postgres.restart)  # fast shutdown: every connection is cut
         await producing
 
         async def all_warmed():
             return await count_rows(settings.dsn, settings.schema_name) == total
 
-        await until(all_warmed, 120, "every event warmed after the restart")
+        await wait_for(all_warmed, 120, "every event warmed after the restart")
         duplicates = await count_rows(settings.dsn, settings.schema_name,
                                       "SELECT count(*) FROM (SELECT execution_id FROM keychain GROUP BY 1 "
                                       "HAVING count(*) > 1) d")
@@ -102,7 +92,7 @@ async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings,
         async def all_warmed():
             return await keychain.pool.fetchval(ready) == executions * 3
 
-        await until(all_warmed, 120, "all executions warmed despite 30% UNAVAILABLE")
+        await wait_for(all_warmed, 120, "all executions warmed despite 30% UNAVAILABLE")
     finally:
         worker.stop()
     injected = sum(sm.access_count(s, code="UNAVAILABLE") for s in secret_ids)
@@ -167,7 +157,7 @@ async def test_fuzzed_stream_dead_letters_every_bad_input_and_keeps_going(stack,
         async def valid_warmed():
             return await keychain.pool.fetchval("SELECT count(*) FROM keychain") == len(valid)
 
-        await until(valid_warmed, 60, "every valid event warmed")
+        await wait_for(valid_warmed, 60, "every valid event warmed")
         dead = await consume(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"dlq-{unique}", bad, timeout=30)
     finally:
         worker.stop()

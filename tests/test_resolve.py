@@ -90,3 +90,14 @@ def test_noetl_event_names_and_path_only_playbooks():
     assert start.is_start and resolve(start) == []
     for name in ("workflow.completed", "playbook.failed", "execution.cancelled"):
         assert parse_event(None, event_bytes({"event_type": name, "execution_id": 1}), max_bytes=10**6).is_finish
+
+
+@pytest.mark.parametrize("template", [
+    "{{ range(10**9) | list }}", "{{ 'x' * 10**9 }}", "{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{{ 2 ** 100000 }}",
+    "{{ workload.x * 100000000 }}",
+])
+def test_hostile_templates_are_bad_events_not_crashes(template):
+    doc = {"event_type": "execution.started", "execution_id": 9, "workload": {"x": "y"}, "credentials": [{"ref": template}]}
+    with pytest.raises(BadEvent) as caught:
+        resolve(parse_event(None, event_bytes(doc), max_bytes=10**6))
+    assert caught.value.reason == "bad_template"

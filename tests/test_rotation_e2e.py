@@ -14,18 +14,9 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 from keychain import CachedFailure
 from keychain.testing.stack import pubsub_unavailable_reason
 
-from .streams_harness import Worker, consume, create_topics, produce, start_event, worker_env
+from .streams_harness import Worker, consume, create_topics, produce, start_event, wait_for, worker_env
 
 pytestmark = pytest.mark.skipif(pubsub_unavailable_reason() is not None, reason=str(pubsub_unavailable_reason()))
-
-
-async def eventually(check, timeout=40.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -75,10 +66,10 @@ async def test_rotation_refreshes_latest_keeps_pinned_and_disable_stops_serving(
         lookup = await keychain.get(ref, execution_id=execution_id)
         return lookup.value
 
-    await eventually(lambda: _is(value_of(latest), "value-1"), what="warm")
+    await wait_for(lambda: _is(value_of(latest), "value-1"), what="warm")
     version = rotation.client.add_secret_version(parent=name, payload={"data": b"value-2"})
     started = time.monotonic()
-    await eventually(lambda: _is(value_of(latest), "value-2"), what="refresh after AddSecretVersion")
+    await wait_for(lambda: _is(value_of(latest), "value-2"), what="refresh after AddSecretVersion")
     assert time.monotonic() - started < 20
     assert await value_of(pinned) == "value-1"
 
@@ -91,7 +82,7 @@ async def test_rotation_refreshes_latest_keeps_pinned_and_disable_stops_serving(
             return True
         return False
 
-    await eventually(latest_refused, what="disabled version no longer served")
+    await wait_for(latest_refused, what="disabled version no longer served")
     assert await value_of(pinned) == "value-1"
 
     # A malformed notification: dead-lettered with its reason, acknowledged, the bridge goes on.
@@ -124,7 +115,7 @@ async def test_bridge_killed_between_produce_and_ack_loses_and_doubles_nothing(r
             rotation.worker.kill()  # anywhere: mid-produce, between produce and ack, ...
             rotation.worker.start()
     try:
-        await eventually(lambda: _is(generation(), notices), timeout=90, what="every notice applied")
+        await wait_for(lambda: _is(generation(), notices), timeout=90, what="every notice applied")
     except AssertionError:
         raise AssertionError(f"generation {await generation()} != {notices}:\n{rotation.worker.output[-4000:]}")
     await asyncio.sleep(3)  # redeliveries still in flight must not apply again

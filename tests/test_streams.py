@@ -1,22 +1,11 @@
-import asyncio
-import time
 
 import pytest
 
 from keychain import CachedFailure
 
-from .streams_harness import Worker, consume, create_topics, finish_event, produce, start_event, worker_env
+from .streams_harness import Worker, consume, create_topics, finish_event, produce, start_event, wait_for, worker_env
 
 REF = "projects/test-project/secrets/{}/versions/latest"
-
-
-async def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import urllib.request
 
 import pytest
 
-from .streams_harness import HTTP_BODIES, Worker, create_topics, produce, start_event, worker_env
-from .test_streams import wait_for
+from .streams_harness import HTTP_BODIES, Worker, create_topics, produce, start_event, wait_for, worker_env
 
 TOKEN = "admin-token-for-tests"
 
