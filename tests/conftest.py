@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import uuid
 
 import asyncpg
@@ -41,8 +40,16 @@ def no_plaintext_anywhere(stack):
     for where, texts in places.items():
         leaked = [v for v in values for text in texts if v in text]
         assert not leaked, f"plaintext secret values found in {where}"
-    print(f"\nno plaintext: {len(issued)} secret values checked against {len(dumps)} rows, "
-          f"{len(WORKERS)} worker outputs, {len(HTTP_BODIES)} HTTP answers", file=sys.__stderr__)
+    CHECKED.append(f"no plaintext: {len(issued)} secret values checked against {len(dumps)} rows, "
+                   f"{len(WORKERS)} worker outputs, {len(HTTP_BODIES)} HTTP answers")
+
+
+CHECKED: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in CHECKED:
+        terminalreporter.write_line(line)
 
 
 async def _dump_test_tables(dsn: str) -> list[str]:
