@@ -12,26 +12,13 @@ import sys
 from typing import Any, Awaitable, Callable
 
 import click
-from pydantic import ValidationError
-
 from .errors import ConfigurationError, KeychainError
 from .logs import configure_logging
-from .settings import Settings
+from .settings import load_settings
 from .sources import SecretManagerSource
 from .store import Keychain
 
 EXIT_MISS = 3
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        # Only where and what: pydantic's own text would echo the offending value, which may be a key.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigurationError(f"bad configuration: {problems}") from None
 
 
 def run(action: Callable[[Keychain], Awaitable[Any]], *, with_source: bool = False) -> Any:

@@ -15,6 +15,10 @@ ScopeType = Literal["execution", "global", "session"]
 Outcome = Literal["hit", "miss", "expired", "stale", "failed"]
 
 
+_SCOPE_NEEDS = {"execution": "an execution id", "session": "a session id",
+                "global": "neither an execution nor a session id"}
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
     """Who may read an entry: one execution, one session, or everyone (global)."""
@@ -34,10 +38,10 @@ class Scope:
         chosen = scope or inferred
         if chosen == "local":  # NoETL's playbook word for execution scope
             chosen = "execution"
+        if chosen not in _SCOPE_NEEDS:
+            raise ValueError(f"unknown scope {chosen!r}: execution (or local), session or global")
         if chosen != inferred:
-            raise ValueError(f"scope {chosen!r} needs " + {
-                "execution": "an execution id", "session": "a session id", "global": "neither an execution nor a session id",
-            }.get(chosen, "one of execution, session, global"))
+            raise ValueError(f"scope {chosen!r} needs {_SCOPE_NEEDS[chosen]}")
         if execution_id is not None and not isinstance(execution_id, int):
             raise ValueError("execution id must be an integer")
         return cls(chosen, execution_id, session_id)  # type: ignore[arg-type]

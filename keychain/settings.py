@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigurationError
 
 
 def env(name: str, *, description: str, **kwargs):
@@ -218,6 +220,17 @@ class Settings(BaseSettings):
     )
 
 
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value is a ConfigurationError naming the variable, never echoing it."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigurationError(f"bad configuration: {problems}") from None
+
+
 @lru_cache(maxsize=1)
 def settings_from_env() -> Settings:
-    return Settings()
+    return load_settings()

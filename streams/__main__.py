@@ -10,8 +10,16 @@ USAGE = "python -m streams worker [faust worker options] | demo | schema | pubsu
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) > 1 else "worker"
     if command == "worker":
-        from .app import settings
-        from .worker import app
+        from keychain.crypto import KeyRing
+        from keychain.errors import ConfigurationError
+
+        try:  # fail at start with a clear message, not in a restarting agent
+            from .app import settings
+            from .worker import app
+
+            KeyRing.parse(settings.keys.get_secret_value())
+        except ConfigurationError as exc:
+            sys.exit(f"error: {exc}")
 
         level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
         sys.argv = ["streams", "worker", "--loglevel", level, *sys.argv[2:]]

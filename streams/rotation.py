@@ -38,13 +38,16 @@ async def invalidations(stream):
     async for events in stream.noack_take(settings.warm_batch_size, within=settings.warm_batch_seconds):
         for event in events:  # in order: invalidations of one secret share a partition
             message = event.message
+            source = {"source": f"{message.topic}/{message.partition}/{message.offset}"}
             try:
                 notice = notice_from_kafka(message.value)
-            except BadEvent as bad:
-                source = f"{message.topic}/{message.partition}/{message.offset}"
-                await send_dead_letter(message.key, message.value, bad.reason, bad.detail, {"source": source})
-            else:
                 applied = await handle_durably_with(lambda: runtime.invalidator.apply(notice))
+            except BadEvent as bad:
+                await send_dead_letter(message.key, message.value, bad.reason, bad.detail, source)
+            except Exception as exc:  # a bug, not bad input: keep the notice, in the DLQ, and keep going
+                log.exception("notice failed; dead-lettering it")
+                await send_dead_letter(message.key, message.value, "internal_error", type(exc).__name__, source)
+            else:
                 if applied.changed:
                     runtime.last_invalidation_lag_ms = round(applied.lag_ms, 1)
             await stream.ack(event)

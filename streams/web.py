@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
 from datetime import datetime, timezone
@@ -88,8 +89,6 @@ async def stats(_: web.Request) -> web.Response:
 
 
 def _dumps(document) -> str:
-    import json
-
     return json.dumps(document, default=str)
 
 

@@ -88,3 +88,15 @@ def test_invalidate_sweep_stats_rekey(cli, key_spec):
     assert json.loads(cli("rekey", KEYCHAIN_KEYS=rotated).stdout) == {"rekeyed": 3, "undecryptable": 0}
     assert cli("get", "c2", "--execution-id", "2", KEYCHAIN_KEYS=rotated).returncode == 0
     assert cli("keygen", "--kid", "k7").stdout.startswith("k7:")
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("KEYCHAIN_KEYS", "", "KEYCHAIN_KEYS is empty"),
+    ("KEYCHAIN_KEYS", "k1:c2VjcmV0LWtleS1tYXRlcmlhbA==", "must be 32 bytes"),
+    ("KEYCHAIN_TTL_SECONDS", "soon", "KEYCHAIN_TTL_SECONDS"),
+])
+def test_worker_refuses_bad_configuration_at_start(cli_env, variable, value, message):
+    result = subprocess.run([sys.executable, "-m", "streams", "worker"], env={**cli_env, variable: value},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and message in result.stderr
+    assert not value or value not in result.stderr + result.stdout
