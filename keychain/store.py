@@ -135,12 +135,12 @@ class Keychain:
         Concurrent misses of one entry call Secret Manager once: in-process through a shared future, across
         processes through a PostgreSQL advisory lock held while fetching.
         """
-        identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
+        entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
+        identity = entry_scope.identity(name)
         lookup = await self._lookup(self.pool, identity)
         if lookup:
             return lookup
         secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
-        entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         return await self._single_flight(
             (identity.credential_name, identity.scope_type, identity.scope_id),
             lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
