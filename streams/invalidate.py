@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,10 +59,10 @@ class Invalidator:
         """Re-warm the stale rows of a secret (each secret fetched once); finished executions have none left."""
         rows = await self.keychain.stale_rows(secret_id, match)
         wants = [
-            Want(
+            Want.from_sources(
                 row["credential_name"],
                 Scope.of(execution_id=row["execution_id"], session_id=row["session_id"], scope=row["scope_type"]),
-                tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(row["sources"])),
+                row["sources"],
             )
             for row in rows
         ]

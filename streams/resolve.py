@@ -9,6 +9,7 @@ Templates `{{ workload.x }}` render from the playbook's workload overridden by t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -54,6 +55,12 @@ class Want:
     @property
     def refs(self) -> list[SecretRef]:
         return [ref for _, ref in self.fields]
+
+    @classmethod
+    def from_sources(cls, credential_name: str, scope: Scope, sources: str) -> "Want":
+        """What to fetch again for an existing row, from its `sources` column (re-warm, keep-warm)."""
+        return cls(credential_name, scope,
+                   tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(sources)))
 
 
 def resolve(event: ExecutionEvent) -> list[Want]:

@@ -11,7 +11,6 @@ The caller acknowledges the batch only after `handle` returns.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -121,8 +120,9 @@ class Warmer:
             )
             wants = [w for w in wants if w.scope.identity(w.credential_name) not in ready]
         todo = list(dict.fromkeys(wants))
-        values, errors = self._from_window({str(ref) for w in todo for ref in w.refs})
-        errors.update(await self.keychain.active_failures({str(r) for w in todo for r in w.refs} - values.keys()))
+        refs = {str(ref) for w in todo for ref in w.refs}
+        values = self._from_window(refs)
+        errors = await self.keychain.active_failures(refs - values.keys())
         refused: dict[Want, str] = {}
         written = 0
         deadline = time.monotonic() + self.settings.warm_deadline_seconds
@@ -166,11 +166,7 @@ class Warmer:
     async def refresh_globals(self) -> int:
         """Keep warm: fetch again the global credentials that are read and about to expire. Returns rows written."""
         rows = await self.keychain.globals_to_refresh(self.settings.ttl_seconds / 4)
-        wants = [
-            Want(row["credential_name"], Scope.of(),
-                 tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(row["sources"])))
-            for row in rows
-        ]
+        wants = [Want.from_sources(row["credential_name"], Scope.of(), row["sources"]) for row in rows]
         if not wants:
             return 0
         _, written = await self.warm(wants, skip_ready=False)
@@ -188,11 +184,11 @@ class Warmer:
         return Entry(want.credential_name, want.scope, value, sources=sources, fences=fences)
 
     # --- fetching ---------------------------------------------------------------------------------------------------
-    def _from_window(self, refs: set[str]) -> tuple[dict[str, Fetched], dict[str, str]]:
+    def _from_window(self, refs: set[str]) -> dict[str, Fetched]:
         now = time.monotonic()
         window = self.settings.warm_fetch_window_seconds
         self._recent = {ref: item for ref, item in self._recent.items() if now - item[0] < window}
-        return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}, {}
+        return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}
 
     async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str]) -> None:
         """One call per reference, concurrently; fills `values` and `errors` (permanent refusals are remembered)."""
