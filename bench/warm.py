@@ -4,6 +4,10 @@ Reports events/s, event -> rows-ready latency, Secret Manager calls per event, t
 execution's first read comes FIRST_READ_AFTER_S after its event, and the worker's peak RSS; next to a Secret Manager
 access measured in the same run (what each first read cost without warming).
 
+Two bursts, each with a worker, schema and topics of its own: events carrying the playbook inline (the baseline:
+keys without a prefix), then NoETL's own `playbook_started` records carrying only the catalog id and the workload,
+the playbook read from a `catalog` table (keys `catalog_*`, and `catalog_vs_inline_events_per_s`).
+
     python -m bench.warm [--quick]
 """
 
@@ -14,18 +18,47 @@ import os
 import time
 
 import psutil
+import yaml
 from aiokafka import AIOKafkaProducer
 
 from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
 from keychain.testing.stack import LocalStack
-from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce, start_event
+from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
+from streams.noetl_samples import as_message, register, rust_playbook_started
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
 
 SECRETS_PER_EVENT = 3
 POOL = 20
 FIRST_READ_AFTER_S = 1.0
+CATALOG_ID = 42
+# Three steps, each authenticating with a secret the workload names, written as NoETL writes templates (bare).
+PLAYBOOK = """\
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata: {name: bench_warm, path: bench/warm}
+workflow:
+""" + "".join(f"""\
+  - step: call_{k}
+    tool:
+      kind: http
+      auth:
+        api:
+          type: bearer
+          provider: secret_manager
+          key: '{{{{ secret_{k} }}}}'
+""" for k in range(SECRETS_PER_EVENT))
+
+INLINE_PLAYBOOK = yaml.safe_load(PLAYBOOK)
+
+
+def start_message(mode: str, execution_id: int, wanted: list[str]) -> tuple[bytes, bytes]:
+    workload = {f"secret_{k}": ref for k, ref in enumerate(wanted)}
+    if mode == "catalog":
+        return as_message(rust_playbook_started(execution_id, CATALOG_ID, "bench/warm", workload))
+    return as_message({"event_type": "playbook.initialized", "execution_id": execution_id, "workload": workload,
+                       "playbook": INLINE_PLAYBOOK})
 
 
 async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
@@ -39,20 +72,37 @@ async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
 
 
 async def run(stack: LocalStack, quick: bool) -> dict:
-    events = 300 if quick else 2000
-    settings = settings_for(stack, "bench_warm")
     server = stack.secret_manager
     refs = []
     for i in range(POOL):
         server.create_secret(f"warm-{i}")
         server.add_version(f"warm-{i}", f"value-{i}-" + "x" * 40)
         refs.append(f"projects/test-project/secrets/warm-{i}/versions/latest")
+    inline = await burst(stack, quick, "inline", refs)
+    catalog = await burst(stack, quick, "catalog", refs)
+    return {
+        **inline,
+        **{f"catalog_{k}": v for k, v in catalog.items() if k not in ("events", "sm_p50_ms", "first_read_after_ms")},
+        "catalog_vs_inline_events_per_s": round(catalog["events_per_s"] / inline["events_per_s"], 3),
+    }
+
+
+async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str]) -> dict:
+    events = 300 if quick else 2000
+    settings = settings_for(stack, f"bench_warm_{mode}", events_topic=f"bench-warm-{mode}",
+                            dlq_topic=f"bench-warm-{mode}-dlq", rotations_topic=f"bench-warm-{mode}-rotations")
+    server = stack.secret_manager
     bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
     await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
-    env = local_worker_env({**os.environ, **stack.env}, "bench-warm", KEYCHAIN_SCHEMA=settings.schema_name,
-                           KEYCHAIN_TOPIC_PARTITIONS="8")
+    env = local_worker_env({**os.environ, **stack.env}, f"bench-warm-{mode}", KEYCHAIN_SCHEMA=settings.schema_name,
+                           KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
+                           KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic,
+                           KEYCHAIN_CATALOG_SCHEMA=settings.schema_name)
     async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
         await kc.migrate()
+        if mode == "catalog":
+            async with kc.pool.acquire() as conn:
+                await register(conn, settings.schema_name, CATALOG_ID, "bench/warm", PLAYBOOK)
         sm_samples = []
         for _ in range(3):
             started = time.perf_counter()
@@ -82,7 +132,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
             for n in range(events):
                 execution_id = first_id + n
                 wanted = [refs[(n * 7 + k) % POOL] for k in range(SECRETS_PER_EVENT)]
-                key, value = start_event(execution_id, wanted)
+                key, value = start_message(mode, execution_id, wanted)
                 await producer.send(settings.events_topic, value, key=key)
                 sent_at[execution_id] = time.time()
                 readers.append(asyncio.create_task(first_read(execution_id, wanted[0])))

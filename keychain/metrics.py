@@ -18,7 +18,11 @@ SECRET_MANAGER_SECONDS = Histogram(
     "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
 )
 ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
-EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish)", ["kind"])
+EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])
+SKIPPED_DECLARATIONS = Counter(
+    "keychain_skipped_declarations_total", "Credential declarations of started executions not warmed, by reason",
+    ["reason"],
+)
 DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
 INVALIDATIONS = Counter("keychain_invalidations_total", "Rotation notices applied, by Secret Manager event type", ["event_type"])
 INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")

@@ -92,7 +92,9 @@ class Settings(BaseSettings):
 
     # --- Google Cloud / Kafka (used by the streams) -----------------------------------------------------------
     google_cloud_project: str | None = env(
-        "GOOGLE_CLOUD_PROJECT", default=None, description="Project of short Pub/Sub subscription names."
+        "GOOGLE_CLOUD_PROJECT",
+        default=None,
+        description="Project of short Pub/Sub subscription names, and of `keychain:` entries without `map`.",
     )
     pubsub_emulator_host: str | None = env(
         "PUBSUB_EMULATOR_HOST", default=None, description="The Google client's own variable for the emulator."
@@ -176,6 +178,29 @@ class Settings(BaseSettings):
     )
     max_event_bytes: int = env(
         "KEYCHAIN_MAX_EVENT_BYTES", default=1_048_576, ge=1, description="Larger events go to the dead-letter topic."
+    )
+    max_playbook_bytes: int = env(
+        "KEYCHAIN_MAX_PLAYBOOK_BYTES", default=1_048_576, ge=1, description="Larger catalog playbooks are refused."
+    )
+    catalog_dsn: str | None = env(
+        "KEYCHAIN_CATALOG_DSN",
+        default=None,
+        description="DSN of NoETL's database, when its catalog is not in the keychain's database (read only).",
+    )
+    catalog_schema: str = env(
+        "KEYCHAIN_CATALOG_SCHEMA",
+        default="noetl",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema of NoETL's `catalog` table, where start events that carry no playbook find it.",
+    )
+    catalog_cache_size: int = env(
+        "KEYCHAIN_CATALOG_CACHE_SIZE", default=1000, ge=1, description="Parsed playbooks kept, by catalog id."
+    )
+    catalog_wait_seconds: float = env(
+        "KEYCHAIN_CATALOG_WAIT_SECONDS",
+        default=5.0,
+        ge=0,
+        description="How long a start event waits for its catalog row to appear before `playbook_not_found`.",
     )
     sweep_interval_seconds: float = env(
         "KEYCHAIN_SWEEP_INTERVAL_SECONDS", default=60.0, gt=0, description="How often the leader sweeps."

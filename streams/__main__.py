@@ -1,10 +1,11 @@
-"""`python -m streams COMMAND`: worker (the faust worker, options passed on), demo, schema, pubsub-init, produce-demo."""
+"""`python -m streams COMMAND`: worker (the faust worker, options passed on), plan, demo, schema, pubsub-init,
+produce-demo."""
 
 import argparse
 import json
 import sys
 
-USAGE = "python -m streams worker [faust worker options] | demo | schema | pubsub-init | produce-demo"
+USAGE = "python -m streams worker [faust worker options] | plan [FILE|-] | demo | schema | pubsub-init | produce-demo"
 
 
 def main() -> None:
@@ -24,6 +25,17 @@ def main() -> None:
         level = {"warning": "warn", "critical": "crit"}.get(settings.log_level.lower(), settings.log_level.lower())
         sys.argv = ["streams", "worker", "--loglevel", level, *sys.argv[2:]]
         app.main()
+    elif command == "plan":
+        from keychain.errors import ConfigurationError
+        from keychain.settings import load_settings
+
+        from .plan import main as plan
+
+        try:
+            settings = load_settings()
+        except ConfigurationError as exc:
+            sys.exit(f"error: {exc}")
+        sys.exit(plan(sys.argv[2:], settings))
     elif command == "demo":
         from .demo import main as demo
 

@@ -38,8 +38,9 @@ async def executions(stream):
         for event in events:
             await stream.ack(event)
         log.info(
-            "batch: %d events, %d started, %d finished, %d rows written, %d purged, %d dead-lettered",
-            len(records), result.started, result.finished, result.rows_written, result.rows_purged, len(result.dead),
+            "batch: %d events, %d started, %d finished, %d ignored, %d rows written, %d purged, %d declarations "
+            "skipped, %d dead-lettered", len(records), result.started, result.finished, result.ignored,
+            result.rows_written, result.rows_purged, result.skipped, len(result.dead),
         )
 
 

@@ -11,6 +11,7 @@ from keychain.settings import Settings, settings_from_env
 from keychain.sources import SecretManagerSource
 from keychain.store import Keychain
 
+from .catalog import Catalog
 from .invalidate import Invalidator
 from .warm import Warmer
 
@@ -59,6 +60,7 @@ class Runtime:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.keychain: Keychain | None = None
+        self.catalog: Catalog | None = None
         self.warmer: Warmer | None = None
         self.invalidator: Invalidator | None = None
         self.bridge = None  # the rotation bridge, when this worker runs one
@@ -72,15 +74,17 @@ class Runtime:
                 source = SecretManagerSource(self.settings)
                 keychain = await Keychain(self.settings, source=source).open()
                 await keychain.migrate()
-                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source)
+                self.catalog = await Catalog.open(self.settings, keychain.pool)
+                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source, self.catalog)
                 self.invalidator = Invalidator(self.settings, keychain, self.warmer)
         return self
 
     async def close(self) -> None:
         async with self._lock:
             if self.keychain is not None:
+                await self.catalog.close()
                 await self.keychain.close()
-                self.keychain = self.warmer = self.invalidator = None
+                self.keychain = self.warmer = self.invalidator = self.catalog = None
 
 
 settings = settings_from_env()

@@ -1,9 +1,12 @@
 """`python -m streams demo`: the whole system on embedded defaults, with nothing else running.
 
 Starts PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator (when installed) and the Secret Manager test
-server (250 ms access latency, the seed's figure); migrates; starts the worker with its rotation bridge; then plays
-the seed's scenario and more: executions of a `test_cache_simple`-like playbook (two steps reading the same secret),
-a rotation (AddSecretVersion -> notification -> invalidation and refresh), executions finishing (purge) and a sweep.
+server (250 ms access latency, the seed's figure); migrates; registers the seed's playbook `test/cache_simple` in a
+`noetl.catalog` table as NoETL stores it (YAML text, bare templates); starts the worker with its rotation bridge; then
+plays NoETL as it is: for each execution, NoETL's own event records (the Rust server's `playbook_started` with the
+catalog id and the workload, `workflow.initialized`, the records of every step, `playbook.completed`), with the two
+steps reading the same secret; a rotation (AddSecretVersion -> notification -> invalidation and refresh), executions
+finishing (purge) and a sweep.
 Stops everything it started. The last line is one JSON object with the figures.
 """
 
@@ -25,9 +28,13 @@ from keychain.store import Keychain
 from keychain.testing.stack import LocalStack
 from keychain.sources import SecretManagerSource
 
-from .local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
+from .local import WorkerProcess, consume, create_topics, local_worker_env, produce
+from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, register, rust_playbook_started, \
+    rust_workflow_initialized, step_records
 
 EXECUTIONS = [507861119290048685 + i for i in range(3)]
+CATALOG_ID = 507861000000000001  # NoETL's catalog row of test/cache_simple
+PATH = "test/cache_simple"
 SECRET_ID = "openai-api-key"
 TOPIC = "secret-manager-events"
 SUBSCRIPTION = "keychain-warmer"
@@ -38,20 +45,9 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def playbook() -> dict:
-    auth = {"openai": {"type": "bearer", "provider": "secret_manager", "key": "{{ workload.openai_secret_path }}",
-                       "oauth_credential": "{{ workload.oauth_cred }}"}}
-    steps = [{"step": "start", "tool": {"kind": "python", "auth": {}, "libs": {}, "args": {}, "code": "result = {}"}}]
-    steps += [{"step": name, "tool": {"kind": "http", "auth": auth}} for name in ("first_openai_call", "second_openai_call")]
-    steps += [{"step": "end", "tool": {"kind": "python", "auth": {}, "libs": {}, "args": {}, "code": "result = {}"}}]
-    return {"path": "test/cache_simple", "workload": {"oauth_cred": "google_oauth"}, "workflow": steps}
-
-
-def start(execution_id: int, ref: str) -> tuple[bytes, bytes]:
-    event = {"event_type": "playbook.initialized", "execution_id": execution_id,
-             "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             "workload": {"openai_secret_path": ref}, "playbook": playbook()}
-    return str(execution_id).encode(), json.dumps(event).encode()
+def records(*rows: dict) -> list[tuple[bytes, bytes]]:
+    """NoETL's event records as its outbox relay publishes them to Kafka (keyed by the execution id)."""
+    return [as_message(row) for row in rows]
 
 
 async def play(stack: LocalStack) -> dict:
@@ -86,7 +82,11 @@ async def play(stack: LocalStack) -> dict:
     say(f"[3/7] secret {ref} (access latency {server.delay_seconds * 1000:.0f} ms)")
 
     async with Keychain(settings, source=SecretManagerSource(settings)) as keychain:
-        say(f"[4/7] migrated: {await keychain.migrate() or 'up to date'}; starting the worker ...")
+        migrated = await keychain.migrate() or "up to date"
+        async with keychain.pool.acquire() as conn:  # what NoETL's `catalog register` leaves behind
+            await register(conn, settings.catalog_schema, CATALOG_ID, PATH, CACHE_SIMPLE)
+        say(f"[4/7] migrated: {migrated}; {PATH} registered in {settings.catalog_schema}.catalog as catalog_id "
+            f"{CATALOG_ID} (YAML, bare templates); starting the worker ...")
         worker = WorkerProcess(worker_env).start()
         try:
             return await scenario(keychain, server, secrets, secret.name, ref, env, pubsub)
@@ -99,16 +99,20 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
     bootstrap, events_topic = env["KAFKA_BOOTSTRAP_SERVERS"], keychain.settings.events_topic
     # The worker is consuming once a probe's finish event has fenced its execution id.
     probe = 1
-    await produce(bootstrap, events_topic, [finish_event(probe)])
+    await produce(bootstrap, events_topic, records(finish_record(probe, CATALOG_ID)))
     fenced = "SELECT count(*) FROM keychain_finished_execution WHERE execution_id = $1"
     await wait(lambda: keychain.pool.fetchval(fenced, probe), 1)
-    say(f"[5/7] {len(EXECUTIONS)} executions of test/cache_simple; each reads {ref} in two steps")
+    say(f"[5/7] {len(EXECUTIONS)} executions of {PATH}, as NoETL's records: playbook_started (catalog id and "
+        f"workload only), workflow.initialized, each step's records; each execution reads {ref} in two steps")
     figures = {"first_use_hits": 0, "first_use_reads": 0, "second_use_hits": 0, "second_use_reads": 0}
     read_ms: dict[str, list[float]] = {"hit": [], "miss": []}
     for execution_id in EXECUTIONS:
-        await produce(bootstrap, events_topic, [start(execution_id, ref)])
+        await produce(bootstrap, events_topic, records(
+            rust_playbook_started(execution_id, CATALOG_ID, PATH, {"openai_secret_path": ref}),
+            rust_workflow_initialized(execution_id, CATALOG_ID), *step_records(execution_id, CATALOG_ID, "start")))
         await asyncio.sleep(STEP_GAP_SECONDS)
         for step, prefix in (("first_openai_call", "first_use"), ("second_openai_call", "second_use")):
+            await produce(bootstrap, events_topic, records(*step_records(execution_id, CATALOG_ID, step)))
             started = time.perf_counter()
             lookup = await keychain.get(ref, execution_id=execution_id)
             outcome = "hit" if lookup else "miss"
@@ -146,7 +150,7 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
     say("[7/7] two executions finish (purge); the third's finish event is lost, its rows expire (sweep)")
     count = "SELECT count(*) FROM keychain WHERE execution_id = ANY($1::bigint[])"
     rows_before = await keychain.pool.fetchval(count, EXECUTIONS)
-    await produce(bootstrap, events_topic, [finish_event(e) for e in EXECUTIONS[:2]])
+    await produce(bootstrap, events_topic, records(*[finish_record(e, CATALOG_ID) for e in EXECUTIONS[:2]]))
     await wait(lambda: _rows(keychain, count, EXECUTIONS[:2]), 0)
     purged = rows_before - await keychain.pool.fetchval(count, EXECUTIONS)
     await keychain.pool.execute("UPDATE keychain SET expires_at = now() WHERE execution_id = $1", EXECUTIONS[2])
@@ -155,8 +159,11 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
     rows_after = await keychain.pool.fetchval(count, EXECUTIONS)
     say(f"      rows of these executions: {rows_before} before, {purged} purged on finish, {swept} swept, "
         f"{rows_after} left")
+    dead = await consume(bootstrap, keychain.settings.dlq_topic, 1, timeout=2)
+    say(f"      dead letters: {len(dead)} (NoETL's step records are ignored, not dead-lettered)")
     return {
         **figures,
+        "dead_letters": len(dead),
         "first_use_hit_ratio": round(figures["first_use_hits"] / figures["first_use_reads"], 3),
         "hit_read_ms_p50": round(statistics.median(read_ms["hit"]), 3) if read_ms["hit"] else None,
         "miss_read_ms_p50": round(statistics.median(read_ms["miss"]), 3) if read_ms["miss"] else None,

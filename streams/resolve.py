@@ -1,20 +1,32 @@
-"""Which secrets a start event names, and under which keychain name and scope each is stored.
+"""Which secrets a start event names, and under which keychain name and scope each is stored (its `Plan`).
 
-- a `credentials` entry without `name`, and a step's `auth` entry with `provider: secret_manager`: stored under
-  the rendered reference (as the seed does), value = the secret's text;
-- a `credentials` entry with `name`: under that name, value = the secret's text;
-- a playbook `keychain:` entry with `kind: secret_manager`: under its name, value = {field: text} for its `map`.
-Templates `{{ workload.x }}` render from the playbook's workload overridden by the event's, in a Jinja sandbox.
+Declarations, as NoETL's playbooks write them:
+- `keychain:` entries of `kind: secret_manager`, or `kind: secrets` with a Secret Manager provider: under the entry's
+  name, a value `{field: text}` for its `map`; without `map`, the text of the secret named by the entry's `name` in
+  GOOGLE_CLOUD_PROJECT (latest). Scope: absent or `global` or `shared` = global; `local` = the execution.
+- step `auth` entries with `provider: secret_manager` (anywhere in `workflow` or `workbook`: tools, loops,
+  branches): `key`, and the oauth2 client-credentials form's `client_id_key` / `client_secret_key`, each stored under
+  its rendered reference for the execution (as the seed does);
+- our contract's `credentials` entries: under `name` when given, else under the rendered reference.
+Everything else that names a credential is recognised and reported as skipped with a reason (never warmed): other
+providers, tokens NoETL mints or holds itself, and NoETL's own credential table. A playbook declaration that cannot
+be resolved at start (a template naming a step result, say) is skipped with its reason; the rest of the execution
+is still warmed, and the worker's read-through covers the skipped one at run time. Only our contract's explicit
+`credentials` make the event bad when they do not resolve (the producer asked for exactly those).
+
+Templates render as NoETL renders them: the workload's keys at the top level and under `workload`, plus
+`execution_id` and `catalog_id`; the event's workload over the playbook's; in a Jinja sandbox.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterator
 
-from jinja2 import StrictUndefined
-from jinja2.exceptions import SecurityError
+from jinja2 import StrictUndefined, Template
+from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from keychain.errors import InvalidReference
@@ -24,6 +36,26 @@ from keychain.refs import SecretRef
 from .events import BadEvent, ExecutionEvent
 
 MAX_RENDERED = 2048  # a secret reference is short; anything longer is not one
+
+# Providers whose secrets NoETL's server fetches from Google Secret Manager.
+SECRET_MANAGER_PROVIDERS = frozenset({"gcp", "google", "secret_manager", "gcp_secret_manager"})
+# Why a declaration was not warmed: a closed set (metric label, plan output). Never the input's own words.
+SKIP_REASONS = frozenset({
+    "other_provider",     # a provider other than Google Secret Manager (aws, azure, vault, k8s, env, ...)
+    "google_id_token",    # NoETL mints an ID token from a service account
+    "oauth2",             # a token NoETL obtains itself
+    "bearer",             # a token NoETL holds itself
+    "static",             # a value written in the playbook
+    "credential_table",   # NoETL's own credential table (auth: NAME, credential: NAME, source: credential, ...)
+    "unknown_kind",       # a keychain kind this warmer does not know
+    "unresolved",         # a template names something not known at start (a step result, say)
+    "bad_template",       # a template that does not render (syntax, sandbox, errors)
+    "bad_reference",      # the rendered value is not a Secret Manager reference
+    "no_project",         # a keychain entry without `map` needs GOOGLE_CLOUD_PROJECT
+    "invalid_declaration",  # a declaration of the wrong shape (no name, a map that is not a mapping, ...)
+})
+_AUTH_REFERENCE_FIELDS = ("key", "client_id_key", "client_secret_key")
+_SCOPES = {None: "global", "global": "global", "shared": "global", "local": "execution", "execution": "execution"}
 
 
 class _Sandbox(SandboxedEnvironment):
@@ -44,6 +76,12 @@ class _Sandbox(SandboxedEnvironment):
 _jinja = _Sandbox(undefined=StrictUndefined, autoescape=False)
 
 
+@lru_cache(maxsize=4096)
+def _compiled(template: str) -> Template:
+    """Compiling costs about a millisecond and every execution of a playbook repeats the same templates."""
+    return _jinja.from_string(template)
+
+
 @dataclass(frozen=True)
 class Want:
     """One keychain row an execution needs: single-valued (`field` None) or a map of fields to references."""
@@ -62,66 +100,179 @@ class Want:
         return cls(credential_name, scope,
                    tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in json.loads(sources)))
 
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.credential_name, "scope": self.scope.type,
+                "refs": {name or "": str(ref) for name, ref in self.fields}}
 
-def resolve(event: ExecutionEvent) -> list[Want]:
-    playbook = event.playbook if isinstance(event.playbook, dict) else {}
+
+@dataclass(frozen=True)
+class Skip:
+    """A declaration that is not warmed: where it is (for a keychain entry, its name) and why (SKIP_REASONS)."""
+
+    where: str
+    reason: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"where": self.where, "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    wants: list[Want] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+class _Unusable(Exception):
+    """One declaration cannot be warmed; `reason` is in SKIP_REASONS."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, project: str | None = None) -> Plan:
+    """The plan of a start event. `playbook`: the document from NoETL's catalog (else the event's own, if any)."""
+    plan = Plan()
+    if event.workload is None:  # a start record without a workload (the Rust server's workflow.initialized)
+        return plan
+    if playbook is None:
+        playbook = event.playbook if isinstance(event.playbook, dict) else {}
     workload = {**_mapping(playbook.get("workload")), **event.workload}
-    context = {"workload": workload, "execution_id": event.execution_id}
+    context = {**workload, "workload": workload, "execution_id": event.execution_id, "catalog_id": event.catalog_id}
     execution = Scope.of(execution_id=event.execution_id)
     wants: dict[tuple[str, str], Want] = {}
 
     def add(name: str, scope: Scope, fields: tuple[tuple[str | None, SecretRef], ...]) -> None:
         wants.setdefault((name, scope.type), Want(name, scope, fields))
 
-    for spec in event.credentials:
-        ref = _ref(spec.ref, context, "credentials")
-        scope = Scope.of() if spec.scope == "global" else execution
-        add(spec.name or str(ref), scope, ((None, ref),))
+    for index, spec in enumerate(event.credentials):
+        where = f"credentials[{index}]"
+        try:
+            ref = _ref(spec.ref, context)
+        except _Unusable as unusable:  # the producer named exactly this secret: the event itself is wrong
+            reason = "bad_reference" if unusable.reason == "bad_reference" else "bad_template"
+            raise BadEvent(reason, f"{where}: {reason.replace('_', ' ')}") from None
+        add(spec.name or str(ref), Scope.of() if spec.scope == "global" else execution, ((None, ref),))
 
-    for entry in _list(playbook.get("keychain")):
-        if not isinstance(entry, dict) or entry.get("kind") != "secret_manager":
+    for index, entry in enumerate(_list(playbook.get("keychain"))):
+        where = _entry_name(entry) or f"keychain[{index}]"
+        try:
+            name, scope_type, fields = _keychain_entry(entry, context, project)
+        except _Unusable as unusable:
+            plan.skipped.append(Skip(where, unusable.reason))
             continue
-        name = entry.get("name")
-        mapping = entry.get("map")
-        if not isinstance(name, str) or not name or not isinstance(mapping, dict) or not mapping:
-            raise BadEvent("invalid_event", "a keychain entry of kind secret_manager needs a name and a map")
-        scope = Scope.of() if entry.get("scope") == "global" else execution
-        fields = tuple((str(field), _ref(template, context, f"keychain.{name}")) for field, template in mapping.items())
-        add(name, scope, fields)
+        add(name, execution if scope_type == "execution" else Scope.of(), fields)
 
-    for auth in _auth_entries(playbook.get("workflow")):
-        ref = _ref(auth.get("key"), context, "auth")
-        add(str(ref), execution, ((None, ref),))
-    return list(wants.values())
+    for where, auth in _auth_entries({k: playbook.get(k) for k in ("workflow", "workbook")}):
+        try:
+            refs = _auth_refs(auth, context)
+        except _Unusable as unusable:
+            plan.skipped.append(Skip(where, unusable.reason))
+            continue
+        for ref in refs:
+            add(str(ref), execution, ((None, ref),))
+    plan.wants = list(wants.values())
+    return plan
 
 
-def _auth_entries(node: Any) -> Iterator[dict[str, Any]]:
-    """Every `auth` entry with `provider: secret_manager`, wherever a step nests it (tool, loops, branches)."""
+# --- keychain entries -------------------------------------------------------------------------------------------
+def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
+    if not isinstance(entry, dict):
+        raise _Unusable("invalid_declaration")
+    kind, provider = entry.get("kind"), entry.get("provider")
+    if kind == "secrets" and provider not in SECRET_MANAGER_PROVIDERS:
+        raise _Unusable("other_provider")
+    if kind not in ("secret_manager", "secrets"):
+        raise _Unusable(_kind_reason(kind))
+    name, mapping = entry.get("name"), entry.get("map")
+    scope_type = _SCOPES.get(entry.get("scope")) if isinstance(entry.get("scope"), (str, type(None))) else None
+    if not isinstance(name, str) or not name or len(name) > 1024 or scope_type is None:
+        raise _Unusable("invalid_declaration")
+    if mapping is None:  # the single secret named by the entry's name, in the deployment's project
+        if not project:
+            raise _Unusable("no_project")
+        return name, scope_type, ((None, _parse(f"projects/{project}/secrets/{name}/versions/latest")),)
+    if not isinstance(mapping, dict) or not mapping:
+        raise _Unusable("invalid_declaration")
+    return name, scope_type, tuple((str(f), _ref(template, context)) for f, template in mapping.items())
+
+
+def _entry_name(entry: Any) -> str | None:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return name[:200] if isinstance(name, str) and name else None
+
+
+def _kind_reason(kind: Any) -> str:
+    if kind in ("google_id_token", "oauth2", "bearer", "static"):
+        return kind
+    return "credential_table" if kind == "credential" else "unknown_kind"
+
+
+# --- step auth --------------------------------------------------------------------------------------------------
+def _auth_entries(node: Any, step: str = "") -> Iterator[tuple[str, Any]]:
+    """(where, declaration) for every credential a step names: `auth` entries (one, or a mapping of named ones) and
+    `credential: NAME`, wherever a step nests them (tools, loops, branches, workbook tasks)."""
     if isinstance(node, dict):
+        if isinstance(node.get("step"), str):
+            step = node["step"][:200]
+        elif isinstance(node.get("task"), str):
+            step = node["task"][:200]
         auth = node.get("auth")
-        if isinstance(auth, dict):
-            for entry in auth.values():
-                if isinstance(entry, dict) and entry.get("provider") == "secret_manager":
-                    yield entry
+        if auth is not None:
+            if isinstance(auth, dict) and not _is_single_auth(auth):
+                for name, entry in auth.items():
+                    yield f"{step}.auth.{str(name)[:100]}", entry
+            elif auth != {}:
+                yield f"{step}.auth", auth
+        if "credential" in node and not isinstance(node.get("credential"), (dict, list)):
+            yield f"{step}.credential", {"source": "credential"}
         for key, child in node.items():
-            if key != "auth":
-                yield from _auth_entries(child)
+            if key not in ("auth", "credential"):
+                yield from _auth_entries(child, step)
     elif isinstance(node, list):
         for child in node:
-            yield from _auth_entries(child)
+            yield from _auth_entries(child, step)
 
 
-def _ref(template: Any, context: dict[str, Any], where: str) -> SecretRef:
-    if not isinstance(template, str):
-        raise BadEvent("invalid_event", f"{where}: a secret reference must be a string")
+def _is_single_auth(auth: dict[str, Any]) -> bool:
+    """`auth: {provider: ..., key: ...}` is one declaration; `auth: {openai: {...}, pg: ...}` names several."""
+    return any(k in auth for k in ("provider", "source", "type", "kind", "key", "credential"))
+
+
+def _auth_refs(entry: Any, context: dict[str, Any]) -> list[SecretRef]:
+    if not isinstance(entry, dict):  # auth: NAME or auth: "{{ pg_auth }}": a row of NoETL's credential table
+        raise _Unusable("credential_table")
+    provider = entry.get("provider")
+    if provider == "secret_manager":
+        refs = [_ref(entry[f], context) for f in _AUTH_REFERENCE_FIELDS if f in entry]
+        if not refs:
+            raise _Unusable("invalid_declaration")
+        return refs
+    if provider is not None:
+        raise _Unusable("other_provider")
+    if entry.get("source") == "credential" or "credential" in entry:
+        raise _Unusable("credential_table")
+    kind = entry.get("type", entry.get("kind"))
+    raise _Unusable(_kind_reason(kind) if kind is not None else "credential_table")
+
+
+# --- templates --------------------------------------------------------------------------------------------------
+def _ref(template: Any, context: dict[str, Any]) -> SecretRef:
+    if not isinstance(template, str) or not template or len(template) > MAX_RENDERED:
+        raise _Unusable("invalid_declaration")
     try:
-        rendered = _jinja.from_string(template).render(context) if "{" in template else template
-    except Exception as exc:  # whatever a template does wrong (syntax, undefined, sandbox, 1/0, types) is bad input
-        raise BadEvent("bad_template", f"{where}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        rendered = _compiled(template).render(context) if "{" in template else template
+    except UndefinedError:
+        raise _Unusable("unresolved") from None
+    except Exception:  # whatever a template does wrong (syntax, sandbox, 1/0, types) is bad input
+        raise _Unusable("bad_template") from None
+    return _parse(rendered)
+
+
+def _parse(text: str) -> SecretRef:
     try:
-        return SecretRef.parse(rendered)
+        return SecretRef.parse(text)
     except InvalidReference:
-        raise BadEvent("bad_reference", f"{where}: the rendered value is not a Secret Manager reference") from None
+        raise _Unusable("bad_reference") from None
 
 
 def _mapping(value: Any) -> dict[str, Any]:

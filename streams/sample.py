@@ -36,7 +36,7 @@ def pubsub_init(settings: Settings, topic: str) -> None:
 
 
 def produce_samples(settings: Settings, ref: str, executions: int, interval: float) -> None:
-    """Start `executions` test/cache_simple executions reading `ref`, then finish them, every `interval` seconds."""
+    """Start `executions` executions reading `ref`, then finish them, every `interval` seconds."""
 
     async def run() -> None:
         first = int(time.time() * 1000) << 10
@@ -45,7 +45,7 @@ def produce_samples(settings: Settings, ref: str, executions: int, interval: flo
             starts = [
                 (str(e).encode(), json.dumps({
                     "event_type": "execution.started", "execution_id": e,
-                    "credentials": [{"ref": ref}], "playbook": "test/cache_simple"}).encode())
+                    "credentials": [{"ref": ref}]}).encode())
                 for e in ids
             ]
             await produce(settings.kafka_bootstrap_servers, settings.events_topic, starts)

@@ -1,7 +1,8 @@
 """Execution events -> keychain rows: warm on start, purge and fence on finish.
 
-Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing), then
-every start's wanted rows, minus those already warm. Each distinct secret version is fetched ONCE per burst (a short
+Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing); other
+event types are counted and ignored; then every start's plan (its playbook from the event or NoETL's catalog, looked
+up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret version is fetched ONCE per burst (a short
 in-memory window shared by consecutive batches), with bounded concurrency and a calls-per-minute budget. Rows are
 written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
 UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
@@ -25,8 +26,10 @@ from keychain.settings import Settings
 from keychain.sources import SecretManagerSource, SecretValue
 from keychain.store import Keychain
 
-from .events import BadEvent, parse_event
-from .resolve import Want, resolve
+from .catalog import Catalog
+from .events import BadEvent, ExecutionEvent, parse_event
+from .plan import plan_start
+from .resolve import Want
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +62,20 @@ class Fetched:
 class BatchResult:
     started: int = 0
     finished: int = 0
+    ignored: int = 0  # other event types of a well-formed envelope (NoETL's step and command records)
+    skipped: int = 0  # declarations of started executions that are not warmed (their reasons are in the metric)
     rows_written: int = 0
     rows_purged: int = 0
     dead: list[DeadLetter] = field(default_factory=list)
 
 
 class Warmer:
-    def __init__(self, settings: Settings, keychain: Keychain, source: SecretManagerSource):
+    def __init__(self, settings: Settings, keychain: Keychain, source: SecretManagerSource,
+                 catalog: Catalog | None = None):
         self.settings = settings
         self.keychain = keychain
         self.source = source
+        self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
         self._limiter = AsyncLimiter(settings.secret_manager_max_calls_per_minute, 60)
         self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
         # The burst window: ref -> (fetched at, value, the secret's rotation generation read before the fetch).
@@ -88,22 +95,35 @@ class Warmer:
     # --- events -----------------------------------------------------------------------------------------------------
     async def handle(self, records: list[Record]) -> BatchResult:
         result = BatchResult()
-        starts: list[tuple[Record, list[Want]]] = []
+        starts: list[tuple[Record, ExecutionEvent]] = []
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
-                metrics.EVENTS.labels("finish" if event.is_finish else "start").inc()
-                if event.is_finish:
-                    result.finished += 1
-                    result.rows_purged += await self.keychain.finish_execution(event.execution_id)
-                else:
-                    starts.append((record, resolve(event)))
-                    result.started += 1
             except BadEvent as bad:
                 result.dead.append(DeadLetter(record, bad.reason, bad.detail))
-        if starts:
-            refused, result.rows_written = await self.warm([w for _, wants in starts for w in wants])
-            for record, wants in starts:
+                continue
+            metrics.EVENTS.labels(event.kind).inc()
+            if event.kind == "ignored":
+                result.ignored += 1
+            elif event.kind == "finish":
+                result.finished += 1
+                result.rows_purged += await self.keychain.finish_execution(event.execution_id)
+            else:
+                starts.append((record, event))
+        planned: list[tuple[Record, list[Want]]] = []
+        for (record, event), outcome in zip(starts, await asyncio.gather(
+                *(plan_start(event, self.catalog, self.settings) for _, event in starts), return_exceptions=True)):
+            if isinstance(outcome, BadEvent):
+                result.dead.append(DeadLetter(record, outcome.reason, outcome.detail))
+            elif isinstance(outcome, BaseException):
+                raise outcome  # the database is down (the batch is held and retried) or a bug
+            else:
+                result.started += 1
+                result.skipped += len(outcome.skipped)
+                planned.append((record, outcome.wants))
+        if planned:
+            refused, result.rows_written = await self.warm([w for _, wants in planned for w in wants])
+            for record, wants in planned:
                 for code in sorted({refused[w] for w in wants if w in refused}):
                     detail = "Secret Manager did not give a secret this execution names"
                     result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))

@@ -143,3 +143,34 @@ def secret(sm, unique):
     sm.create_secret(secret_id)
     sm.add_version(secret_id, value)
     return secret_id, value
+
+
+@pytest.fixture
+async def streams(stack, settings, key_spec, unique, keychain):
+    """A worker on this test's own topics, group and schema. Yields a small helper object."""
+    from .streams_harness import Worker, create_topics, produce, worker_env
+
+    class Streams:
+        bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+        events = f"events-{unique}"
+        dlq = f"dlq-{unique}"
+        worker: Worker | None = None
+
+        def start_worker(self, **extra):
+            self.worker = Worker(worker_env(stack, settings, key_spec, unique, **extra)).start()
+            return self.worker
+
+        async def send(self, *messages):
+            """Produce (key, value) pairs to this test's events topic, in order."""
+            await produce(self.bootstrap, self.events, list(messages))
+
+        async def rows(self, execution_id=None):
+            if execution_id is None:
+                return await keychain.pool.fetchval("SELECT count(*) FROM keychain")
+            return await keychain.pool.fetchval("SELECT count(*) FROM keychain WHERE execution_id = $1", execution_id)
+
+    helper = Streams()
+    await create_topics(helper.bootstrap, helper.events, helper.dlq)
+    yield helper
+    if helper.worker is not None:
+        helper.worker.stop()

@@ -16,6 +16,7 @@ def test_demo_runs_end_to_end_and_reports(tmp_path):
     assert any(line.startswith("[5/7]") for line in lines)  # progress is shown while it runs
     summary = json.loads(lines[-1])
     assert summary["first_use_reads"] == 3 and summary["first_use_hits"] == 3  # warmed before first use
+    assert summary["dead_letters"] == 0  # NoETL's own records: start, steps, finish; none is a dead letter
     assert summary["stale_reads_after_rotation"] == 0 and summary["rotation_lag_ms"] > 0
     assert summary["purged_rows"] == 2 and summary["swept_rows"] == 1 and summary["rows_after"] == 0
     assert summary["sm_calls"] >= 2  # the warm, and the refresh after the rotation

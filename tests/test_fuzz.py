@@ -7,10 +7,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from streams.events import BadEvent, parse_event
 from streams.notices import notice_from_pubsub
-from streams.resolve import resolve
+from streams.resolve import SKIP_REASONS, resolve
 
-EVENT_REASONS = {"empty", "too_large", "malformed_json", "invalid_event", "unknown_event_type", "key_mismatch",
-                 "bad_template", "bad_reference"}
+EVENT_REASONS = {"empty", "too_large", "malformed_json", "invalid_event", "key_mismatch", "bad_template",
+                 "bad_reference"}
 NOTICE_REASONS = {"unknown_event_type", "invalid_notice"}
 
 json_values = st.recursive(
@@ -50,7 +50,8 @@ events = st.fixed_dictionaries(
 
 def classify_event(key, value):
     try:
-        resolve(parse_event(key, value, max_bytes=4096))
+        plan = resolve(parse_event(key, value, max_bytes=4096))
+        assert {skip.reason for skip in plan.skipped} <= SKIP_REASONS
         return "ok"
     except BadEvent as bad:
         assert bad.reason in EVENT_REASONS, bad.reason

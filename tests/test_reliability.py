@@ -107,7 +107,8 @@ async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings,
 
 
 def random_message(rng: random.Random, execution_id: int) -> tuple[bytes | None, bytes]:
-    """Mostly-plausible garbage: broken JSON, wrong types, unknown types, bad templates, huge values."""
+    """Mostly-plausible garbage: broken JSON, wrong types, bad templates and references, a wrong key; and other
+    event types, which are ignored (not dead-lettered)."""
     choice = rng.randrange(8)
     key = str(execution_id).encode() if rng.random() < 0.8 else None
     if choice == 0:
@@ -126,7 +127,7 @@ def random_message(rng: random.Random, execution_id: int) -> tuple[bytes | None,
                                 "credentials": [{"ref": "{% for x in y %}"}]}).encode()
     if choice == 6:
         return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id,
-                                "playbook": {"keychain": [{"kind": "secret_manager", "name": "n"}]}}).encode()
+                                "credentials": [{"ref": "projects/p/not-a-secret"}]}).encode()
     return b"999", json.dumps({"event_type": "execution.completed", "execution_id": execution_id}).encode()
 
 

@@ -35,7 +35,7 @@ def event_bytes(doc):
 
 def test_seed_event_resolves_to_named_rows():
     event = parse_event(b"507861119290048685", event_bytes(SEED_EVENT), max_bytes=10**6)
-    wants = {(w.credential_name, w.scope.type): w for w in resolve(event)}
+    wants = {(w.credential_name, w.scope.type): w for w in resolve(event).wants}
     openai = "projects/1014428265962/secrets/openai-api-key/versions/1"
     assert set(wants) == {
         (openai, "execution"), ("db", "global"), ("amadeus", "global"),
@@ -56,7 +56,6 @@ def test_seed_event_resolves_to_named_rows():
         (None, event_bytes({"event_type": "execution.started"}), "invalid_event"),
         (None, event_bytes({"event_type": "execution.started", "execution_id": "abc"}), "invalid_event"),
         (None, event_bytes({"event_type": "execution.started", "execution_id": -4}), "invalid_event"),
-        (None, event_bytes({"event_type": "step.completed", "execution_id": 4}), "unknown_event_type"),
         (b"5", event_bytes({"event_type": "execution.completed", "execution_id": 4}), "key_mismatch"),
         (None, b" " * 2000, "too_large"),
         (None, None, "empty"),
@@ -84,11 +83,20 @@ def test_unrenderable_templates_are_bad_events(credentials, reason):
     assert caught.value.reason == reason
 
 
+def test_other_event_types_are_ignored_not_bad():
+    for name in ("step.completed", "command.issued", "call.done", "x" * 100):
+        event = parse_event(b"4", event_bytes({"event_type": name, "execution_id": 4}), max_bytes=10**6)
+        assert event.kind == "ignored" and not event.is_start and not event.is_finish
+
+
 def test_noetl_event_names_and_path_only_playbooks():
+    for name in ("playbook_started", "playbook.started", "workflow_initialized", "execution.started"):
+        assert parse_event(None, event_bytes({"event_type": name, "execution_id": 1}), max_bytes=10**6).is_start
     start = parse_event(None, event_bytes({"event_type": "playbook.initialized", "execution_id": 1,
                                            "playbook": "test/cache_simple"}), max_bytes=10**6)
-    assert start.is_start and resolve(start) == []
-    for name in ("workflow.completed", "playbook.failed", "execution.cancelled"):
+    assert start.is_start and resolve(start).wants == [] and start.playbook_path == "test/cache_simple"
+    for name in ("workflow.completed", "playbook.failed", "execution.cancelled", "playbook_cancelled",
+                 "playbook_completed", "playbook_failed", "playbook.cancelled", "execution.failed"):
         assert parse_event(None, event_bytes({"event_type": name, "execution_id": 1}), max_bytes=10**6).is_finish
 
 

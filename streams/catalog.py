@@ -1,0 +1,143 @@
+"""NoETL's catalog: the playbook of a start event that carries none, read (never written) from `noetl.catalog`.
+
+NoETL's table: `catalog_id BIGINT PRIMARY KEY, path TEXT, version, kind, content TEXT` (the YAML as registered),
+`payload JSONB`, `UNIQUE (path, version)`. Looked up by `catalog_id`, else by path (and version when given, else
+the newest). A catalog row never changes, so parsed playbooks are kept by `catalog_id` in a bounded LRU, and
+concurrent lookups of one row share one query. A row that is not there yet is asked for again briefly, then the event
+is dead-lettered `playbook_not_found`; a database outage propagates (the caller holds the batch and retries).
+YAML is parsed with a safe loader, within a size limit, and refuses alias bombs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import asyncpg
+import yaml
+
+from keychain.settings import Settings
+
+from .events import BadEvent, ExecutionEvent
+
+log = logging.getLogger(__name__)
+
+MAX_ALIASES = 100  # a playbook reuses an anchor a few times; a billion-laughs document needs thousands
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting alias uses: an alias bomb expands exponentially through a handful of them."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases")
+        return super().compose_node(parent, index)
+
+
+def parse_playbook(content: str | None, payload: Any, *, max_bytes: int) -> dict[str, Any]:
+    """The playbook of a catalog row: its YAML `content`, else its `payload` (as NoETL's server reads it)."""
+    if content:
+        if len(content.encode()) > max_bytes:
+            raise BadEvent("invalid_playbook", f"the catalog's YAML is larger than KEYCHAIN_MAX_PLAYBOOK_BYTES={max_bytes}")
+        try:
+            document = yaml.load(content, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            raise BadEvent("invalid_playbook", f"the catalog's YAML does not parse: {type(exc).__name__}") from None
+    else:
+        document = json.loads(payload) if isinstance(payload, str) else payload
+    if not isinstance(document, dict):
+        raise BadEvent("invalid_playbook", "the catalog's playbook is not a mapping")
+    return document
+
+
+class Catalog:
+    """Reads playbooks from NoETL's catalog table through `pool` (the keychain's, or one of its own)."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, owns_pool: bool = False):
+        self.settings = settings
+        self.pool = pool
+        self._owns_pool = owns_pool
+        table = f'"{settings.catalog_schema}".catalog'  # the schema name is checked by its setting's pattern
+        self._by_id = f"SELECT catalog_id, content, payload FROM {table} WHERE catalog_id = $1"
+        self._by_path = (f"SELECT catalog_id, content, payload FROM {table} WHERE path = $1 "
+                         f"AND ($2::int IS NULL OR version = $2) ORDER BY version DESC LIMIT 1")
+        self._cache: OrderedDict[int, dict[str, Any] | BadEvent] = OrderedDict()
+        self._inflight: dict[tuple, asyncio.Future] = {}
+
+    @classmethod
+    async def open(cls, settings: Settings, keychain_pool: asyncpg.Pool) -> "Catalog":
+        if not settings.catalog_dsn:
+            return cls(settings, keychain_pool)
+        pool = await asyncpg.create_pool(settings.catalog_dsn, min_size=0, max_size=2)
+        return cls(settings, pool, owns_pool=True)
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self.pool.close()
+
+    async def playbook_for(self, event: ExecutionEvent) -> dict[str, Any] | None:
+        """The event's own playbook document, else the catalog's; None when the event names none (or needs none)."""
+        if isinstance(event.playbook, dict):
+            return event.playbook
+        if event.workload is None:  # nothing will be resolved from this record
+            return None
+        if event.catalog_id is not None:
+            key: tuple = ("id", event.catalog_id)
+        elif event.playbook_path:
+            key = ("path", event.playbook_path, event.playbook_version)
+        else:
+            return None
+        if key[0] == "id" and key[1] in self._cache:
+            return self._cached(key[1])
+        if key not in self._inflight:  # one query per row, however many events of a burst ask at once
+            self._inflight[key] = asyncio.ensure_future(self._load(key))
+            self._inflight[key].add_done_callback(lambda _: self._inflight.pop(key, None))
+        return self._cached(await asyncio.shield(self._inflight[key]))
+
+    def _cached(self, catalog_id: int) -> dict[str, Any]:
+        self._cache.move_to_end(catalog_id)
+        found = self._cache[catalog_id]
+        if isinstance(found, BadEvent):
+            raise found
+        return found
+
+    async def _load(self, key: tuple) -> int:
+        """Read the row (asking again while it is missing, up to KEYCHAIN_CATALOG_WAIT_SECONDS); returns its id."""
+        deadline = time.monotonic() + self.settings.catalog_wait_seconds
+        delay = 0.05
+        while True:
+            try:
+                if key[0] == "id":
+                    row = await self.pool.fetchrow(self._by_id, key[1])
+                else:
+                    row = await self.pool.fetchrow(self._by_path, key[1], key[2])
+            except (asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.InsufficientPrivilegeError):
+                log.warning("NoETL's catalog %s.catalog cannot be read (KEYCHAIN_CATALOG_SCHEMA, KEYCHAIN_CATALOG_DSN)",
+                            self.settings.catalog_schema)
+                raise BadEvent("playbook_not_found", "NoETL's catalog table cannot be read") from None
+            if row is not None:
+                break
+            if time.monotonic() + delay > deadline:
+                what = f"catalog_id {key[1]}" if key[0] == "id" else "the playbook's path"
+                raise BadEvent("playbook_not_found", f"{what} is not in NoETL's catalog")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        try:
+            parsed: dict[str, Any] | BadEvent = parse_playbook(
+                row["content"], row["payload"], max_bytes=self.settings.max_playbook_bytes)
+        except BadEvent as bad:  # a catalog row never changes: remember the refusal too
+            parsed = bad
+        self._cache[row["catalog_id"]] = parsed
+        while len(self._cache) > self.settings.catalog_cache_size:
+            self._cache.popitem(last=False)
+        return row["catalog_id"]
