@@ -101,7 +101,7 @@ def parse_event(key: bytes | None, value: bytes | None, *, max_bytes: int) -> Ex
             keyed = _key_execution_id(key)
         except BadEvent:
             keyed = None
-        if keyed:  # a tombstone (Debezium writes one after a delete): nothing to warm or purge
+        if keyed and keyed < 2**63:  # a tombstone (Debezium writes one after a delete): nothing to warm or purge
             return ExecutionEvent(event_type="tombstone", execution_id=keyed)
         raise BadEvent("empty", "the message has no value")
     if len(value) > max_bytes:
@@ -132,7 +132,7 @@ def _unwrap(document: dict[str, Any]) -> dict[str, Any]:
     if "op" in document and ("after" in document or "before" in document):
         op = document["op"]
         row = document.get("after")
-        if op not in _DEBEZIUM_NEW_ROW:
+        if not (isinstance(op, str) and op in _DEBEZIUM_NEW_ROW):
             # A change that is not a new event row: nothing to warm or purge. Ignored, with a type of its own.
             return {"event_type": "debezium.other_operation", "execution_id": _execution_id_of(document)}
         if not isinstance(row, dict):
@@ -154,7 +154,8 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         if record.get("workload", {}) is None:  # our contract: no workload is an empty one
             return {**record, "workload": {}}
         return record
-    if record.get("event_type") not in START_EVENTS:  # only a start needs more than the type and the execution
+    event_type = record.get("event_type")
+    if not (isinstance(event_type, str) and event_type in START_EVENTS):  # only a start needs more than this
         return {k: record.get(k) for k in ("event_type", "execution_id")}
     context = _json_column(record.get("context"), "context")
     result = _json_column(record.get("result"), "result")

@@ -179,7 +179,7 @@ def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
     if not isinstance(entry, dict):
         raise _Unusable("invalid_declaration")
     kind, provider = entry.get("kind"), entry.get("provider")
-    if kind == "secrets" and provider not in SECRET_MANAGER_PROVIDERS:
+    if kind == "secrets" and not (isinstance(provider, str) and provider in SECRET_MANAGER_PROVIDERS):
         raise _Unusable("other_provider")
     if kind not in ("secret_manager", "secrets"):
         raise _Unusable(_kind_reason(kind))

@@ -65,6 +65,48 @@ def test_execution_events_never_crash(document, keyed):
     classify_event(key, json.dumps(document).encode())
 
 
+anything = st.sampled_from(["secret_manager", "secrets", "gcp", "aws", "oauth2", "credential", "local", "shared",
+                            "global", "{{ path }}", "projects/p/secrets/s"]) | json_values
+declaration = st.dictionaries(st.sampled_from(["name", "kind", "provider", "scope", "map", "auth", "key", "source",
+                                               "type", "client_id_key", "credential", "step"]), anything, max_size=6)
+noetl_playbooks = st.fixed_dictionaries({}, optional={
+    "workload": st.dictionaries(st.sampled_from(["path", "other"]), templates | json_values, max_size=2),
+    "keychain": st.lists(declaration | json_values, max_size=3) | json_values,
+    "workflow": st.lists(st.fixed_dictionaries({"step": st.text(max_size=4) | json_values, "tool": st.fixed_dictionaries(
+        {}, optional={"auth": declaration | st.dictionaries(st.text(max_size=4), declaration | json_values,
+                                                            max_size=2) | json_values})}), max_size=3) | json_values,
+})
+noetl_records = st.fixed_dictionaries(
+    {"event_id": st.integers(min_value=1, max_value=2**62), "event_type": event_types | st.sampled_from(
+        ["playbook_started", "workflow.initialized", "playbook_cancelled"]) | json_values,
+     "execution_id": st.integers(min_value=-5, max_value=2**64) | st.text(max_size=5) | json_values},
+    optional={"catalog_id": st.integers(min_value=-1, max_value=2**64) | st.text(max_size=5) | json_values,
+              "context": st.fixed_dictionaries({}, optional={
+                  "workload": json_values, "path": json_values, "catalog_id": json_values,
+                  "result": st.fixed_dictionaries({}, optional={"workload": json_values})}) | json_values,
+              "result": json_values, "created_at": st.integers() | st.text(max_size=8) | json_values},
+)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(noetl_records, st.sampled_from(["plain", "debezium", "wrapped", "jsonb-strings"]), noetl_playbooks,
+       st.none() | st.binary(max_size=8) | st.sampled_from([b'{"payload": {"execution_id": 5}}', b'{"x": 1}']))
+def test_noetl_records_and_playbooks_never_crash(record, envelope, playbook, key):
+    if envelope == "jsonb-strings":
+        record = {k: json.dumps(v) if k in ("context", "result") else v for k, v in record.items()}
+    if envelope in ("debezium", "wrapped"):
+        record = {"op": "c", "before": None, "after": record}
+    if envelope == "wrapped":
+        record = {"schema": {}, "payload": record}
+    try:
+        event = parse_event(key, json.dumps(record).encode(), max_bytes=1 << 20)
+    except BadEvent as bad:
+        assert bad.reason in EVENT_REASONS, bad.reason
+        return
+    plan = resolve(event, playbook, project="p")
+    assert {skip.reason for skip in plan.skipped} <= SKIP_REASONS
+
+
 @settings(max_examples=1500, deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode), st.none() | st.binary(max_size=8))
 def test_arbitrary_bytes_never_crash(value, key):
