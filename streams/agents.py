@@ -6,19 +6,15 @@ import logging
 from datetime import datetime, timezone
 from typing import Awaitable, Callable, TypeVar
 
-import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from .app import app, runtime, settings
 from .topics import execution_events, send_dead_letter
-from .warm import BatchResult, DeadLetter, Record
+from .warm import DATABASE_DOWN, BatchResult, DeadLetter, Record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A database that is down or restarting: wait and retry the same batch, in order, until it is back.
-_DATABASE_DOWN = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                  asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
 
 
 @app.agent(execution_events)
@@ -47,7 +43,7 @@ async def executions(stream):
 async def handle_durably_with(work: Callable[[], Awaitable[T]]) -> T:
     """Run `work` until the database takes it: an outage holds the stream (in order) instead of losing events."""
     retrying = AsyncRetrying(
-        retry=retry_if_exception_type(_DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
+        retry=retry_if_exception_type(DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
     )
     async for attempt in retrying:
         with attempt:

@@ -132,9 +132,9 @@ class Catalog:
                 raise BadEvent("playbook_not_found", f"{what} is not in NoETL's catalog")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        try:
-            parsed: dict[str, Any] | BadEvent = parse_playbook(
-                row["content"], row["payload"], max_bytes=self.settings.max_playbook_bytes)
+        try:  # in a thread: a large YAML document takes a while in pure Python, and the event loop must go on
+            parsed: dict[str, Any] | BadEvent = await asyncio.to_thread(
+                parse_playbook, row["content"], row["payload"], max_bytes=self.settings.max_playbook_bytes)
         except BadEvent as bad:  # a catalog row never changes: remember the refusal too
             parsed = bad
         self._cache[row["catalog_id"]] = parsed

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 START_EVENTS = frozenset({
     "playbook_started", "playbook.started", "playbook.initialized",
@@ -51,12 +51,31 @@ class BadEvent(Exception):
         self.detail = detail
 
 
+MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row
+
+
+def storable_text(value: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """Text PostgreSQL can store and index: no NUL, no lone surrogate, at most `max_bytes` of UTF-8."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes")
+    return value
+
+
+StorableText = Annotated[str, AfterValidator(storable_text)]
+
+
 class CredentialSpec(BaseModel):
     """A secret the execution will use. Stored under `name` when given, else under the rendered reference."""
 
     model_config = ConfigDict(extra="ignore")
-    ref: str = Field(min_length=1, max_length=2048, description="Secret Manager reference, may be a template")
-    name: str | None = Field(default=None, min_length=1, max_length=1024)
+    ref: StorableText = Field(min_length=1, max_length=2048, description="Secret Manager reference, may be a template")
+    name: StorableText | None = Field(default=None, min_length=1, max_length=1024)
     scope: Literal["execution", "local", "global"] = "execution"
 
 
@@ -223,5 +242,7 @@ def _key_execution_id(key: bytes | None) -> int | None:
 def _json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also a 5,000-digit number
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadEvent("malformed_json", f"{what} is not JSON: {type(exc).__name__}") from None
+    except (ValueError, RecursionError):  # JSON, but more than Python takes: a 5,000-digit number, deep nesting
+        raise BadEvent("invalid_event", f"{what} holds a number too long or nesting too deep") from None

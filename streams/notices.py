@@ -10,7 +10,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from keychain.errors import InvalidReference
 from keychain.refs import SecretRef
@@ -31,10 +31,18 @@ class RotationNotice(BaseModel):
     """A notification as the bridge puts it on KEYCHAIN_ROTATIONS_TOPIC (key = the secret's short id)."""
 
     notice_id: str = Field(min_length=1, max_length=200, description="Pub/Sub message id: duplicates share it")
-    event_type: str
+    event_type: str = Field(description="A Secret Manager event type (VERSION_EVENTS or SECRET_EVENTS)")
     secret: str = Field(description="projects/P/secrets/S as the notification named it")
     version: str | None = Field(default=None, description="projects/P/secrets/S/versions/N for version events")
     occurred_at: datetime = Field(description="When Secret Manager says it happened")
+
+    @field_validator("event_type")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        # Whatever reaches the rotations topic, the event type becomes a metric label: only a closed set is let in.
+        if value not in VERSION_EVENTS | SECRET_EVENTS:
+            raise ValueError("not a Secret Manager event type")
+        return value
 
     @property
     def secret_id(self) -> str:

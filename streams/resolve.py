@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterator
 
-from jinja2 import StrictUndefined, Template
+from jinja2 import StrictUndefined, Template, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -33,7 +33,7 @@ from keychain.errors import InvalidReference
 from keychain.model import Scope
 from keychain.refs import SecretRef
 
-from .events import BadEvent, ExecutionEvent
+from .events import MAX_NAME_BYTES, BadEvent, ExecutionEvent, storable_text
 
 MAX_RENDERED = 2048  # a secret reference is short; anything longer is not one
 
@@ -58,28 +58,24 @@ _AUTH_REFERENCE_FIELDS = ("key", "client_id_key", "client_secret_key")
 _SCOPES = {None: "global", "global": "global", "shared": "global", "local": "execution", "execution": "execution"}
 
 
-class _Sandbox(SandboxedEnvironment):
-    """Jinja's sandbox, which also refuses `*` and `**` that would build huge values (`{{ 'x' * 10**9 }}`)."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
-            raise SecurityError("exponent too large")
-        if operator == "*" and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
-            count = right if isinstance(right, int) else left if isinstance(left, int) else 0
-            if count > MAX_RENDERED:
-                raise SecurityError("repetition too large")
-        return super().call_binop(context, operator, left, right)
-
-
-_jinja = _Sandbox(undefined=StrictUndefined, autoescape=False)
+# A secret reference template needs names, attributes, items, text, conditions and a few filters; nothing that loops,
+# calls, repeats or multiplies. Checked on the parsed template, so rendering is bounded by the template's length and
+# its inputs (no step or time budget needed, and nothing to interrupt on the event loop).
+_ALLOWED_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Const, nodes.Name, nodes.Getattr,
+                  nodes.Getitem, nodes.Filter, nodes.Concat, nodes.Add, nodes.CondExpr, nodes.If, nodes.Compare,
+                  nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.Test, nodes.Keyword)
+_ALLOWED_FILTERS = frozenset({"default", "d", "lower", "upper", "trim", "string"})
+_jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
 
 @lru_cache(maxsize=4096)
 def _compiled(template: str) -> Template:
     """Compiling costs about a millisecond and every execution of a playbook repeats the same templates."""
-    return _jinja.from_string(template)
+    tree = _jinja.parse(template)
+    for node in tree.find_all(nodes.Node):
+        if not isinstance(node, _ALLOWED_NODES) or (isinstance(node, nodes.Filter) and node.name not in _ALLOWED_FILTERS):
+            raise SecurityError(f"{type(node).__name__} is not allowed in a secret reference")
+    return _jinja.from_string(tree)
 
 
 @dataclass(frozen=True)
@@ -185,15 +181,15 @@ def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
         raise _Unusable(_kind_reason(kind))
     name, mapping = entry.get("name"), entry.get("map")
     scope_type = _SCOPES.get(entry.get("scope")) if isinstance(entry.get("scope"), (str, type(None))) else None
-    if not isinstance(name, str) or not name or len(name) > 1024 or scope_type is None:
+    if not _storable(name) or scope_type is None:
         raise _Unusable("invalid_declaration")
     if mapping is None:  # the single secret named by the entry's name, in the deployment's project
         if not project:
             raise _Unusable("no_project")
         return name, scope_type, ((None, _parse(f"projects/{project}/secrets/{name}/versions/latest")),)
-    if not isinstance(mapping, dict) or not mapping:
+    if not isinstance(mapping, dict) or not mapping or not all(_storable(f, 256) for f in mapping):
         raise _Unusable("invalid_declaration")
-    return name, scope_type, tuple((str(f), _ref(template, context)) for f, template in mapping.items())
+    return name, scope_type, tuple((f, _ref(template, context)) for f, template in mapping.items())
 
 
 def _entry_name(entry: Any) -> str | None:
@@ -273,6 +269,13 @@ def _parse(text: str) -> SecretRef:
         return SecretRef.parse(text)
     except InvalidReference:
         raise _Unusable("bad_reference") from None
+
+
+def _storable(value: Any, max_bytes: int = MAX_NAME_BYTES) -> bool:
+    try:
+        return isinstance(value, str) and bool(value) and storable_text(value, max_bytes) == value
+    except ValueError:
+        return False
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import asyncpg
 from aiolimiter import AsyncLimiter
 
 from keychain import metrics
@@ -32,6 +33,10 @@ from .plan import plan_start
 from .resolve import Want
 
 log = logging.getLogger(__name__)
+
+# A database that is down or restarting: the caller waits and retries the same batch, in order, until it is back.
+DATABASE_DOWN = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                 asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
 
 
 @dataclass
@@ -94,40 +99,63 @@ class Warmer:
 
     # --- events -----------------------------------------------------------------------------------------------------
     async def handle(self, records: list[Record]) -> BatchResult:
+        """One batch. Bad input, and an unexpected error, dead-letter their own event only; a database that is down
+        raises (the caller holds the batch and retries it whole: every step is idempotent)."""
         result = BatchResult()
         starts: list[tuple[Record, ExecutionEvent]] = []
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
-            except BadEvent as bad:
-                result.dead.append(DeadLetter(record, bad.reason, bad.detail))
-                continue
-            metrics.EVENTS.labels(event.kind).inc()
-            if event.kind == "ignored":
-                result.ignored += 1
-            elif event.kind == "finish":
-                result.finished += 1
-                result.rows_purged += await self.keychain.finish_execution(event.execution_id)
-            else:
-                starts.append((record, event))
+                metrics.EVENTS.labels(event.kind).inc()
+                if event.kind == "finish":
+                    result.rows_purged += await self.keychain.finish_execution(event.execution_id)
+                    result.finished += 1
+                elif event.kind == "start":
+                    starts.append((record, event))
+                else:
+                    result.ignored += 1
+            except Exception as exc:
+                result.dead.append(self._dead_letter(record, exc))
         planned: list[tuple[Record, list[Want]]] = []
         for (record, event), outcome in zip(starts, await asyncio.gather(
                 *(plan_start(event, self.catalog, self.settings) for _, event in starts), return_exceptions=True)):
-            if isinstance(outcome, BadEvent):
-                result.dead.append(DeadLetter(record, outcome.reason, outcome.detail))
-            elif isinstance(outcome, BaseException):
-                raise outcome  # the database is down (the batch is held and retried) or a bug
+            if isinstance(outcome, BaseException):
+                result.dead.append(self._dead_letter(record, outcome))
             else:
                 result.started += 1
                 result.skipped += len(outcome.skipped)
                 planned.append((record, outcome.wants))
-        if planned:
+        refused: dict[Want, str] = {}
+        try:
             refused, result.rows_written = await self.warm([w for _, wants in planned for w in wants])
-            for record, wants in planned:
-                for code in sorted({refused[w] for w in wants if w in refused}):
-                    detail = "Secret Manager did not give a secret this execution names"
-                    result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
+        except DATABASE_DOWN:
+            raise
+        except Exception:  # one event's rows broke the batch's statement: write event by event to find it
+            log.exception("a batch write failed; writing its %d events one by one", len(planned))
+            for record, wants in list(planned):
+                try:
+                    one, written = await self.warm(wants)
+                except Exception as exc:
+                    result.dead.append(self._dead_letter(record, exc))
+                    planned.remove((record, wants))
+                else:
+                    refused.update(one)
+                    result.rows_written += written
+        for record, wants in planned:
+            for code in sorted({refused[w] for w in wants if w in refused}):
+                detail = "Secret Manager did not give a secret this execution names"
+                result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
         return result
+
+    @staticmethod
+    def _dead_letter(record: Record, exc: BaseException) -> DeadLetter:
+        if isinstance(exc, BadEvent):
+            return DeadLetter(record, exc.reason, exc.detail)
+        if isinstance(exc, DATABASE_DOWN) or not isinstance(exc, Exception):
+            raise exc  # the database is down (the caller retries the batch), or a cancellation
+        log.error("event at %s/%d/%d failed: %s", record.topic, record.partition, record.offset, type(exc).__name__,
+                  exc_info=exc)
+        return DeadLetter(record, "internal_error", type(exc).__name__)
 
     # --- warming ----------------------------------------------------------------------------------------------------
     async def warm(self, wants: list[Want], *, skip_ready: bool = True) -> tuple[dict[Want, str], int]:

@@ -8,6 +8,7 @@ import json
 import logging
 import uuid
 from datetime import datetime, timezone
+from typing import Any
 
 from aiohttp import web
 from mode import Service
@@ -18,6 +19,7 @@ from keychain.errors import InvalidReference
 from keychain.refs import SecretRef
 
 from .app import runtime, settings
+from .events import storable_text
 from .notices import RotationNotice
 
 log = logging.getLogger(__name__)
@@ -103,13 +105,10 @@ async def invalidate(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not hmac.compare_digest(credential.encode(), token.encode()):
         return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
     try:
-        body = await request.json()
-        if not isinstance(body, dict) or len(body) != 1:
-            raise ValueError
-    except ValueError:
-        return _bad_request()
+        what, target = _one_instruction(await request.text())
+    except ValueError as bad:
+        return _bad_request(str(bad))
     await runtime.ready()
-    (what, target), = body.items()
     try:
         if what in ("secret", "version"):
             ref = SecretRef.parse(target)
@@ -123,10 +122,18 @@ async def invalidate(request: web.Request) -> web.Response:
             )
             applied = await runtime.invalidator.apply(notice)
             return web.json_response({"invalidated": applied.changed, "refreshed": applied.refreshed})
-        if what == "execution_id" and isinstance(target, int) and not isinstance(target, bool):
+        if what == "execution_id":
+            if not (isinstance(target, int) and not isinstance(target, bool) and 0 < target < 2**63):
+                return _bad_request("execution_id must be a positive 64-bit integer")
             return web.json_response({"invalidated": await runtime.keychain.invalidate(execution_id=target)})
-        if what == "credential" and isinstance(target, str) and target:
-            return web.json_response({"invalidated": await runtime.keychain.invalidate(credential=target)})
+        if what == "credential":
+            try:
+                name = storable_text(target) if isinstance(target, str) and target else None
+            except ValueError as bad:
+                return _bad_request(f"credential {bad}")
+            if name is None:
+                return _bad_request("credential must be a non-empty string")
+            return web.json_response({"invalidated": await runtime.keychain.invalidate(credential=name)})
         if what == "all" and target is True:
             return web.json_response({"invalidated": await runtime.keychain.invalidate(everything=True)})
     except (InvalidReference, TypeError, AttributeError):
@@ -134,8 +141,29 @@ async def invalidate(request: web.Request) -> web.Response:
     return _bad_request()
 
 
-def _bad_request() -> web.Response:
-    return web.json_response({"error": 'give one of {"secret": "projects/P/secrets/S"}, {"version": '
+def _one_instruction(text: str) -> tuple[str, Any]:
+    """The body's one key and its value. ValueError (with the reason) for anything else: not JSON, nested too deep,
+    duplicate keys (no "last one wins"), more or fewer than one key."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate keys")
+        return dict(pairs)
+
+    try:
+        body = json.loads(text, object_pairs_hook=no_duplicates)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except json.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(body, dict) or len(body) != 1:
+        raise ValueError("the body must be a JSON object with exactly one key")
+    return next(iter(body.items()))
+
+
+def _bad_request(reason: str = "unknown instruction") -> web.Response:
+    return web.json_response({"error": f'{reason}: give one of {{"secret": "projects/P/secrets/S"}}, {{"version": '
                               '"projects/P/secrets/S/versions/N"}, {"execution_id": N}, {"credential": NAME}, '
                               '{"all": true}'}, status=400)
 

@@ -103,6 +103,9 @@ def test_noetl_event_names_and_path_only_playbooks():
 @pytest.mark.parametrize("template", [
     "{{ range(10**9) | list }}", "{{ 'x' * 10**9 }}", "{{ 1 / 0 }}", "{{ 1 + 'a' }}", "{{ 2 ** 100000 }}",
     "{{ workload.x * 100000000 }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ 'a' | replace('a', 'aaaa') | replace('a', 'aaaa') | replace('a', 'aaaa') }}",
+    "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "{{ lipsum(100000) }}", "{{ x.__class__ }}",
 ])
 def test_hostile_templates_are_bad_events_not_crashes(template):
     doc = {"event_type": "execution.started", "execution_id": 9, "workload": {"x": "y"}, "credentials": [{"ref": template}]}

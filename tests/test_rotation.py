@@ -12,7 +12,7 @@ from keychain.model import Scope
 from keychain.refs import SecretRef
 from streams.events import BadEvent
 from streams.invalidate import Invalidator
-from streams.notices import notice_from_pubsub
+from streams.notices import notice_from_kafka, notice_from_pubsub
 from streams.resolve import Want
 from streams.warm import Warmer
 
@@ -204,6 +204,19 @@ def test_malformed_notifications(attributes, reason):
     with pytest.raises(BadEvent) as caught:
         notice_from_pubsub("m", attributes, b"", None)
     assert caught.value.reason == reason
+
+
+def test_notices_on_kafka_with_invented_event_types_are_refused_before_any_label():
+    """Whatever reaches the rotations topic directly: its event type would be a metric label and a /stats key."""
+    for invented in ("SECRET_EXPLODED", "x" * 200, ""):
+        value = json.dumps({"notice_id": "n", "event_type": invented, "secret": "projects/1/secrets/s",
+                            "occurred_at": "2026-11-26T00:00:00Z"}).encode()
+        with pytest.raises(BadEvent) as caught:
+            notice_from_kafka(value)
+        assert caught.value.reason == "invalid_notice"
+    known = notice_from_kafka(json.dumps({"notice_id": "n", "event_type": "SECRET_DELETE",
+                                          "secret": "projects/1/secrets/s", "occurred_at": "2026-11-26T00:00:00Z"}))
+    assert known.event_type == "SECRET_DELETE"
 
 
 def test_liberal_notifications():

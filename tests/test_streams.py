@@ -1,4 +1,7 @@
 
+import asyncio
+import hashlib
+
 import pytest
 
 from keychain import CachedFailure
@@ -125,3 +128,52 @@ async def test_leader_sweeps_expired_rows(streams, keychain, execution_id):
     streams.start_worker(KEYCHAIN_SWEEP_INTERVAL_SECONDS="0.5")
     await wait_for(lambda: _equals(streams.rows(), 7), what="the sweep")
     assert "sweep: 3 expired rows deleted" in streams.worker.output
+
+
+async def test_one_bad_event_never_takes_its_batch_with_it(streams, keychain, sm, secret, execution_id):
+    """Hostile events, each beside a valid one in the same produce call: the valid ones are warmed, each hostile one
+    is dead-lettered with its own reason, the worker stays healthy."""
+    import json
+
+    from aiokafka import AIOKafkaProducer
+
+    from .test_web import http
+
+    secret_id, _ = secret
+    ref = REF.format(secret_id)
+    worker = streams.start_worker()
+    loop_bomb = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+    def started(e, **extra):
+        return str(e).encode(), json.dumps({"event_type": "execution.started", "execution_id": e, **extra}).encode()
+
+    hostile = {
+        "invalid_event": [
+            (None, b'{"event_type": "execution.started", "execution_id": 1, "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"),
+            (None, b'{"event_type": "execution.started", "execution_id": ' + b"7" * 5000 + b"}"),
+            started(execution_id + 50, credentials=[{"ref": ref, "name": "nul\x00name"}]),
+            started(execution_id + 51, credentials=[{"ref": ref, "name": "n" * 5000}]),
+            started(execution_id + 52, credentials=[{"ref": ref, "name": "lone\ud800surrogate"}]),
+        ],
+        "bad_template": [started(execution_id + 53, credentials=[{"ref": loop_bomb}])],
+        "too_large": [(None, b'{"event_type": "execution.started", "pad": "' + b"x" * 1_100_000 + b'"}')],
+    }
+    valid = [start_event(execution_id + i, [ref]) for i in range(len(hostile) + 4)]
+    messages = [m for pair in zip(valid, [m for ms in hostile.values() for m in ms]) for m in pair] + valid[-1:]
+    producer = AIOKafkaProducer(bootstrap_servers=streams.bootstrap, acks="all", max_request_size=6 * 2**20)
+    await producer.start()
+    try:
+        batch = [await producer.send(streams.events, value, key=key) for key, value in messages]
+        await asyncio.gather(*batch)
+    finally:
+        await producer.stop()
+    for key, _ in valid:
+        await wait_for(lambda: streams.rows(int(key)), what="every valid event of the batch warmed")
+    expected = sorted(reason for reason, ms in hostile.items() for _ in ms)
+    dead = await consume(streams.bootstrap, streams.dlq, len(expected))
+    assert sorted(dict(m.headers)["reason"].decode() for m in dead) == expected
+    big = next(m for m in dead if dict(m.headers)["reason"] == b"too_large")
+    assert len(big.value) <= 256 * 1024 and int(dict(big.headers)["original_value_bytes"]) > 1_100_000
+    assert dict(big.headers)["original_value_sha256"].decode() == hashlib.sha256(hostile["too_large"][0][1]).hexdigest()
+    assert http(int(worker.env["KEYCHAIN_WEB_PORT"]), "/healthz")[0] == 200
+    assert "Traceback" not in worker.output

@@ -62,3 +62,30 @@ async def test_keep_warm_refreshes_read_global_rows_near_expiry(warmer, keychain
     assert (await keychain.get("amadeus")).value == {"client_id": "rotated", "client_secret": "other-value"}
     assert await keychain.pool.fetchval(
         "SELECT expires_at > now() + interval '1 minute' FROM keychain WHERE credential_name = 'amadeus'")
+
+
+async def test_an_unexpected_error_dead_letters_its_own_event_only(warmer, keychain, db, sm, secret, execution_id):
+    """A real database error for one event's row (a trigger refuses it) must not take the batch's other events."""
+    import json
+
+    from streams.warm import Record
+
+    secret_id, value = secret
+    await db.execute("""
+        CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.credential_name = 'poison' THEN RAISE EXCEPTION 'refused'; END IF; RETURN NEW; END $$;
+        CREATE TRIGGER refuse_poison BEFORE INSERT OR UPDATE ON keychain FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+    """)
+    ref = f"projects/test-project/secrets/{secret_id}"
+
+    def start(execution_id, name):
+        doc = {"event_type": "execution.started", "execution_id": execution_id,
+               "credentials": [{"ref": ref, "name": name}]}
+        return Record(str(execution_id).encode(), json.dumps(doc).encode(), "events", 0, execution_id % 1000)
+
+    result = await warmer.handle([start(execution_id, "fine"), start(execution_id + 1, "poison"),
+                                  start(execution_id + 2, "also-fine")])
+    assert [(d.record.key, d.reason) for d in result.dead] == [(str(execution_id + 1).encode(), "internal_error")]
+    assert (await keychain.get("fine", execution_id=execution_id)).value == value
+    assert (await keychain.get("also-fine", execution_id=execution_id + 2)).value == value
+    assert sm.access_count(secret_id) == 1

@@ -11,9 +11,9 @@ from .streams_harness import HTTP_BODIES, Worker, create_topics, produce, start_
 TOKEN = "admin-token-for-tests"
 
 
-def http(port, path, *, method="GET", body=None, token=None):
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
-                                     data=json.dumps(body).encode() if body is not None else None)
+def http(port, path, *, method="GET", body=None, token=None, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=data)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -56,6 +56,11 @@ async def test_health_readiness_metrics_and_stats(worker, stack, keychain, sm, s
         assert name in text
     assert 'keychain_secret_manager_calls_total{outcome="OK"} 1.0' in text
     assert value not in text and secret_id not in text  # no values, no secret names in labels
+
+    async def dead_letter_counted():  # counted once the broker took it, which is after the batch's rows are written
+        return json.loads(http(worker.port, "/stats")[1])["dead_letters"].get("malformed_json") == 1.0
+
+    await wait_for(dead_letter_counted, what="the dead letter sent and counted")
     status, body = http(worker.port, "/stats")
     figures = json.loads(body)
     assert status == 200 and figures["events"]["start"] == 1.0 and figures["dead_letters"]["malformed_json"] == 1.0
@@ -73,6 +78,15 @@ async def test_invalidate_needs_the_token(worker, keychain, sm, secret, executio
     assert await keychain.get(ref, execution_id=execution_id)  # nothing changed
     assert http(worker.port, "/invalidate", method="POST", body={"nonsense": 1}, token=TOKEN)[0] == 400
     assert http(worker.port, "/invalidate", method="POST", body={"secret": "not-a-ref"}, token=TOKEN)[0] == 400
+    hostile = [b'{"execution_id": 18446744073709551616}', b'{"execution_id": 0}', b'{"execution_id": true}',
+               b'{"credential": "nul\\u0000name"}', b'{"credential": "lone\\ud800"}', b'{"credential": ""}',
+               b'{"all": false, "all": true}', b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"not json", b"[]",
+               b'{"execution_id": 1, "all": true}']
+    for raw in hostile:
+        status, text = http(worker.port, "/invalidate", method="POST", raw=raw, token=TOKEN)
+        assert status == 400 and "error" in json.loads(text), raw[:40]
+    assert await keychain.get(ref, execution_id=execution_id)  # none of them changed anything
+    assert "Traceback" not in worker.output
     sm.add_version(secret_id, "second-value")
     status, body = http(worker.port, "/invalidate", method="POST",
                         body={"secret": f"projects/1014428265962/secrets/{secret_id}"}, token=TOKEN)
