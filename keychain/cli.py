@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 import click
 from .errors import ConfigurationError, KeychainError
 from .logs import configure_logging
+from .model import storable_text
 from .settings import load_settings
 from .sources import SecretManagerSource
 from .store import Keychain
@@ -37,11 +38,24 @@ def run(action: Callable[[Keychain], Awaitable[Any]], *, with_source: bool = Fal
         sys.exit(1)
 
 
+EXECUTION_ID = click.IntRange(min=1, max=2**63 - 1)  # NoETL's ids are positive 64-bit integers
+
+
+def credential_name(_ctx: click.Context, _param: click.Parameter, name: str | None) -> str | None:
+    """A name the table can hold (a usage error otherwise, before any database round trip)."""
+    if name is None:
+        return None
+    try:
+        return storable_text(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def scope_options(command: Callable) -> Callable:
     options = [
-        click.option("--execution-id", type=int, help="Execution scope: the execution's id."),
+        click.option("--execution-id", type=EXECUTION_ID, help="Execution scope: the execution's id."),
         click.option("--global", "global_scope", is_flag=True, help="Global scope, shared by every execution."),
-        click.option("--session", "session_id", help="Session scope: the session's id."),
+        click.option("--session", "session_id", callback=credential_name, help="Session scope: the session's id."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -84,7 +98,7 @@ def migrate() -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", callback=credential_name)
 @click.option("--value", required=True, callback=parse_json, help="The value, as JSON.")
 @scope_options
 @click.option("--ttl", type=click.IntRange(min=1), help="Seconds until the entry expires.")
@@ -95,7 +109,7 @@ def put(name: str, value: Any, execution_id: int | None, global_scope: bool, ses
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", callback=credential_name)
 @scope_options
 @click.option("--fetch", "ref", help="On a miss, read through Secret Manager from this reference.")
 def get(name: str, execution_id: int | None, global_scope: bool, session_id: str | None, ref: str | None) -> None:
@@ -112,8 +126,8 @@ def get(name: str, execution_id: int | None, global_scope: bool, session_id: str
 
 
 @main.command()
-@click.option("--credential", help="Every scope's entry of this credential name.")
-@click.option("--execution-id", type=int, help="Every entry of this execution.")
+@click.option("--credential", callback=credential_name, help="Every scope's entry of this credential name.")
+@click.option("--execution-id", type=EXECUTION_ID, help="Every entry of this execution.")
 @click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S).")
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def invalidate(credential: str | None, execution_id: int | None, secret: str | None, everything: bool) -> None:

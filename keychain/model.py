@@ -15,6 +15,22 @@ ScopeType = Literal["execution", "global", "session"]
 Outcome = Literal["hit", "miss", "expired", "stale", "failed"]
 
 
+MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row
+
+
+def storable_text(value: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """Text PostgreSQL can store and index: no NUL, no lone surrogate, at most `max_bytes` of UTF-8."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    if size > max_bytes:
+        raise ValueError(f"must be at most {max_bytes} bytes")
+    return value
+
+
 _SCOPE_NEEDS = {"execution": "an execution id", "session": "a session id",
                 "global": "neither an execution nor a session id"}
 

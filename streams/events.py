@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from keychain.model import storable_text
+
 START_EVENTS = frozenset({
     "playbook_started", "playbook.started", "playbook.initialized",
     "workflow.initialized", "workflow_initialized", "execution.started",
@@ -49,22 +51,6 @@ class BadEvent(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-
-
-MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row
-
-
-def storable_text(value: str, max_bytes: int = MAX_NAME_BYTES) -> str:
-    """Text PostgreSQL can store and index: no NUL, no lone surrogate, at most `max_bytes` of UTF-8."""
-    if "\x00" in value:
-        raise ValueError("must not contain NUL")
-    try:
-        size = len(value.encode())
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (no lone surrogates)") from None
-    if size > max_bytes:
-        raise ValueError(f"must be at most {max_bytes} bytes")
-    return value
 
 
 StorableText = Annotated[str, AfterValidator(storable_text)]

@@ -30,10 +30,10 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from keychain.errors import InvalidReference
-from keychain.model import Scope
+from keychain.model import MAX_NAME_BYTES, Scope, storable_text
 from keychain.refs import SecretRef
 
-from .events import MAX_NAME_BYTES, BadEvent, ExecutionEvent, storable_text
+from .events import BadEvent, ExecutionEvent
 
 MAX_RENDERED = 2048  # a secret reference is short; anything longer is not one
 

@@ -16,10 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keychain import metrics
 from keychain.errors import InvalidReference
+from keychain.model import storable_text
 from keychain.refs import SecretRef
 
 from .app import runtime, settings
-from .events import storable_text
 from .notices import RotationNotice
 
 log = logging.getLogger(__name__)

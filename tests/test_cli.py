@@ -38,6 +38,12 @@ def test_usage_errors_exit_2(cli):
     assert cli("get", "x", "--global", "--execution-id", "1").returncode == 2
     bad_json = cli("put", "x", "--value", "{not json", "--global")
     assert bad_json.returncode == 2 and "not JSON" in bad_json.stderr
+    for args in (["put", "n" * 10_000, "--value", '"v"', "--global"], ["get", "n" * 10_000, "--global"],
+                 ["invalidate", "--credential", "n" * 10_000], ["get", "x", "--execution-id", str(2**64)],
+                 ["get", "x", "--execution-id", "0"], ["invalidate", "--execution-id", str(2**63)]):
+        done = cli(*args)
+        assert done.returncode == 2, args[:2]
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 4 and "Error" in done.stderr
     assert cli("invalidate").returncode == 2
     assert cli("frobnicate").returncode == 2
 

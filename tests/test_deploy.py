@@ -16,7 +16,7 @@ from keychain.settings import Settings
 ROOT = Path(__file__).parent.parent
 SETTING_NAMES = {f.validation_alias.choices[0] for f in Settings.model_fields.values()}
 GOOGLE_NAMES = {"GOOGLE_APPLICATION_CREDENTIALS"}  # read by the Google client libraries themselves
-STREAMS_COMMANDS = {"worker", "demo", "schema", "pubsub-init", "produce-demo"}
+STREAMS_COMMANDS = {"worker", "plan", "demo", "schema", "pubsub-init", "produce-demo"}
 
 
 def compose():
@@ -33,6 +33,13 @@ def test_compose_file_follows_the_compose_specification():
         [str(Path(sys.executable).parent / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
          str(ROOT / "docker-compose.yml")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_publishes_ports_to_this_machine_only_and_says_its_secrets_are_demo_values():
+    text = (ROOT / "docker-compose.yml").read_text()
+    published = [str(p) for s in compose()["services"].values() for p in s.get("ports") or []]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    assert "DEMO VALUES ONLY" in text and "demo password" in text
 
 
 def test_compose_services_commands_and_variables_match_the_code():
