@@ -5,7 +5,10 @@ from prometheus_client import Counter, Histogram
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
-READS = Counter("keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, error)", ["outcome"])
+READS = Counter(
+    "keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, other_source, error)",
+    ["outcome"],
+)
 READ_SECONDS = Histogram("keychain_read_seconds", "Time of one keychain read (one statement)", buckets=LATENCY_BUCKETS)
 WARM_LEAD_SECONDS = Histogram(
     "keychain_warm_lead_seconds", "From a row being written to its first read (how early warming was)",
@@ -16,6 +19,9 @@ SECRET_MANAGER_CALLS = Counter(
 )
 SECRET_MANAGER_SECONDS = Histogram(
     "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
+)
+GLOBAL_REPOINTS = Counter(
+    "keychain_global_repoints_total", "Warms that wrote a global name over a row holding another secret"
 )
 ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
 EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])

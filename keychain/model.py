@@ -12,7 +12,7 @@ from .crypto import RowIdentity
 from .refs import SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
-Outcome = Literal["hit", "miss", "expired", "stale", "failed"]
+Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source"]
 
 
 MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row

@@ -86,9 +86,15 @@ class Keychain:
         identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
         return await self._lookup(self.pool, identity)
 
-    async def _lookup(self, conn: asyncpg.Pool | asyncpg.Connection, identity: RowIdentity) -> Lookup:
+    async def _lookup(
+        self, conn: asyncpg.Pool | asyncpg.Connection, identity: RowIdentity, ref: SecretRef | None = None
+    ) -> Lookup:
+        """One read; with `ref`, only a value that came from that reference is served."""
         started = time.perf_counter()
-        row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
+        if ref is None:
+            row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
+        else:
+            row = await conn.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
         if row is not None:
             try:
@@ -117,6 +123,8 @@ class Keychain:
             return Lookup("expired")
         if row["state"] == "failed":
             return Lookup("failed", error_code=row["error_code"])
+        if row["state"] == "ready":  # live and ready, but holding another secret than the one asked for
+            return Lookup("other_source")
         return Lookup("stale")
 
     # --- read-through -------------------------------------------------------------------------------------------
@@ -137,10 +145,10 @@ class Keychain:
         """
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         identity = entry_scope.identity(name)
-        lookup = await self._lookup(self.pool, identity)
+        secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
+        lookup = await self._lookup(self.pool, identity, secret_ref)
         if lookup:
             return lookup
-        secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
         return await self._single_flight(
             (identity.credential_name, identity.scope_type, identity.scope_id),
             lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
@@ -165,7 +173,7 @@ class Keychain:
                 async with conn.transaction():
                     timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
                     await conn.execute(self._q["lock_identity"], timeout_ms, advisory_key(identity))
-                    lookup = await self._lookup(conn, identity)
+                    lookup = await self._lookup(conn, identity, ref)
                     if lookup:
                         return lookup  # another process fetched it while we waited for the lock
                     failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
@@ -264,14 +272,18 @@ class Keychain:
             metrics.ROWS_WRITTEN.inc(len(entries))
         return stale
 
-    async def ready_identities(self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0) -> set[RowIdentity]:
-        """The identities among these whose row is ready and outlives `min_remaining_seconds`. Counts no hit."""
+    async def existing_rows(
+        self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0
+    ) -> dict[RowIdentity, tuple[bool, frozenset[str]]]:
+        """For each of these identities that has a row: (ready and outliving `min_remaining_seconds`, the short ids
+        of the secrets it holds). Counts no hit."""
         wanted = list(identities)
         if not wanted:
-            return set()
+            return {}
         names, scopes, ids = (list(column) for column in zip(*(identity_args(i) for i in wanted)))
-        rows = await self.pool.fetch(self._q["ready_identities"], names, scopes, ids, float(min_remaining_seconds))
-        return {RowIdentity(*row) for row in rows}
+        rows = await self.pool.fetch(self._q["existing_rows"], names, scopes, ids, float(min_remaining_seconds))
+        return {RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], frozenset(r["secret_ids"]))
+                for r in rows}
 
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
         return await self.pool.fetch(self._q["globals_to_refresh"], float(within_seconds), limit)
@@ -433,6 +445,16 @@ async def connect_pool(settings: Settings) -> asyncpg.Pool:
 
 async def _keep_session(_: asyncpg.Connection) -> None:
     return None
+
+
+def source_pattern(ref: SecretRef) -> str:
+    """A `sources` containment pattern for values that came from `ref`: the same secret (by either project
+    spelling, both of which a row records) and, for a pinned reference, the same version; a floating reference
+    (latest, an alias) matches floating rows."""
+    element: dict[str, Any] = {"names": [ref.secret_name], "pinned": ref.pinned}
+    if ref.pinned:
+        element["version"] = ref.version
+    return json.dumps([element])
 
 
 def identity_args(identity: RowIdentity) -> tuple[str, str, str]:

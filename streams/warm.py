@@ -162,11 +162,7 @@ class Warmer:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
         Returns (error code of each want not written as ready, rows written)."""
         if skip_ready:
-            # Already warm with at least half a TTL left: a redelivery, or a global credential already shared.
-            ready = await self.keychain.ready_identities(
-                (w.scope.identity(w.credential_name) for w in wants), self.settings.ttl_seconds / 2
-            )
-            wants = [w for w in wants if w.scope.identity(w.credential_name) not in ready]
+            wants = await self._not_yet_warm(wants)
         todo = list(dict.fromkeys(wants))
         refs = {str(ref) for w in todo for ref in w.refs}
         values = self._from_window(refs)
@@ -210,6 +206,25 @@ class Warmer:
             delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
             for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
                 del errors[ref]
+
+    async def _not_yet_warm(self, wants: list[Want]) -> list[Want]:
+        """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, or a global
+        credential already shared). A global name that holds other secrets is written over: logged and counted, as
+        two playbooks disagreeing on what one global name means is worth an operator's look."""
+        existing = await self.keychain.existing_rows(
+            (w.scope.identity(w.credential_name) for w in wants), self.settings.ttl_seconds / 2
+        )
+        todo = []
+        for want in wants:
+            found = existing.get(want.scope.identity(want.credential_name))
+            secrets = frozenset(ref.secret for ref in want.refs)
+            if found is not None and found[1] and found[1] != secrets and want.scope.type == "global":
+                log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
+                            ", ".join(sorted(found[1])), ", ".join(sorted(secrets)))
+                metrics.GLOBAL_REPOINTS.inc()
+            if found is None or not found[0] or found[1] != secrets:
+                todo.append(want)
+        return todo
 
     async def refresh_globals(self) -> int:
         """Keep warm: fetch again the global credentials that are read and about to expire. Returns rows written."""

@@ -293,12 +293,13 @@ async def test_failed_entries_surface_as_errors(keychain, execution_id):
         await keychain.get("broken", execution_id=execution_id)
 
 
-async def test_ready_identities_and_failures(keychain, execution_id):
+async def test_existing_rows_and_failures(keychain, execution_id):
     await keychain.put("a", 1, execution_id=execution_id)
     await keychain.put("b", 1, execution_id=execution_id, ttl_seconds=5)
     wanted = [Scope.of(execution_id=execution_id).identity(n) for n in ("a", "b", "c")]
-    assert await keychain.ready_identities(wanted) == set(wanted[:2])
-    assert await keychain.ready_identities(wanted, min_remaining_seconds=60) == {wanted[0]}
+    assert await keychain.existing_rows(wanted) == {wanted[0]: (True, frozenset()), wanted[1]: (True, frozenset())}
+    assert await keychain.existing_rows(wanted, min_remaining_seconds=60) == {
+        wanted[0]: (True, frozenset()), wanted[1]: (False, frozenset())}
     await keychain.record_failure("projects/p/secrets/x/versions/1", "NOT_FOUND")
     assert await keychain.active_failures(["projects/p/secrets/x/versions/1", "other"]) == {
         "projects/p/secrets/x/versions/1": "NOT_FOUND"

@@ -89,3 +89,30 @@ async def test_an_unexpected_error_dead_letters_its_own_event_only(warmer, keych
     assert (await keychain.get("fine", execution_id=execution_id)).value == value
     assert (await keychain.get("also-fine", execution_id=execution_id + 2)).value == value
     assert sm.access_count(secret_id) == 1
+
+
+async def test_a_global_name_repointed_is_never_served_for_the_old_reference(warmer, keychain, sm, unique):
+    """Execution A names global `shared` = secret X, execution B names `shared` = secret Y: a read that names X must
+    get X's value (reading through), never Y's; the repoint is logged and counted."""
+    from keychain import metrics
+
+    x, y = f"x-{unique}", f"y-{unique}"
+    for secret_id in (x, y):
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-of-{secret_id}")
+    ref_x = f"projects/test-project/secrets/{x}/versions/latest"
+    await warmer.warm([want("shared", x)])
+    await keychain.invalidate(secret=f"projects/test-project/secrets/{x}")
+    repoints = metrics.GLOBAL_REPOINTS._value.get()
+    await warmer.warm([want("shared", y)])
+    assert metrics.GLOBAL_REPOINTS._value.get() == repoints + 1
+    assert (await keychain.get("shared")).value == f"value-of-{y}"  # a read that names no reference
+    calls = sm.access_count(x)
+    lookup = await keychain.get_or_fetch("shared", ref_x)
+    assert lookup.value == f"value-of-{x}" and sm.access_count(x) == calls + 1  # read through, not Y's value
+    assert (await keychain.get_or_fetch("shared", ref_x)).value == f"value-of-{x}"  # now a hit
+    assert sm.access_count(x) == calls + 1
+    # without an invalidation in between, a warm naming the other secret still writes over (and is counted)
+    await warmer.warm([want("shared", y)])
+    assert metrics.GLOBAL_REPOINTS._value.get() == repoints + 2
+    assert (await keychain.get_or_fetch("shared", ref_x)).value == f"value-of-{x}"

@@ -12,6 +12,16 @@ WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
 RETURNING k.key_id, k.data, k.updated_at,
           (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
 
+-- name: get_entry_from
+-- The same read for a caller that names the secret it wants ($4: a `sources` containment pattern): a row holding
+-- another secret under this name (a global name repointed by another execution) is not served.
+UPDATE keychain k
+SET accessed_at = now(), access_count = k.access_count + 1
+WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
+  AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb
+RETURNING k.key_id, k.data, k.updated_at,
+          (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
+
 -- name: why_not_served
 -- Only after a read found nothing to serve: was it absent, expired, invalidated, or a remembered refusal?
 SELECT state, error_code, expires_at > now() AS live
@@ -56,14 +66,16 @@ WITH fence AS (
 )
 SELECT count(*) FROM purged;
 
--- name: ready_identities
--- Which of these identities already hold a ready value that outlives $4 seconds (so a redelivered start event
--- or an already-warm global credential costs no Secret Manager call).
-SELECT k.credential_name, k.scope_type, k.scope_id
+-- name: existing_rows
+-- The rows these identities already have: whether each holds a ready value that outlives $4 seconds (so a
+-- redelivered start event or an already-warm global credential costs no Secret Manager call), and which secrets
+-- (short ids) it holds (so a warm that repoints a global name to another secret is seen).
+SELECT k.credential_name, k.scope_type, k.scope_id,
+       k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4) AS ready,
+       ARRAY(SELECT DISTINCT s->>'secret_id' FROM jsonb_array_elements(k.sources) s) AS secret_ids
 FROM keychain k
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(credential_name, scope_type, scope_id)
-  USING (credential_name, scope_type, scope_id)
-WHERE k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4);
+  USING (credential_name, scope_type, scope_id);
 
 -- name: globals_to_refresh
 -- Keep warm: global rows read since they were written whose expiry is near ($1 seconds); their sources say
