@@ -5,6 +5,7 @@ from .errors import (
     ConfigurationError,
     DecryptionError,
     KeychainError,
+    KeychainUnavailable,
     SecretNotFound,
     SecretPermissionDenied,
     SecretSourceError,
@@ -18,7 +19,8 @@ from .sources import SecretManagerSource
 from .store import Keychain
 
 __all__ = [
-    "CachedFailure", "ConfigurationError", "DecryptionError", "Entry", "Keychain", "KeychainError", "Lookup",
+    "CachedFailure", "ConfigurationError", "DecryptionError", "Entry", "Keychain", "KeychainError",
+    "KeychainUnavailable", "Lookup",
     "Provenance", "Scope", "SecretManagerSource", "SecretNotFound", "SecretPermissionDenied", "SecretRef",
     "SecretSourceError", "SecretUnavailable", "SecretVersionDisabled", "Settings",
 ]

@@ -7,6 +7,11 @@ class KeychainError(Exception):
     """Base class of every error the keychain raises on purpose."""
 
 
+class KeychainUnavailable(KeychainError):
+    """The keychain's database cannot be reached (down, restarting, refusing connections). Retry later; a worker's
+    `get_or_fetch` serves straight from Secret Manager meanwhile."""
+
+
 class ConfigurationError(KeychainError):
     """A setting is missing or malformed (bad DSN, bad key ring, ...)."""
 

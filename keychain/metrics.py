@@ -6,7 +6,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 
 READS = Counter(
-    "keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, other_source, error)",
+    "keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, other_source, error; direct: served from "
+    "Secret Manager while the database could not be reached)",
     ["outcome"],
 )
 READ_SECONDS = Histogram("keychain_read_seconds", "Time of one keychain read (one statement)", buckets=LATENCY_BUCKETS)

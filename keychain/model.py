@@ -12,7 +12,7 @@ from .crypto import RowIdentity
 from .refs import SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
-Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source"]
+Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source", "direct"]
 
 
 MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row
@@ -117,7 +117,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Lookup:
-    """The answer to a read. True when it is a hit; `value` is the decrypted value then."""
+    """The answer to a read. True when it has a value: a hit, or `direct` (read straight from Secret Manager while
+    the keychain's database could not be reached)."""
 
     outcome: Outcome
     value: Any = field(default=None, repr=False)
@@ -125,7 +126,7 @@ class Lookup:
     error_code: str | None = None
 
     def __bool__(self) -> bool:
-        return self.outcome == "hit"
+        return self.outcome in ("hit", "direct")
 
 
 def value_from_payload(payload: bytes) -> Any:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 import asyncpg
 
 from . import metrics
 from .crypto import KeyRing, RowIdentity
-from .errors import CachedFailure, ConfigurationError, DecryptionError, KeychainError, SecretSourceError
+from .errors import (
+    CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable, SecretSourceError,
+)
 from .migrate import migrate
 from .model import Entry, Lookup, Provenance, Scope, sources_json, value_from_payload
 from .queries import queries
@@ -23,6 +26,26 @@ from .settings import Settings
 from .sources import SecretManagerSource
 
 log = logging.getLogger("keychain")
+
+
+# A database that is down, restarting or refusing connections (as the driver reports it).
+CONNECTION_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                     asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
+
+T = TypeVar("T")
+
+
+def reports_outage(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Every operation raises KeychainUnavailable, not the driver's errors, while the database cannot be reached."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except CONNECTION_ERRORS as exc:
+            raise KeychainUnavailable(f"the keychain database cannot be reached ({type(exc).__name__})") from None
+
+    return wrapper
 
 
 def advisory_key(identity: RowIdentity) -> int:
@@ -43,6 +66,7 @@ class Keychain:
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Lookup]] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
+    @reports_outage
     async def open(self) -> "Keychain":
         if self._pool is None:
             self._pool = await connect_pool(self.settings)
@@ -67,6 +91,7 @@ class Keychain:
             raise KeychainError("the keychain is not open: call `await keychain.open()` first")
         return self._pool
 
+    @reports_outage
     async def migrate(self) -> list[int]:
         async with self.pool.acquire() as conn:
             return await migrate(conn, self.settings.schema_name)
@@ -79,6 +104,7 @@ class Keychain:
             yield conn
 
     # --- read -----------------------------------------------------------------------------------------------------
+    @reports_outage
     async def get(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
     ) -> Lookup:
@@ -146,13 +172,25 @@ class Keychain:
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         identity = entry_scope.identity(name)
         secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
-        lookup = await self._lookup(self.pool, identity, secret_ref)
-        if lookup:
-            return lookup
-        return await self._single_flight(
-            (identity.credential_name, identity.scope_type, identity.scope_id),
-            lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
-        )
+        try:
+            lookup = await self._lookup(self.pool, identity, secret_ref)
+            if lookup:
+                return lookup
+            return await self._single_flight(
+                (identity.credential_name, identity.scope_type, identity.scope_id),
+                lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
+            )
+        except (KeychainUnavailable, *CONNECTION_ERRORS):
+            # The cache is down: the execution must only get slower, not fail. Nothing is written.
+            return await self._single_flight(("", "direct", str(secret_ref)), lambda: self._fetch_direct(secret_ref))
+
+    async def _fetch_direct(self, ref: SecretRef) -> Lookup:
+        if self.source is None:
+            raise KeychainUnavailable("the keychain database cannot be reached, and there is no Secret Manager source")
+        secret = await self.source.access(ref)
+        metrics.READS.labels("direct").inc()
+        log.warning("keychain unavailable: served %s straight from Secret Manager", ref.secret_name)
+        return Lookup("direct", value_from_payload(secret.payload))
 
     async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[Lookup]]) -> Lookup:
         future = self._inflight.get(key)
@@ -208,6 +246,7 @@ class Keychain:
                 ) from None
         raise refusal
 
+    @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
         """The rotation generation of each secret (0 when never invalidated). Read it BEFORE fetching."""
         async with self.pool.acquire() as conn:
@@ -219,6 +258,7 @@ class Keychain:
         return {secret_id: found.get(secret_id, 0) for secret_id in secret_ids}
 
     # --- write ----------------------------------------------------------------------------------------------------
+    @reports_outage
     async def put(
         self,
         name: str,
@@ -233,6 +273,7 @@ class Keychain:
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         await self.put_many([Entry(name, entry_scope, value, tuple(sources), ttl_seconds)])
 
+    @reports_outage
     async def put_many(self, entries: list[Entry]) -> list[Entry]:
         """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome).
         Returns the entries NOT written because a secret they hold was invalidated after its generation was read."""
@@ -272,6 +313,7 @@ class Keychain:
             metrics.ROWS_WRITTEN.inc(len(entries))
         return stale
 
+    @reports_outage
     async def existing_rows(
         self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0
     ) -> dict[RowIdentity, tuple[bool, frozenset[str]]]:
@@ -285,15 +327,18 @@ class Keychain:
         return {RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], frozenset(r["secret_ids"]))
                 for r in rows}
 
+    @reports_outage
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
         return await self.pool.fetch(self._q["globals_to_refresh"], float(within_seconds), limit)
 
     # --- negative cache -------------------------------------------------------------------------------------------
+    @reports_outage
     async def active_failures(self, refs: Iterable[str]) -> dict[str, str]:
         """Refusals still remembered, by reference: {ref: error code}."""
         rows = await self.pool.fetch(self._q["active_failures"], list(refs))
         return {row["secret_ref"]: row["error_code"] for row in rows}
 
+    @reports_outage
     async def record_failure(self, ref: str, code: str) -> None:
         async with self._durable() as conn:
             await self._record_failure(conn, ref, code)
@@ -301,6 +346,7 @@ class Keychain:
     async def _record_failure(self, conn: asyncpg.Connection, ref: str, code: str) -> None:
         await conn.execute(self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds))
 
+    @reports_outage
     async def delete(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
     ) -> int:
@@ -308,11 +354,13 @@ class Keychain:
         async with self._durable() as conn:
             return affected(await conn.execute(self._q["delete_entry"], *identity_args(identity)))
 
+    @reports_outage
     async def purge_execution(self, execution_id: int) -> int:
         """Delete an execution's rows now; later writes for it are still allowed (see finish_execution)."""
         async with self._durable() as conn:
             return affected(await conn.execute(self._q["purge_execution"], execution_id))
 
+    @reports_outage
     async def finish_execution(self, execution_id: int) -> int:
         """The execution ended: delete its rows and fence it, so no warm or read-through still in flight, nor a
         redelivered start event, can write rows for it afterwards. Idempotent. Returns rows deleted."""
@@ -323,6 +371,7 @@ class Keychain:
         return purged
 
     # --- invalidation ---------------------------------------------------------------------------------------------
+    @reports_outage
     async def invalidate(
         self,
         *,
@@ -350,6 +399,7 @@ class Keychain:
                 await conn.execute(self._q["bump_all_generations"])
             return affected(await conn.execute(self._q[statement], *args))
 
+    @reports_outage
     async def invalidate_matching(
         self, secret_id: str, match: dict[str, Any], *, notice_id: str | None = None, drop: bool = False
     ) -> int | None:
@@ -365,17 +415,21 @@ class Keychain:
             await conn.execute(self._q["clear_failures_of_secret"], secret_id)
             return changed
 
+    @reports_outage
     async def stale_rows(self, secret_id: str, match: dict[str, Any], limit: int = 10_000) -> list[asyncpg.Record]:
         document = json.dumps([{"secret_id": secret_id, **match}])
         return await self.pool.fetch(self._q["stale_rows_matching"], document, limit)
 
+    @reports_outage
     async def latest_secrets_to_check(self, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(self._q["latest_secrets_to_check"], limit)
 
+    @reports_outage
     async def mark_checked(self, secret_id: str) -> None:
         await self.pool.execute(self._q["mark_checked"], secret_id)
 
     # --- maintenance ----------------------------------------------------------------------------------------------
+    @reports_outage
     async def sweep(self, batch_size: int | None = None) -> int:
         """Delete expired rows in bounded batches; returns how many."""
         batch = batch_size or self.settings.sweep_batch_size
@@ -391,6 +445,7 @@ class Keychain:
         await self.pool.execute(self._q["sweep_notices"], float(self.settings.fence_retention_seconds))
         return total
 
+    @reports_outage
     async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:
         """Re-encrypt every row under the active key, online. Returns (rows rekeyed, rows that failed to decrypt)."""
         batch = batch_size or self.settings.rekey_batch_size
@@ -416,6 +471,7 @@ class Keychain:
                     done += affected(await conn.execute(self._q["rekey_rows"], ids, kids, datas, olds))
             last_id = rows[-1]["id"]
 
+    @reports_outage
     async def stats(self) -> list[dict[str, Any]]:
         return [dict(row) for row in await self.pool.fetch(self._q["stats"])]
 

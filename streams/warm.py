@@ -16,16 +16,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import asyncpg
 from aiolimiter import AsyncLimiter
 
 from keychain import metrics
-from keychain.errors import PERMANENT_ERRORS, SecretSourceError
+from keychain.errors import PERMANENT_ERRORS, KeychainUnavailable, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
 from keychain.settings import Settings
 from keychain.sources import SecretManagerSource, SecretValue
-from keychain.store import Keychain
+from keychain.store import CONNECTION_ERRORS, Keychain
 
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
@@ -35,8 +34,7 @@ from .resolve import Want
 log = logging.getLogger(__name__)
 
 # A database that is down or restarting: the caller waits and retries the same batch, in order, until it is back.
-DATABASE_DOWN = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                 asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
+DATABASE_DOWN = (KeychainUnavailable, *CONNECTION_ERRORS)
 
 
 @dataclass

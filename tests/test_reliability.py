@@ -69,6 +69,54 @@ async def test_postgres_restarted_mid_stream_loses_nothing(stack, settings, key_
         worker.stop()
 
 
+async def test_readers_across_a_database_restart_only_get_slower(stack, keychain, sm, secret, execution_id):
+    """While PostgreSQL restarts, `get` raises KeychainUnavailable (never a driver error) and `get_or_fetch` serves
+    the value straight from Secret Manager; once the database is back, reads are hits again by themselves."""
+    from keychain import KeychainUnavailable
+
+    if stack.postgres is None:
+        pytest.skip("KEYCHAIN_DSN points at an external PostgreSQL this test cannot restart")
+    secret_id, value = secret
+    ref = REF.format(secret_id)
+    assert (await keychain.get_or_fetch(ref, ref, execution_id=execution_id)).value == value
+    outcomes: dict[str, int] = {}
+    unexpected: list[str] = []
+    restarted = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def reader():
+        while not stop.is_set():
+            after = "after" if restarted.is_set() else "during"
+            try:
+                lookup = await keychain.get_or_fetch(ref, ref, execution_id=execution_id)
+                assert lookup.value == value
+                outcomes[f"{lookup.outcome} {after}"] = outcomes.get(f"{lookup.outcome} {after}", 0) + 1
+            except Exception as exc:
+                unexpected.append(f"get_or_fetch: {type(exc).__name__}")
+            try:
+                await keychain.get(ref, execution_id=execution_id)
+            except KeychainUnavailable:
+                outcomes["typed error"] = outcomes.get("typed error", 0) + 1
+            except Exception as exc:
+                unexpected.append(f"get: {type(exc).__name__}")
+            await asyncio.sleep(0.005)
+
+    readers = [asyncio.create_task(reader()) for _ in range(4)]
+    await asyncio.to_thread(stack.postgres.restart)  # fast shutdown: every connection is cut
+    restarted.set()
+
+    async def hits_again():
+        return outcomes.get("hit after", 0) > 20
+
+    try:
+        await wait_for(hits_again, 60, "hits again after the restart")
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    assert unexpected == []
+    assert outcomes.get("direct during", 0) > 0 and outcomes.get("typed error", 0) > 0, outcomes
+
+
 async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings, key_spec, unique, keychain, sm,
                                                                topics, execution_id):
     secret_ids = [f"fl{i}-{unique}" for i in range(10)]
