@@ -80,19 +80,19 @@ def test_get_fetch_missing_secret_exits_1(cli, unique):
 
 
 def test_invalidate_sweep_stats_rekey(cli, key_spec):
-    for i in range(3):
-        assert cli("put", f"c{i}", "--value", '"secret-value"', "--execution-id", str(i)).returncode == 0
-    assert cli("get", "c0", "--execution-id", "0").returncode == 0
+    for i in range(3):  # execution ids are positive 64-bit integers
+        assert cli("put", f"c{i}", "--value", '"secret-value"', "--execution-id", str(i + 1)).returncode == 0
+    assert cli("get", "c0", "--execution-id", "1").returncode == 0
     stats = cli("stats")
     assert stats.returncode == 0 and "secret-value" not in stats.stdout
     figures = json.loads(stats.stdout)
     assert figures["rows"] == 3 and figures["hits"] == 1 and figures["rows_read_at_least_once"] == 1
     assert json.loads(cli("invalidate", "--credential", "c1").stdout) == {"invalidated": 1}
-    assert cli("get", "c1", "--execution-id", "1").returncode == 3
+    assert cli("get", "c1", "--execution-id", "2").returncode == 3
     assert json.loads(cli("sweep").stdout) == {"swept": 0}
     rotated = f"{KeyRing.generate_spec('k2')},{key_spec}"
     assert json.loads(cli("rekey", KEYCHAIN_KEYS=rotated).stdout) == {"rekeyed": 3, "undecryptable": 0}
-    assert cli("get", "c2", "--execution-id", "2", KEYCHAIN_KEYS=rotated).returncode == 0
+    assert cli("get", "c2", "--execution-id", "3", KEYCHAIN_KEYS=rotated).returncode == 0
     assert cli("keygen", "--kid", "k7").stdout.startswith("k7:")
 
 
