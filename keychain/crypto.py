@@ -1,8 +1,10 @@
 """Encryption at rest: AES-256-GCM under a key ring.
 
 Every row is sealed with the active key and carries that key's id. The associated data binds the ciphertext to the
-row's identity (credential, scope, execution/session) and key id, so a ciphertext copied into any other row, or
-relabelled with another key id, fails authentication instead of yielding a wrong value.
+row's identity (credential, scope, execution/session), its key id and its write (a random write id stored beside it,
+format 2), so a ciphertext copied into any other row, relabelled with another key id, or an earlier ciphertext of the
+same row written back, fails authentication instead of yielding a wrong value. Format 1 (no write id: rows sealed
+before the write binding) still opens, only in a row without a write id, until `rekey` seals it again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigurationError, DecryptionError
 
-FORMAT_VERSION = b"\x01"
+FORMAT_UNBOUND = b"\x01"  # associated data: identity and key id
+FORMAT_VERSION = b"\x02"  # associated data: identity, key id and the row's write id
 NONCE_BYTES = 12
 _KID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -31,10 +34,17 @@ class RowIdentity:
     scope_type: str
     scope_id: str
 
-    def associated_data(self, key_id: str) -> bytes:
+    def associated_data(self, key_id: str, write_id: int | None = None) -> bytes:
+        bound = [] if write_id is None else [write_id]
         return json.dumps(
-            ["keychain/v1", self.credential_name, self.scope_type, self.scope_id, key_id], separators=(",", ":")
+            ["keychain/v1" if write_id is None else "keychain/v2", self.credential_name, self.scope_type,
+             self.scope_id, key_id, *bound], separators=(",", ":")
         ).encode()
+
+
+def new_write_id() -> int:
+    """A random positive 63-bit id for one write (a BIGINT column)."""
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
 class KeyRing:
@@ -76,28 +86,30 @@ class KeyRing:
     def key_ids(self) -> list[str]:
         return list(self._keys)
 
-    def seal(self, identity: RowIdentity, value: Any) -> tuple[str, bytes]:
-        """Encrypt a JSON value for one row; returns (key id, ciphertext)."""
+    def seal(self, identity: RowIdentity, value: Any, write_id: int) -> tuple[str, bytes]:
+        """Encrypt a JSON value for one write of one row; returns (key id, ciphertext)."""
         kid = self.active_key_id
         nonce = os.urandom(NONCE_BYTES)
         plaintext = json.dumps(value, separators=(",", ":")).encode()
-        sealed = self._keys[kid].encrypt(nonce, plaintext, identity.associated_data(kid))
+        sealed = self._keys[kid].encrypt(nonce, plaintext, identity.associated_data(kid, write_id))
         return kid, FORMAT_VERSION + nonce + sealed
 
-    def open(self, identity: RowIdentity, key_id: str, data: bytes) -> Any:
+    def open(self, identity: RowIdentity, key_id: str, data: bytes, write_id: int | None) -> Any:
         aead = self._keys.get(key_id)
         if aead is None:
             raise DecryptionError(
                 f"{identity.credential_name}: encrypted under key {key_id!r}, which is not in KEYCHAIN_KEYS"
             )
-        if len(data) < 1 + NONCE_BYTES + 16 or data[:1] != FORMAT_VERSION:
+        if len(data) < 1 + NONCE_BYTES + 16 or data[:1] not in (FORMAT_VERSION, FORMAT_UNBOUND):
             raise DecryptionError(f"{identity.credential_name}: stored data is not a keychain ciphertext")
+        if (data[:1] == FORMAT_VERSION) != (write_id is not None):  # no downgrade to format 1 in a bound row
+            raise DecryptionError(f"{identity.credential_name}: ciphertext does not belong to this row's write")
         nonce, sealed = data[1 : 1 + NONCE_BYTES], data[1 + NONCE_BYTES :]
         try:
-            plaintext = aead.decrypt(nonce, sealed, identity.associated_data(key_id))
+            plaintext = aead.decrypt(nonce, sealed, identity.associated_data(key_id, write_id))
         except InvalidTag:
             raise DecryptionError(
                 f"{identity.credential_name}: ciphertext failed authentication "
-                "(tampered, copied from another row, or wrong key)"
+                "(tampered, copied from another row or an earlier write, or wrong key)"
             ) from None
         return json.loads(plaintext)

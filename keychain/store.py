@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 import asyncpg
 
 from . import metrics
-from .crypto import KeyRing, RowIdentity
+from .crypto import KeyRing, RowIdentity, new_write_id
 from .errors import (
     CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable, SecretSourceError,
 )
@@ -124,7 +124,8 @@ class Keychain:
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
         if row is not None:
             try:
-                lookup = Lookup("hit", self.keyring.open(identity, row["key_id"], row["data"]), row["updated_at"])
+                value = self.keyring.open(identity, row["key_id"], row["data"], row["write_id"])
+                lookup = Lookup("hit", value, row["updated_at"])
             except DecryptionError:
                 metrics.READS.labels("error").inc()
                 raise
@@ -291,17 +292,18 @@ class Keychain:
             current = dict(await conn.fetch(self._q["lock_secret_states"], fenced_ids))
             stale = [e for e in entries if any(current[sid] != gen for sid, gen in e.fences)]
             entries = [e for e in entries if e not in stale]
-        columns: list[list[Any]] = [[] for _ in range(12)]
+        columns: list[list[Any]] = [[] for _ in range(13)]
         for e in entries:
             if e.error_code is None:
-                state, (kid, data) = "ready", self.keyring.seal(e.scope.identity(e.credential_name), e.value)
-                ttl = e.ttl_seconds or self.settings.ttl_seconds
+                write_id = new_write_id()
+                kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value, write_id)
+                state, ttl = "ready", e.ttl_seconds or self.settings.ttl_seconds
             else:
-                state, kid, data = "failed", None, None
+                state, kid, data, write_id = "failed", None, None, None
                 ttl = e.ttl_seconds or self.settings.negative_ttl_seconds
             row = (
                 e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
-                e.scope.session_id, state, e.error_code, kid, data, sources_json(e.sources), ttl,
+                e.scope.session_id, state, e.error_code, kid, data, write_id, sources_json(e.sources), ttl,
             )
             for column, item in zip(columns, row):
                 column.append(item)
@@ -455,20 +457,22 @@ class Keychain:
             rows = await self.pool.fetch(self._q["rekey_candidates"], last_id, active, batch)
             if not rows:
                 return done, failed
-            ids, kids, datas, olds = [], [], [], []
+            ids, kids, datas, write_ids, olds = [], [], [], [], []
             for row in rows:
                 identity = RowIdentity(row["credential_name"], row["scope_type"], row["scope_id"])
                 try:
-                    value = self.keyring.open(identity, row["key_id"], row["data"])
+                    value = self.keyring.open(identity, row["key_id"], row["data"], row["write_id"])
                 except DecryptionError as exc:
                     failed += 1
                     log.warning("rekey skipped row %s: %s", row["id"], exc)
                     continue
-                kid, data = self.keyring.seal(identity, value)
-                ids.append(row["id"]), kids.append(kid), datas.append(data), olds.append(row["data"])
+                write_id = new_write_id()
+                kid, data = self.keyring.seal(identity, value, write_id)
+                for column, item in zip((ids, kids, datas, write_ids, olds), (row["id"], kid, data, write_id, row["data"])):
+                    column.append(item)
             if ids:
                 async with self._durable() as conn:
-                    done += affected(await conn.execute(self._q["rekey_rows"], ids, kids, datas, olds))
+                    done += affected(await conn.execute(self._q["rekey_rows"], ids, kids, datas, write_ids, olds))
             last_id = rows[-1]["id"]
 
     @reports_outage

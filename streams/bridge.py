@@ -23,7 +23,7 @@ from .notices import notice_from_pubsub
 log = logging.getLogger(__name__)
 
 Publish = Callable[[bytes, bytes], Awaitable[None]]
-DeadLetter = Callable[[bytes | None, bytes, str, str, dict[str, str]], Awaitable[None]]
+DeadLetter = Callable[[bytes | None, bytes, str, str, dict[str, str]], Awaitable[bool]]
 
 
 def subscription_path(settings: Settings) -> str:
@@ -92,15 +92,14 @@ class RotationBridge:
         try:
             notice = notice_from_pubsub(message.message_id, attributes, message.data, message.publish_time)
         except BadEvent as bad:
-            try:
-                await self.dead_letter(None, message.data, bad.reason, bad.detail, {
-                    "source": f"pubsub:{self.subscription}:{message.message_id}",
-                    "attributes": json.dumps(attributes)[:4000],
-                })
-            except Exception:
+            sent = await self.dead_letter(None, message.data, bad.reason, bad.detail, {
+                "source": f"pubsub:{self.subscription}:{message.message_id}",
+                "attributes": json.dumps(attributes)[:4000],
+            })
+            if sent:
+                message.ack()
+            else:  # the broker did not take the dead letter: let Pub/Sub deliver the notification again
                 message.nack()
-                raise
-            message.ack()
             return
         if notice is None:
             log.info("rotation bridge: %s acknowledged", attributes.get("eventType"))

@@ -38,41 +38,65 @@ def identity(execution_id=1, name="openai"):
 
 def test_seal_and_open_round_trip_with_key_id():
     ring = KeyRing.parse(KeyRing.generate_spec("k1"))
-    kid, data = ring.seal(identity(), {"token": "abc"})
+    kid, data = ring.seal(identity(), {"token": "abc"}, 7)
     assert kid == "k1"
     assert b"abc" not in data
-    assert ring.open(identity(), kid, data) == {"token": "abc"}
+    assert ring.open(identity(), kid, data, 7) == {"token": "abc"}
 
 
 def test_ciphertext_is_bound_to_its_row():
     ring = KeyRing.parse(KeyRing.generate_spec("k1"))
-    kid, data = ring.seal(identity(execution_id=1), "value")
+    kid, data = ring.seal(identity(execution_id=1), "value", 7)
     for other in (identity(execution_id=2), identity(name="other"), Scope.of().identity("openai")):
         with pytest.raises(DecryptionError, match="failed authentication"):
-            ring.open(other, kid, data)
+            ring.open(other, kid, data, 7)
+
+
+def test_ciphertext_is_bound_to_its_write():
+    """An earlier ciphertext of the same row, written back into `data`, does not match the row's write id."""
+    ring = KeyRing.parse(KeyRing.generate_spec("k1"))
+    kid, old = ring.seal(identity(), "old value", 1)
+    _, new = ring.seal(identity(), "new value", 2)
+    assert ring.open(identity(), kid, new, 2) == "new value"
+    with pytest.raises(DecryptionError, match="failed authentication"):
+        ring.open(identity(), kid, old, 2)
+
+
+def test_unbound_format_1_opens_only_in_a_row_without_a_write_id():
+    """Rows sealed before the write binding keep working until rekeyed; no downgrade into a bound row."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    spec = KeyRing.generate_spec("k1")
+    raw = __import__("base64").b64decode(spec.split(":", 1)[1])
+    nonce = b"\x00" * 12
+    legacy = b"\x01" + nonce + AESGCM(raw).encrypt(nonce, b'"legacy"', identity().associated_data("k1"))
+    ring = KeyRing.parse(spec)
+    assert ring.open(identity(), "k1", legacy, None) == "legacy"
+    with pytest.raises(DecryptionError, match="does not belong"):
+        ring.open(identity(), "k1", legacy, 5)
 
 
 def test_tampering_is_detected_not_decrypted():
     ring = KeyRing.parse(KeyRing.generate_spec("k1"))
-    kid, data = ring.seal(identity(), "value")
+    kid, data = ring.seal(identity(), "value", 7)
     flipped = data[:-1] + bytes([data[-1] ^ 1])
     with pytest.raises(DecryptionError):
-        ring.open(identity(), kid, flipped)
+        ring.open(identity(), kid, flipped, 7)
     with pytest.raises(DecryptionError, match="not a keychain ciphertext"):
-        ring.open(identity(), kid, b"\x02" + data[1:])
+        ring.open(identity(), kid, b"\x03" + data[1:], 7)
 
 
 def test_unknown_key_id_and_relabelled_key_id():
     first, second = KeyRing.generate_spec("k1"), KeyRing.generate_spec("k2")
     ring = KeyRing.parse(f"{second},{first}")
-    kid, data = KeyRing.parse(first).seal(identity(), "value")
-    assert ring.open(identity(), kid, data) == "value"  # old keys still decrypt
+    kid, data = KeyRing.parse(first).seal(identity(), "value", 7)
+    assert ring.open(identity(), kid, data, 7) == "value"  # old keys still decrypt
     with pytest.raises(DecryptionError, match="not in KEYCHAIN_KEYS"):
-        KeyRing.parse(second).open(identity(), kid, data)
+        KeyRing.parse(second).open(identity(), kid, data, 7)
     # Same key bytes under another id: the key id is part of the associated data.
     same_bytes = KeyRing.parse(f"k9:{first.split(':', 1)[1]}")
     with pytest.raises(DecryptionError):
-        same_bytes.open(identity(), "k9", data)
+        same_bytes.open(identity(), "k9", data, 7)
 
 
 @pytest.mark.parametrize(

@@ -144,6 +144,42 @@ async def test_ciphertext_swapped_between_executions_is_rejected(keychain, db, e
     assert (await keychain.get("cred", execution_id=execution_id)).value == "value-of-a"
 
 
+async def test_an_earlier_ciphertext_of_the_same_row_written_back_fails(keychain, db, execution_id):
+    await keychain.put("cred", "old-value", execution_id=execution_id)
+    old = await db.fetchval("SELECT data FROM keychain WHERE execution_id = $1", execution_id)
+    await keychain.put("cred", "new-value", execution_id=execution_id)
+    await db.execute("UPDATE keychain SET data = $1 WHERE execution_id = $2", old, execution_id)  # a replay
+    with pytest.raises(DecryptionError) as caught:
+        await keychain.get("cred", execution_id=execution_id)
+    assert "old-value" not in str(caught.value)
+
+
+async def test_rows_sealed_before_the_write_binding_still_read_and_rekey_binds_them(keychain, key_spec, db,
+                                                                                    execution_id):
+    """Format 1 rows (no write id) as an older release wrote them: read as before, bound by the next rekey."""
+    import base64
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    kid, raw = key_spec.split(":", 1)
+    for i in range(3):
+        await keychain.put(f"legacy-{i}", "placeholder", execution_id=execution_id)
+        identity = Scope.of(execution_id=execution_id).identity(f"legacy-{i}")
+        nonce = bytes(12)
+        legacy = b"\x01" + nonce + AESGCM(base64.b64decode(raw)).encrypt(
+            nonce, f'"legacy-value-{i}"'.encode(), identity.associated_data(kid))
+        await db.execute("UPDATE keychain SET data = $1, write_id = NULL WHERE credential_name = $2",
+                         legacy, f"legacy-{i}")
+    assert (await keychain.get("legacy-0", execution_id=execution_id)).value == "legacy-value-0"
+    assert await keychain.rekey() == (3, 0)  # same key, but bound now
+    assert await db.fetchval("SELECT count(*) FROM keychain WHERE write_id IS NULL") == 0
+    assert (await keychain.get("legacy-1", execution_id=execution_id)).value == "legacy-value-1"
+    # and a format 1 ciphertext is refused in a row that has a write id (no downgrade)
+    await db.execute("UPDATE keychain SET data = $1 WHERE credential_name = 'legacy-2'", legacy)
+    with pytest.raises(DecryptionError):
+        await keychain.get("legacy-2", execution_id=execution_id)
+
+
 async def test_wrong_key_is_a_clear_error(keychain, stack, settings, execution_id):
     await keychain.put("cred", "v", execution_id=execution_id)
     stranger = make_settings(stack, settings.schema_name, KeyRing.generate_spec("k1"))

@@ -9,7 +9,7 @@ UPDATE keychain k
 SET accessed_at = now(), access_count = k.access_count + 1
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
   AND k.state = 'ready' AND k.expires_at > now()
-RETURNING k.key_id, k.data, k.updated_at,
+RETURNING k.key_id, k.data, k.write_id, k.updated_at,
           (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
 
 -- name: get_entry_from
@@ -19,7 +19,7 @@ UPDATE keychain k
 SET accessed_at = now(), access_count = k.access_count + 1
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
   AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb
-RETURNING k.key_id, k.data, k.updated_at,
+RETURNING k.key_id, k.data, k.write_id, k.updated_at,
           (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
 
 -- name: why_not_served
@@ -32,20 +32,20 @@ FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 -- code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
 -- (the caller holds the executions' fence locks, see lock_executions_shared).
 INSERT INTO keychain AS k (credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
-                           state, error_code, key_id, data, sources, ttl_seconds, expires_at)
+                           state, error_code, key_id, data, write_id, sources, ttl_seconds, expires_at)
 SELECT e.credential_name, e.credential_type, e.scope_type, e.cache_type, e.execution_id, e.session_id,
-       e.state, e.error_code, e.key_id, e.data, e.sources, e.ttl_seconds,
+       e.state, e.error_code, e.key_id, e.data, e.write_id, e.sources, e.ttl_seconds,
        now() + make_interval(secs => e.ttl_seconds)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::int[])
+            $7::text[], $8::text[], $9::text[], $10::bytea[], $11::bigint[], $12::jsonb[], $13::int[])
      AS e(credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
-          state, error_code, key_id, data, sources, ttl_seconds)
+          state, error_code, key_id, data, write_id, sources, ttl_seconds)
 WHERE e.execution_id IS NULL
    OR NOT EXISTS (SELECT 1 FROM keychain_finished_execution f WHERE f.execution_id = e.execution_id)
 ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
 SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
     state = excluded.state, error_code = excluded.error_code, key_id = excluded.key_id, data = excluded.data,
-    sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
+    write_id = excluded.write_id, sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
     updated_at = now();
 
 -- name: lock_executions_shared
@@ -137,16 +137,16 @@ SET error_code = excluded.error_code, attempts = f.attempts + 1, updated_at = no
     retry_at = now() + make_interval(secs => least($3 * 2 ^ least(f.attempts, 20), 86400));
 
 -- name: rekey_candidates
--- Keyset pagination over rows sealed under any key but the active one.
-SELECT id, credential_name, scope_type, scope_id, key_id, data
+-- Keyset pagination over rows sealed under any key but the active one, or before the write binding (format 1).
+SELECT id, credential_name, scope_type, scope_id, key_id, data, write_id
 FROM keychain
-WHERE id > $1 AND key_id <> $2 AND data IS NOT NULL
+WHERE id > $1 AND (key_id <> $2 OR write_id IS NULL) AND data IS NOT NULL
 ORDER BY id LIMIT $3;
 
 -- name: rekey_rows
 -- Replace a ciphertext only if the row still holds the one that was read: a concurrent refresh wins.
-UPDATE keychain k SET key_id = r.key_id, data = r.data
-FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bytea[]) AS r(id, key_id, data, old_data)
+UPDATE keychain k SET key_id = r.key_id, data = r.data, write_id = r.write_id
+FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bigint[], $5::bytea[]) AS r(id, key_id, data, write_id, old_data)
 WHERE k.id = r.id AND k.data = r.old_data;
 
 -- name: stats
