@@ -22,6 +22,8 @@ templates = st.sampled_from([
     "{{ workload.path }}", "{{ workload.missing }}", "{{ workload.path.__class__ }}", "{% for %}",
     "projects/p1/secrets/s1", "projects/p1/secrets/s1/versions/3", "projects//secrets", "{{ 7 * 7 }}", "",
     "{{ workload.path }}/versions/2", "{{ range(10**9) | list }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "{{ 'a' | replace('a', 'aaaa') | replace('a', 'aaaa') }}", "{{ path | default('projects/p/secrets/d') }}",
 ])
 event_types = st.sampled_from(["execution.started", "playbook.initialized", "workflow.completed",
                                "execution.cancelled", "step.started", ""]) | st.text(max_size=20)
@@ -30,8 +32,9 @@ events = st.fixed_dictionaries(
      "execution_id": st.integers(min_value=-5, max_value=2**64) | st.text(max_size=5)},
     optional={
         "workload": st.dictionaries(st.sampled_from(["path", "other"]), templates | json_values, max_size=2),
-        "credentials": st.lists(st.fixed_dictionaries({"ref": templates | json_values},
-                                                      optional={"name": st.text(max_size=5), "scope": st.text(max_size=8)}),
+        "credentials": st.lists(st.fixed_dictionaries({"ref": templates | json_values}, optional={
+            "name": st.text(max_size=5) | st.sampled_from(["nul\x00", "lone\ud800", "n" * 2000]),
+            "scope": st.text(max_size=8)}),
                                 max_size=3),
         "playbook": st.text(max_size=10) | st.fixed_dictionaries({}, optional={
             "workload": st.dictionaries(st.sampled_from(["path"]), templates, max_size=1),

@@ -157,7 +157,7 @@ async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings,
 def random_message(rng: random.Random, execution_id: int) -> tuple[bytes | None, bytes]:
     """Mostly-plausible garbage: broken JSON, wrong types, bad templates and references, a wrong key; and other
     event types, which are ignored (not dead-lettered)."""
-    choice = rng.randrange(8)
+    choice = rng.randrange(11)
     key = str(execution_id).encode() if rng.random() < 0.8 else None
     if choice == 0:
         return key, rng.randbytes(rng.randrange(1, 200))
@@ -176,6 +176,14 @@ def random_message(rng: random.Random, execution_id: int) -> tuple[bytes | None,
     if choice == 6:
         return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id,
                                 "credentials": [{"ref": "projects/p/not-a-secret"}]}).encode()
+    if choice == 8:
+        return key, b'{"event_type": "execution.started", "execution_id": 1, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    if choice == 9:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id, "credentials": [
+            {"ref": "projects/p/secrets/s", "name": rng.choice(["nul\x00", "lone\ud800", "n" * 5000])}]}).encode()
+    if choice == 10:
+        return key, json.dumps({"event_type": "execution.started", "execution_id": execution_id, "credentials": [
+            {"ref": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"}]}).encode()
     return b"999", json.dumps({"event_type": "execution.completed", "execution_id": execution_id}).encode()
 
 
