@@ -5,7 +5,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY keychain keychain
 COPY streams streams
-RUN pip install --no-cache-dir . && python -c "import keychain, streams"
+RUN pip install --no-cache-dir '.[streams]' && python -c "import keychain, streams.app"
 USER 10001
 ENV KEYCHAIN_DATA_DIR=/tmp/keychain-warmer PYTHONUNBUFFERED=1
 EXPOSE 6066

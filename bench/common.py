@@ -7,7 +7,7 @@ import json
 import math
 import statistics
 
-from keychain.settings import Settings
+from streams.settings import WorkerSettings
 from keychain.testing.stack import LocalStack
 
 
@@ -35,8 +35,8 @@ def median_ms(samples: list[float]) -> float:
     return ms(statistics.median(samples))
 
 
-def settings_for(stack: LocalStack, schema: str, **overrides) -> Settings:
-    return Settings(dsn=stack.env["KEYCHAIN_DSN"], keys=stack.env["KEYCHAIN_KEYS"], schema_name=schema,
+def settings_for(stack: LocalStack, schema: str, **overrides) -> WorkerSettings:
+    return WorkerSettings(dsn=stack.env["KEYCHAIN_DSN"], keys=stack.env["KEYCHAIN_KEYS"], schema_name=schema,
                     secret_manager_endpoint=stack.env.get("SECRET_MANAGER_ENDPOINT"), **overrides)
 
 

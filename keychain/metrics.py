@@ -1,13 +1,14 @@
-"""Prometheus metrics. Labels are outcomes, reasons and event types: never credential names, never values."""
+"""The library's Prometheus metrics (reads, Secret Manager calls, rows written, swept, purged). Labels are outcomes
+from closed sets: never credential names, never values. The stream worker's own metrics are in streams/metrics.py."""
 
 from prometheus_client import Counter, Histogram
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
-
 READS = Counter(
-    "keychain_reads_total", "Keychain reads by outcome (hit, miss, expired, stale, failed, other_source, error; direct: served from "
-    "Secret Manager while the database could not be reached)",
+    "keychain_reads_total",
+    "Keychain reads by outcome (hit, miss, expired, stale, failed, other_source, error; direct: served from Secret "
+    "Manager while the database could not be reached)",
     ["outcome"],
 )
 READ_SECONDS = Histogram("keychain_read_seconds", "Time of one keychain read (one statement)", buckets=LATENCY_BUCKETS)
@@ -21,24 +22,6 @@ SECRET_MANAGER_CALLS = Counter(
 SECRET_MANAGER_SECONDS = Histogram(
     "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
 )
-GLOBAL_REPOINTS = Counter(
-    "keychain_global_repoints_total", "Warms that wrote a global name over a row holding another secret"
-)
 ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
-EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])
-SKIPPED_DECLARATIONS = Counter(
-    "keychain_skipped_declarations_total", "Credential declarations of started executions not warmed, by reason",
-    ["reason"],
-)
-DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
-DEAD_LETTERS_NOT_SENT = Counter(
-    "keychain_dead_letters_not_sent_total", "Dead letters the broker did not accept (logged with their source offset)"
-)
-INVALIDATIONS = Counter("keychain_invalidations_total", "Rotation notices applied, by Secret Manager event type", ["event_type"])
-INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
-INVALIDATION_LAG_SECONDS = Histogram(
-    "keychain_invalidation_lag_seconds", "From Secret Manager's event time to the rows no longer being served",
-    buckets=LEAD_BUCKETS,
-)
 SWEPT_ROWS = Counter("keychain_swept_rows_total", "Expired rows deleted by the sweep")
 PURGED_ROWS = Counter("keychain_purged_rows_total", "Rows deleted because their execution finished")

@@ -30,9 +30,10 @@ def main() -> None:
         from keychain.settings import load_settings
 
         from .plan import main as plan
+        from .settings import WorkerSettings
 
         try:
-            settings = load_settings()
+            settings = load_settings(WorkerSettings)
         except ConfigurationError as exc:
             sys.exit(f"error: {exc}")
         sys.exit(plan(sys.argv[2:], settings))
@@ -45,7 +46,7 @@ def main() -> None:
 
         print(json.dumps(ExecutionEvent.model_json_schema(), indent=2))
     elif command in ("pubsub-init", "produce-demo"):
-        from keychain.settings import settings_from_env
+        from .settings import worker_settings_from_env
 
         from .sample import produce_samples, pubsub_init
 
@@ -53,13 +54,13 @@ def main() -> None:
         if command == "pubsub-init":
             parser.add_argument("--topic", default="secret-manager-events", help="Secret Manager notification topic")
             args = parser.parse_args(sys.argv[2:])
-            pubsub_init(settings_from_env(), args.topic)
+            pubsub_init(worker_settings_from_env(), args.topic)
         else:
             parser.add_argument("--ref", default="projects/test-project/secrets/openai-api-key/versions/latest")
             parser.add_argument("--executions", type=int, default=10)
             parser.add_argument("--interval", type=float, default=5.0)
             args = parser.parse_args(sys.argv[2:])
-            produce_samples(settings_from_env(), args.ref, args.executions, args.interval)
+            produce_samples(worker_settings_from_env(), args.ref, args.executions, args.interval)
     else:
         sys.exit(f"usage: {USAGE} (got {command!r})")
 

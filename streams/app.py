@@ -7,16 +7,16 @@ import asyncio
 import faust
 from mode import Service
 
-from keychain.settings import Settings, settings_from_env
 from keychain.sources import SecretManagerSource
 from keychain.store import Keychain
 
 from .catalog import Catalog
 from .invalidate import Invalidator
+from .settings import WorkerSettings, worker_settings_from_env
 from .warm import Warmer
 
 
-def logging_config(settings: Settings) -> dict | None:
+def logging_config(settings: WorkerSettings) -> dict | None:
     """JSON log lines for production (KEYCHAIN_LOG_FORMAT=json); None keeps faust's own text format."""
     if settings.log_format != "json":
         return None
@@ -30,7 +30,7 @@ def logging_config(settings: Settings) -> dict | None:
     }
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: WorkerSettings) -> faust.App:
     return faust.App(
         settings.app_id,
         # keychain-kafka = faust's aiokafka transport with a configurable fetch wait (streams/transport.py)
@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> faust.App:
 class Runtime:
     """Opened on first use by whichever agent or timer needs it first; closed when the worker stops."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.keychain: Keychain | None = None
         self.catalog: Catalog | None = None
@@ -87,7 +87,7 @@ class Runtime:
                 self.keychain = self.warmer = self.invalidator = self.catalog = None
 
 
-settings = settings_from_env()
+settings = worker_settings_from_env()
 app = create_app(settings)
 runtime = Runtime(settings)
 

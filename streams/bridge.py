@@ -16,8 +16,8 @@ from typing import Awaitable, Callable
 from google.api_core.exceptions import DeadlineExceeded
 from google.pubsub_v1 import SubscriberAsyncClient
 
-from keychain.settings import Settings
 
+from .settings import WorkerSettings
 from .events import BadEvent
 from .notices import notice_from_pubsub
 
@@ -29,7 +29,7 @@ Publish = Callable[[bytes, bytes], Awaitable[None]]
 DeadLetter = Callable[[bytes | None, bytes, str, str, dict[str, str]], Awaitable[bool]]
 
 
-def subscription_path(settings: Settings) -> str:
+def subscription_path(settings: WorkerSettings) -> str:
     name = settings.rotation_subscription or ""
     if name.startswith("projects/"):
         return name
@@ -49,7 +49,7 @@ class RotationBridge:
     that comes back after one lease. A pull returns as soon as a notification is there, so latency stays low.
     """
 
-    def __init__(self, settings: Settings, publish: Publish, dead_letter: DeadLetter):
+    def __init__(self, settings: WorkerSettings, publish: Publish, dead_letter: DeadLetter):
         self.subscription = subscription_path(settings)
         self.settings = settings
         self.publish = publish

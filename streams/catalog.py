@@ -20,8 +20,8 @@ from typing import Any
 import asyncpg
 import yaml
 
-from keychain.settings import Settings
 
+from .settings import WorkerSettings
 from .events import BadEvent, ExecutionEvent
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def parse_playbook(content: str | None, payload: Any, *, max_bytes: int) -> dict
 class Catalog:
     """Reads playbooks from NoETL's catalog table through `pool` (the keychain's, or one of its own)."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, *, owns_pool: bool = False):
+    def __init__(self, settings: WorkerSettings, pool: asyncpg.Pool, *, owns_pool: bool = False):
         self.settings = settings
         self.pool = pool
         self._owns_pool = owns_pool
@@ -75,7 +75,7 @@ class Catalog:
         self._inflight: dict[tuple, asyncio.Future] = {}
 
     @classmethod
-    async def open(cls, settings: Settings, keychain_pool: asyncpg.Pool) -> "Catalog":
+    async def open(cls, settings: WorkerSettings, keychain_pool: asyncpg.Pool) -> "Catalog":
         if not settings.catalog_dsn:
             return cls(settings, keychain_pool)
         pool = await asyncpg.create_pool(settings.catalog_dsn, min_size=0, max_size=2)

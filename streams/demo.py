@@ -23,12 +23,12 @@ from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
 
 from keychain.crypto import KeyRing
-from keychain.settings import Settings
 from keychain.store import Keychain
 from keychain.testing.stack import LocalStack
 from keychain.sources import SecretManagerSource
 
 from .local import WorkerProcess, consume, create_topics, local_worker_env, produce
+from .settings import WorkerSettings
 from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, register, rust_playbook_started, \
     rust_workflow_initialized, step_records
 
@@ -55,7 +55,7 @@ async def play(stack: LocalStack) -> dict:
     server = stack.secret_manager
     project = env["GOOGLE_CLOUD_PROJECT"]
     pubsub = "PUBSUB_EMULATOR_HOST" in env
-    settings = Settings(dsn=env["KEYCHAIN_DSN"], keys=env["KEYCHAIN_KEYS"],
+    settings = WorkerSettings(dsn=env["KEYCHAIN_DSN"], keys=env["KEYCHAIN_KEYS"],
                         secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"])
     await create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
                         settings.rotations_topic)

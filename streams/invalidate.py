@@ -6,13 +6,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from keychain import metrics
 from keychain.errors import SecretSourceError
 from keychain.model import Scope
 from keychain.refs import SecretRef
-from keychain.settings import Settings
 from keychain.store import Keychain
 
+from . import metrics
+from .settings import WorkerSettings
 from .notices import RotationNotice
 from .resolve import Want
 from .warm import Warmer
@@ -28,7 +28,7 @@ class Applied:
 
 
 class Invalidator:
-    def __init__(self, settings: Settings, keychain: Keychain, warmer: Warmer):
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, warmer: Warmer):
         self.settings = settings
         self.keychain = keychain
         self.warmer = warmer

@@ -1,6 +1,6 @@
 """Secret Manager notifications: validated from Pub/Sub, carried on Kafka, and what each one invalidates.
 
-See ../shared/reference/secret-manager-notifications.md. Be liberal in what is accepted: a version event without
+See docs/secret-manager-notifications.md. Be liberal in what is accepted: a version event without
 `versionId` takes the version from the data's `name`; a missing `timestamp` falls back to the publish time.
 """
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import asyncpg
 
-from keychain import metrics
-from keychain.settings import Settings
 
+from . import metrics
+from .settings import WorkerSettings
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .resolve import Plan, resolve
@@ -30,7 +30,7 @@ from .resolve import Plan, resolve
 log = logging.getLogger(__name__)
 
 
-async def plan_start(event: ExecutionEvent, catalog: Catalog | None, settings: Settings) -> Plan:
+async def plan_start(event: ExecutionEvent, catalog: Catalog | None, settings: WorkerSettings) -> Plan:
     """Resolve a start event against its playbook: the event's own, or the catalog's. BadEvent when it is bad."""
     playbook = await catalog.playbook_for(event) if catalog is not None else None
     try:
@@ -45,7 +45,7 @@ async def plan_start(event: ExecutionEvent, catalog: Catalog | None, settings: S
     return plan
 
 
-async def dry_run(value: bytes, settings: Settings) -> dict[str, Any]:
+async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
     """The plan of one message value, as the command prints it. Raises BadEvent for a dead letter."""
     event = parse_event(None, value, max_bytes=settings.max_event_bytes)
     answer: dict[str, Any] = {"event": event.kind, "execution_id": event.execution_id, "rows": [], "skipped": []}
@@ -65,7 +65,7 @@ async def dry_run(value: bytes, settings: Settings) -> dict[str, Any]:
     return answer
 
 
-def main(argv: list[str], settings: Settings) -> int:
+def main(argv: list[str], settings: WorkerSettings) -> int:
     source = argv[0] if argv else "-"
     try:
         value = sys.stdin.buffer.read() if source == "-" else open(source, "rb").read()

@@ -7,14 +7,14 @@ import json
 import logging
 import time
 
-from keychain.settings import Settings
 
+from .settings import WorkerSettings
 from .local import finish_event, produce
 
 log = logging.getLogger(__name__)
 
 
-def pubsub_init(settings: Settings, topic: str) -> None:
+def pubsub_init(settings: WorkerSettings, topic: str) -> None:
     """Create the notification topic and the rotation subscription if they do not exist (idempotent)."""
     from google.api_core.exceptions import AlreadyExists
     from google.cloud import pubsub_v1
@@ -35,7 +35,7 @@ def pubsub_init(settings: Settings, topic: str) -> None:
     print(f"topic {topic_path} -> subscription {subscription}", flush=True)
 
 
-def produce_samples(settings: Settings, ref: str, executions: int, interval: float) -> None:
+def produce_samples(settings: WorkerSettings, ref: str, executions: int, interval: float) -> None:
     """Start `executions` executions reading `ref`, then finish them, every `interval` seconds."""
 
     async def run() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from keychain import metrics
 
+from . import metrics
 from .app import app, settings
 
 log = logging.getLogger(__name__)

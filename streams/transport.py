@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from faust.transport.drivers import aiokafka as driver
 
-from keychain.settings import settings_from_env
+from .settings import worker_settings_from_env
 
 
 class ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
         # aiokafka hands this to its fetcher when the consumer starts; faust offers no setting for it.
-        consumer._fetch_max_wait_ms = settings_from_env().consumer_fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = worker_settings_from_env().consumer_fetch_max_wait_ms
         return consumer
 
 

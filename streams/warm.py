@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
-from keychain import metrics
 from keychain.errors import PERMANENT_ERRORS, KeychainUnavailable, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
-from keychain.settings import Settings
 from keychain.sources import SecretManagerSource, SecretValue
 from keychain.store import CONNECTION_ERRORS, Keychain
 
+from . import metrics
+from .settings import WorkerSettings
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .plan import plan_start
@@ -73,7 +73,7 @@ class BatchResult:
 
 
 class Warmer:
-    def __init__(self, settings: Settings, keychain: Keychain, source: SecretManagerSource,
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, source: SecretManagerSource,
                  catalog: Catalog | None = None):
         self.settings = settings
         self.keychain = keychain

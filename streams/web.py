@@ -19,6 +19,7 @@ from keychain.errors import InvalidReference
 from keychain.model import storable_text
 from keychain.refs import SecretRef
 
+from . import metrics as worker_metrics
 from .app import runtime, settings
 from .notices import RotationNotice
 
@@ -82,9 +83,9 @@ async def stats(_: web.Request) -> web.Response:
         "hit_ratio": round(reads.get("hit", 0) / total, 4) if total else None,
         "rows_by_scope_and_state": rows,
         "secret_manager_calls": _counts(metrics.SECRET_MANAGER_CALLS),
-        "events": _counts(metrics.EVENTS),
-        "dead_letters": _counts(metrics.DEAD_LETTERS),
-        "invalidations": _counts(metrics.INVALIDATIONS),
+        "events": _counts(worker_metrics.EVENTS),
+        "dead_letters": _counts(worker_metrics.DEAD_LETTERS),
+        "invalidations": _counts(worker_metrics.INVALIDATIONS),
         "last_sweep": runtime.last_sweep,
         "last_invalidation_lag_ms": runtime.last_invalidation_lag_ms,
     }, dumps=_dumps)

@@ -9,9 +9,10 @@ import uuid
 import asyncpg
 import pytest
 
-from keychain import Keychain, SecretManagerSource, Settings
+from keychain import Keychain, SecretManagerSource
 from keychain.crypto import KeyRing
 from keychain.testing.stack import LocalStack
+from streams.settings import WorkerSettings
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +96,8 @@ def key_spec():
     return KeyRing.generate_spec("k1")
 
 
-def make_settings(stack: LocalStack, schema: str, keys: str, **overrides) -> Settings:
-    return Settings(
+def make_settings(stack: LocalStack, schema: str, keys: str, **overrides) -> WorkerSettings:
+    return WorkerSettings(
         dsn=stack.env["KEYCHAIN_DSN"],
         schema_name=schema,
         keys=keys,

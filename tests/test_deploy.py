@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from keychain.cli import main as keychain_cli
-from keychain.settings import Settings
+from streams.settings import WorkerSettings
 
 ROOT = Path(__file__).parent.parent
-SETTING_NAMES = {f.validation_alias.choices[0] for f in Settings.model_fields.values()}
+SETTING_NAMES = {f.validation_alias.choices[0] for f in WorkerSettings.model_fields.values()}
 GOOGLE_NAMES = {"GOOGLE_APPLICATION_CREDENTIALS"}  # read by the Google client libraries themselves
 STREAMS_COMMANDS = {"worker", "plan", "demo", "schema", "pubsub-init", "produce-demo"}
 
@@ -50,7 +50,7 @@ def test_compose_services_commands_and_variables_match_the_code():
         environment = {k: resolve(v) for k, v in (service.get("environment") or {}).items()}
         unknown = set(environment) - SETTING_NAMES - GOOGLE_NAMES
         assert not unknown, f"{name}: variables unknown to the settings object: {unknown}"
-        Settings(**{k: v for k, v in environment.items() if k in SETTING_NAMES})  # values validate too
+        WorkerSettings(**{k: v for k, v in environment.items() if k in SETTING_NAMES})  # values validate too
         entrypoint, command = service.get("entrypoint"), service.get("command", ["worker"])
         if entrypoint == ["keychain"]:
             assert command[0] in keychain_cli.commands, f"{name}: no `keychain {command[0]}`"
@@ -120,7 +120,7 @@ def test_configuration_names_are_the_settings_names(rendered):
     secret = by_kind(rendered, "Secret")["stringData"]
     assert set(config) | set(secret) <= SETTING_NAMES
     assert {"KEYCHAIN_DSN", "KEYCHAIN_KEYS"} <= set(secret) and not {"KEYCHAIN_DSN", "KEYCHAIN_KEYS"} & set(config)
-    Settings(**config)
+    WorkerSettings(**config)
 
 
 def test_custom_resources_are_well_formed_and_consistent(rendered):

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from keychain import Settings
 from streams.catalog import parse_playbook
 from streams.events import BadEvent, parse_event
 from streams.plan import dry_run
 from streams.resolve import resolve
+from streams.settings import WorkerSettings
 
 from streams.noetl_samples import (
     CACHE_SIMPLE, as_message, debezium, finish_record, keychain_secrets_yaml, python_playbook_initialized,
@@ -157,10 +157,10 @@ async def test_plan_prints_rows_and_skips_for_an_inline_playbook():
            "playbook": {"keychain": [{"name": "t", "kind": "oauth2"}],
                         "workflow": [{"step": "s", "tool": {"auth": {"o": {"provider": "secret_manager",
                                                                           "key": "{{ p }}"}}}}]}}
-    answer = await dry_run(json.dumps(doc).encode(), Settings())
+    answer = await dry_run(json.dumps(doc).encode(), WorkerSettings())
     assert answer == {"event": "start", "execution_id": 7, "rows": [
         {"name": "db", "scope": "global", "refs": {"": "projects/p/secrets/db/versions/latest"}},
         {"name": OPENAI, "scope": "execution", "refs": {"": OPENAI}}],
         "skipped": [{"where": "t", "reason": "oauth2"}]}
-    finish = await dry_run(as_message(finish_record(EXECUTION, CATALOG))[1], Settings())
+    finish = await dry_run(as_message(finish_record(EXECUTION, CATALOG))[1], WorkerSettings())
     assert finish == {"event": "finish", "execution_id": EXECUTION, "rows": [], "skipped": []}

@@ -94,7 +94,7 @@ async def test_an_unexpected_error_dead_letters_its_own_event_only(warmer, keych
 async def test_a_global_name_repointed_is_never_served_for_the_old_reference(warmer, keychain, sm, unique):
     """Execution A names global `shared` = secret X, execution B names `shared` = secret Y: a read that names X must
     get X's value (reading through), never Y's; the repoint is logged and counted."""
-    from keychain import metrics
+    from streams import metrics
 
     x, y = f"x-{unique}", f"y-{unique}"
     for secret_id in (x, y):

@@ -3,7 +3,7 @@
 There is no Secret Manager emulator. This server keeps secrets in memory, names them the way the real service does
 (the project by NUMBER in every name it returns, `latest` = the most recently created version), injects latency and
 faults so tests and benchmarks can model the real service, and publishes the same Pub/Sub notifications the real
-service publishes (`../shared/reference/secret-manager-notifications.md`) when given a topic.
+service publishes (`docs/secret-manager-notifications.md`) when given a topic.
 
 Run alone: `python -m keychain.testing.secret_manager_server --port 8085 --delay-ms 250`.
 """

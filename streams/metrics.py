@@ -1,0 +1,27 @@
+"""The stream worker's Prometheus metrics (events, skipped declarations, dead letters, invalidations); the
+library's are in keychain/metrics.py. Every label comes from a closed set: never an input's own words."""
+
+from prometheus_client import Counter, Histogram
+
+from keychain.metrics import LEAD_BUCKETS
+
+EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])
+SKIPPED_DECLARATIONS = Counter(
+    "keychain_skipped_declarations_total", "Credential declarations of started executions not warmed, by reason",
+    ["reason"],
+)
+DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
+DEAD_LETTERS_NOT_SENT = Counter(
+    "keychain_dead_letters_not_sent_total", "Dead letters the broker did not accept (logged with their source offset)"
+)
+INVALIDATIONS = Counter(
+    "keychain_invalidations_total", "Rotation notices applied, by Secret Manager event type", ["event_type"]
+)
+INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
+INVALIDATION_LAG_SECONDS = Histogram(
+    "keychain_invalidation_lag_seconds", "From Secret Manager's event time to the rows no longer being served",
+    buckets=LEAD_BUCKETS,
+)
+GLOBAL_REPOINTS = Counter(
+    "keychain_global_repoints_total", "Warms that wrote a global name over a row holding another secret"
+)

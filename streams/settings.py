@@ -1,0 +1,166 @@
+"""The stream worker's settings: the library's (keychain/settings.py) and its own, read from the environment, with
+every default in one place. `keychain/` knows none of these."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import SecretStr
+
+from keychain.settings import Settings, env, load_settings
+
+
+class WorkerSettings(Settings):
+    # --- Google Cloud / Kafka ----------------------------------------------------------------------------------
+    google_cloud_project: str | None = env(
+        "GOOGLE_CLOUD_PROJECT",
+        default=None,
+        description="Project of short Pub/Sub subscription names, and of `keychain:` entries without `map`.",
+    )
+    pubsub_emulator_host: str | None = env(
+        "PUBSUB_EMULATOR_HOST", default=None, description="The Google client's own variable for the emulator."
+    )
+    rotation_subscription: str | None = env(
+        "KEYCHAIN_ROTATION_SUBSCRIPTION",
+        default=None,
+        description="Pub/Sub subscription of Secret Manager notifications (`projects/P/subscriptions/S` or `S`).",
+    )
+    kafka_bootstrap_servers: str = env(
+        "KAFKA_BOOTSTRAP_SERVERS", default="127.0.0.1:9092", description="Kafka brokers, comma-separated."
+    )
+    events_topic: str = env(
+        "KEYCHAIN_EVENTS_TOPIC", default="noetl.execution.events", description="Execution lifecycle events."
+    )
+    dlq_topic: str = env(
+        "KEYCHAIN_DLQ_TOPIC", default="noetl.execution.events.dlq", description="Dead letters, with the reason."
+    )
+    rotations_topic: str = env(
+        "KEYCHAIN_ROTATIONS_TOPIC", default="keychain.rotations", description="Secret Manager notices on Kafka."
+    )
+
+    # --- the stream worker ----------------------------------------------------------------------------------------
+    app_id: str = env(
+        "KEYCHAIN_APP_ID", default="keychain-warmer", description="Faust app id = Kafka consumer group."
+    )
+    topic_partitions: int = env(
+        "KEYCHAIN_TOPIC_PARTITIONS", default=8, ge=1, description="Partitions of topics the worker creates."
+    )
+    web_port: int = env(
+        "KEYCHAIN_WEB_PORT", default=6066, ge=1, le=65535, description="HTTP port of the worker (health, metrics, admin)."
+    )
+    web_host: str = env("KEYCHAIN_WEB_HOST", default="0.0.0.0", description="Address the HTTP server binds.")
+    admin_token: SecretStr | None = env(
+        "KEYCHAIN_ADMIN_TOKEN",
+        default=None,
+        description="Bearer token for POST /invalidate; unset disables the endpoint.",
+    )
+    data_dir: str = env(
+        "KEYCHAIN_DATA_DIR", default="/tmp/keychain-warmer", description="Faust's scratch directory (no state)."
+    )
+    broker_session_timeout_seconds: float = env(
+        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS", default=10.0, gt=0, description="Consumer group session timeout."
+    )
+    broker_heartbeat_interval_seconds: float = env(
+        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS", default=1.0, gt=0, description="Consumer heartbeat interval."
+    )
+    consumer_fetch_max_wait_ms: int = env(
+        "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS",
+        default=100,
+        ge=1,
+        description="Longest a consumer fetch waits for records (faust's fixed 1500 ms delays events on brokers "
+        "that hold fetches, such as the local tansu).",
+    )
+    warm_batch_size: int = env(
+        "KEYCHAIN_WARM_BATCH_SIZE", default=500, ge=1, description="Most events handled (and written) at once."
+    )
+    warm_batch_seconds: float = env(
+        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0, description="Longest wait to fill a batch."
+    )
+    warm_concurrency: int = env(
+        "KEYCHAIN_WARM_CONCURRENCY", default=32, ge=1, description="Secret Manager calls in flight per worker."
+    )
+    secret_manager_max_calls_per_minute: int = env(
+        "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",
+        default=6000,
+        ge=1,
+        description="Access budget per worker (the project quota is 90,000 per minute).",
+    )
+    warm_fetch_window_seconds: float = env(
+        "KEYCHAIN_WARM_FETCH_WINDOW_SECONDS",
+        default=10.0,
+        ge=0,
+        description="A fetched version is reused for this long by later batches: one call per secret per burst.",
+    )
+    warm_deadline_seconds: float = env(
+        "KEYCHAIN_WARM_DEADLINE_SECONDS",
+        default=30.0,
+        gt=0,
+        description="How long a batch retries Secret Manager UNAVAILABLE before dead-lettering the event.",
+    )
+    max_event_bytes: int = env(
+        "KEYCHAIN_MAX_EVENT_BYTES", default=1_048_576, ge=1, description="Larger events go to the dead-letter topic."
+    )
+    max_playbook_bytes: int = env(
+        "KEYCHAIN_MAX_PLAYBOOK_BYTES", default=1_048_576, ge=1, description="Larger catalog playbooks are refused."
+    )
+    catalog_dsn: str | None = env(
+        "KEYCHAIN_CATALOG_DSN",
+        default=None,
+        description="DSN of NoETL's database, when its catalog is not in the keychain's database (read only).",
+    )
+    catalog_schema: str = env(
+        "KEYCHAIN_CATALOG_SCHEMA",
+        default="noetl",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Schema of NoETL's `catalog` table, where start events that carry no playbook find it.",
+    )
+    catalog_cache_size: int = env(
+        "KEYCHAIN_CATALOG_CACHE_SIZE", default=1000, ge=1, description="Parsed playbooks kept, by catalog id."
+    )
+    catalog_wait_seconds: float = env(
+        "KEYCHAIN_CATALOG_WAIT_SECONDS",
+        default=5.0,
+        ge=0,
+        description="How long a start event waits for its catalog row to appear before `playbook_not_found`.",
+    )
+    sweep_interval_seconds: float = env(
+        "KEYCHAIN_SWEEP_INTERVAL_SECONDS", default=60.0, gt=0, description="How often the leader sweeps."
+    )
+
+    rewarm_mode: str = env(
+        "KEYCHAIN_REWARM_MODE",
+        default="refresh",
+        pattern="^(refresh|drop)$",
+        description="After an invalidation: `refresh` running executions' rows with the new version, or `drop` them.",
+    )
+    reconcile_interval_seconds: float = env(
+        "KEYCHAIN_RECONCILE_INTERVAL_SECONDS",
+        default=60.0,
+        gt=0,
+        description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
+    )
+    reconcile_batch: int = env(
+        "KEYCHAIN_RECONCILE_BATCH",
+        default=50,
+        ge=1,
+        description="Secrets compared per reconciliation (reads; the project quota is 600 per minute).",
+    )
+    pubsub_max_messages: int = env(
+        "KEYCHAIN_PUBSUB_MAX_MESSAGES",
+        default=100,
+        ge=1,
+        description="Flow control: notifications held by the bridge at once.",
+    )
+    pubsub_ack_deadline_seconds: int = env(
+        "KEYCHAIN_PUBSUB_ACK_DEADLINE_SECONDS",
+        default=10,
+        ge=10,
+        le=600,
+        description="Lease per notification; what a crashed bridge held is redelivered after it.",
+    )
+
+
+@lru_cache(maxsize=1)
+def worker_settings_from_env() -> WorkerSettings:
+    """Read once, at the worker's start: unknown KEYCHAIN_* variables are warned about then."""
+    return load_settings(WorkerSettings, warn_unknown=True)
