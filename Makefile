@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test demo stack bench clean
+.PHONY: install check test demo stack bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The fast tier: lint and every test that needs no service (references, crypto, events, resolve, notices, fuzz).
+check: $(STAMP)
+	$(VENV)/bin/ruff check keychain streams tests bench
+	FAST_TESTS=1 $(PY) -m pytest -m "not services" -q $(PYTEST_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check keychain streams tests bench

@@ -15,10 +15,19 @@ from keychain.testing.stack import LocalStack
 from streams.settings import WorkerSettings
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that need the real services are marked `services`; `make check` runs the others, in seconds."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.services)
+
+
 @pytest.fixture(scope="session")
 def stack():
+    """Started once, by the first test that needs it (never for `make check`)."""
     with LocalStack() as running:
         yield running
+        check_no_plaintext(running)  # before the services stop
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +35,9 @@ def secret_manager(stack):
     return stack.secret_manager
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_plaintext_anywhere(stack):
+def check_no_plaintext(stack: LocalStack) -> None:
     """After the whole suite: no secret value the test server ever issued appears in any test schema's table, in
     anything a worker printed, or in any HTTP answer. Fails the session (an error at teardown) if one does."""
-    yield
     from .streams_harness import HTTP_BODIES, WORKERS
 
     issued = [v for v in stack.secret_manager.issued if len(v) >= 8]

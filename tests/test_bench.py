@@ -10,6 +10,8 @@ import pytest
 
 from keychain.testing.stack import pubsub_unavailable_reason
 
+pytestmark = pytest.mark.services  # the benchmarks start their own services
+
 ROOT = Path(__file__).parent.parent
 KEYS = {
     "hit_latency": {"get_p50_ms", "get_p99_ms", "select1_p50_ms", "sm_p50_ms", "ratio_vs_select1", "speedup_vs_sm",

@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+
+pytestmark = pytest.mark.services  # starts its own services
+
 
 def test_demo_runs_end_to_end_and_reports(tmp_path):
     env = {k: v for k, v in os.environ.items()

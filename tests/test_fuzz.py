@@ -2,12 +2,21 @@
 Every input either yields a valid result or a BadEvent with a known reason: never another exception."""
 
 import json
+import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from streams.events import BadEvent, parse_event
 from streams.notices import notice_from_pubsub
 from streams.resolve import SKIP_REASONS, resolve
+
+# `make check` (FAST_TESTS=1) runs a tenth of the examples, for a quick answer; `make test` runs them all.
+SCALE = 10 if os.environ.get("FAST_TESTS") else 1
+
+
+def examples(n: int) -> int:
+    return n // SCALE
+
 
 EVENT_REASONS = {"empty", "too_large", "malformed_json", "invalid_event", "key_mismatch", "bad_template",
                  "bad_reference"}
@@ -61,7 +70,7 @@ def classify_event(key, value):
         return bad.reason
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(3000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events, st.booleans())
 def test_execution_events_never_crash(document, keyed):
     key = str(document.get("execution_id")).encode() if keyed else None
@@ -91,7 +100,7 @@ noetl_records = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(noetl_records, st.sampled_from(["plain", "debezium", "wrapped", "jsonb-strings"]), noetl_playbooks,
        st.none() | st.binary(max_size=8) | st.sampled_from([b'{"payload": {"execution_id": 5}}', b'{"x": 1}']))
 def test_noetl_records_and_playbooks_never_crash(record, envelope, playbook, key):
@@ -110,7 +119,7 @@ def test_noetl_records_and_playbooks_never_crash(record, envelope, playbook, key
     assert {skip.reason for skip in plan.skipped} <= SKIP_REASONS
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=examples(1500), deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode), st.none() | st.binary(max_size=8))
 def test_arbitrary_bytes_never_crash(value, key):
     classify_event(key, value)
@@ -126,7 +135,7 @@ attributes = st.fixed_dictionaries({}, optional={
 })
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(attributes, st.binary(max_size=100) | st.sampled_from([b'{"name": "projects/1/secrets/s/versions/4"}', b"{}"]))
 def test_notifications_never_crash(attrs, data):
     try:

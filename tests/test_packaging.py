@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.services  # installs the package into a new virtualenv (a minute)
+
 ROOT = Path(__file__).parent.parent
 STREAMING = ("faust", "aiokafka", "aiohttp", "aiolimiter", "jinja2", "yaml", "google.cloud.pubsub_v1")
 
