@@ -1,64 +1,54 @@
-"""The execution-events agent (warm on start, purge on finish) and the leader-only maintenance timer."""
+"""The faust wiring of the worker's work: one durable consume loop, the two agents that use it (execution events,
+rotation notices), the leader-only timers (sweep and keep-warm, reconciliation) and the rotation bridge service.
+Each is thin: the work itself is in the domain modules (warm, invalidate, bridge)."""
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable
 
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+from mode import Service
 
 from .app import app, runtime, settings
-from .topics import execution_events, send_dead_letter
-from .warm import DATABASE_DOWN, BatchResult, DeadLetter, Record
+from .batches import Handled, Record, handle_batch
+from .bridge import RotationBridge
+from .topics import execution_events, publish_rotation, rotations, send_dead_letter
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
+
+async def consume_durably(
+    stream, what: str, handle: Callable[[list[Record]], Awaitable[Handled]]
+) -> AsyncIterator[Handled]:
+    """The one way a batch is consumed: handled (held through database outages), its dead letters sent and
+    acknowledged by the broker, and only then its offsets acknowledged; yields each batch's result."""
+    await runtime.ready()
+    async for events in stream.noack_take(settings.warm_batch_size, within=settings.warm_batch_seconds):
+        records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+                   for e in events]
+        result = await handle_batch(records, handle)
+        for dead in result.dead:
+            await send_dead_letter(dead.record.key, dead.record.value, dead.reason, dead.detail,
+                                   {"source": dead.record.source})
+        for event in events:  # rows written durably, dead letters taken by the broker: offsets may commit
+            await stream.ack(event)
+        log.info("batch: %d %s, %s", len(records), what, result.summary())
+        yield result
 
 
 @app.agent(execution_events)
 async def executions(stream):
-    await runtime.ready()
-    async for events in stream.noack_take(settings.warm_batch_size, within=settings.warm_batch_seconds):
-        records = [
-            Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
-            for e in events
-        ]
-        result = await handle_durably(records)
-        for dead in result.dead:
-            record = dead.record
-            source = f"{record.topic}/{record.partition}/{record.offset}"
-            await send_dead_letter(record.key, record.value, dead.reason, dead.detail, {"source": source})
-        # Only now, with rows written (durably) and dead letters acknowledged by the broker, may offsets commit.
-        for event in events:
-            await stream.ack(event)
-        log.info(
-            "batch: %d events, %d started, %d finished, %d ignored, %d rows written, %d purged, %d declarations "
-            "skipped, %d dead-lettered", len(records), result.started, result.finished, result.ignored,
-            result.rows_written, result.rows_purged, result.skipped, len(result.dead),
-        )
+    """Warm on start, purge on finish."""
+    async for _ in consume_durably(stream, "events", lambda records: runtime.warmer.handle(records)):
+        pass
 
 
-async def handle_durably_with(work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` until the database takes it: an outage holds the stream (in order) instead of losing events."""
-    retrying = AsyncRetrying(
-        retry=retry_if_exception_type(DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
-    )
-    async for attempt in retrying:
-        with attempt:
-            if attempt.retry_state.attempt_number > 1:
-                log.warning("database unavailable; retrying (attempt %d)", attempt.retry_state.attempt_number)
-            return await work()
-    raise AssertionError("unreachable")
-
-
-async def handle_durably(records: list[Record]) -> BatchResult:
-    try:
-        return await handle_durably_with(lambda: runtime.warmer.handle(records))
-    except Exception as exc:  # a bug, not bad input: keep every event, in the DLQ, and keep the stream going
-        log.exception("batch failed; dead-lettering its %d events", len(records))
-        return BatchResult(dead=[DeadLetter(r, "internal_error", type(exc).__name__) for r in records])
+@app.agent(rotations)
+async def invalidations(stream):
+    """Stop serving what a rotation notice makes wrong, then refresh running executions' rows."""
+    async for _ in consume_durably(stream, "notices", lambda records: runtime.invalidator.handle(records)):
+        pass
 
 
 @app.timer(interval=settings.sweep_interval_seconds, on_leader=True)
@@ -71,3 +61,28 @@ async def maintain() -> None:
     refreshed = await runtime.warmer.refresh_globals()
     if refreshed:
         log.info("keep-warm: %d global rows refreshed", refreshed)
+
+
+@app.timer(interval=settings.reconcile_interval_seconds, on_leader=True)
+async def reconcile() -> None:
+    """Leader only: compare `latest` rows with Secret Manager (catches notices that were lost)."""
+    await runtime.ready()
+    behind = await runtime.invalidator.reconcile()
+    if behind:
+        log.warning("reconcile: %d secret(s) were behind their latest version", behind)
+
+
+@app.service
+class BridgeService(Service):
+    """Runs the Pub/Sub -> Kafka bridge in this worker whenever KEYCHAIN_ROTATION_SUBSCRIPTION is set."""
+
+    bridge: RotationBridge | None = None
+
+    async def on_start(self) -> None:
+        if settings.rotation_subscription:
+            self.bridge = runtime.bridge = RotationBridge(settings, publish_rotation, send_dead_letter)
+            self.add_future(self.bridge.run())
+
+    async def on_stop(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.stop()

@@ -65,7 +65,6 @@ class Runtime:
         self.invalidator: Invalidator | None = None
         self.bridge = None  # the rotation bridge, when this worker runs one
         self.last_sweep: dict | None = None
-        self.last_invalidation_lag_ms: float | None = None
         self._lock = asyncio.Lock()
 
     async def ready(self) -> "Runtime":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from keychain.errors import SecretSourceError
@@ -12,12 +12,23 @@ from keychain.refs import SecretRef
 from keychain.store import Keychain
 
 from . import metrics
-from .settings import WorkerSettings
-from .notices import RotationNotice
+from .batches import DATABASE_DOWN, DeadLetter, Record
+from .events import BadEvent
+from .notices import RotationNotice, notice_from_kafka
 from .resolve import Want
+from .settings import WorkerSettings
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class NoticesResult:
+    applied: int = 0
+    dead: list[DeadLetter] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"{self.applied} notices applied, {len(self.dead)} dead-lettered"
 
 
 @dataclass
@@ -32,6 +43,26 @@ class Invalidator:
         self.settings = settings
         self.keychain = keychain
         self.warmer = warmer
+        self.last_lag_ms: float | None = None  # of the last notice that stopped serving rows (/stats)
+
+    async def handle(self, records: list[Record]) -> NoticesResult:
+        """A batch of notices from the rotations topic, in order (notices of one secret share a partition). A bad
+        notice, or a bug, dead-letters that notice only; a database that is down raises (the batch runs again:
+        notices are applied once, by id)."""
+        result = NoticesResult()
+        for record in records:
+            try:
+                await self.apply(notice_from_kafka(record.value))
+            except DATABASE_DOWN:
+                raise
+            except BadEvent as bad:
+                result.dead.append(DeadLetter(record, bad.reason, bad.detail))
+            except Exception as exc:
+                log.error("notice at %s failed: %s", record.source, type(exc).__name__, exc_info=exc)
+                result.dead.append(DeadLetter(record, "internal_error", type(exc).__name__))
+            else:
+                result.applied += 1
+        return result
 
     async def apply(self, notice: RotationNotice) -> Applied:
         match = notice.match()
@@ -44,6 +75,7 @@ class Invalidator:
         lag_ms = (datetime.now(timezone.utc) - notice.occurred_at).total_seconds() * 1000
         metrics.INVALIDATIONS.labels(notice.event_type).inc()
         if changed:
+            self.last_lag_ms = round(lag_ms, 1)
             metrics.INVALIDATED_ROWS.inc(changed)
             metrics.INVALIDATION_LAG_SECONDS.observe(max(0.0, lag_ms / 1000))
         self.warmer.forget_secret(notice.secret_id)

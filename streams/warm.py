@@ -18,41 +18,21 @@ from dataclasses import dataclass, field
 
 from aiolimiter import AsyncLimiter
 
-from keychain.errors import PERMANENT_ERRORS, KeychainUnavailable, SecretSourceError
+from keychain.errors import PERMANENT_ERRORS, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
 from keychain.sources import SecretManagerSource, SecretValue
-from keychain.store import CONNECTION_ERRORS, Keychain
+from keychain.store import Keychain
 
 from . import metrics
-from .settings import WorkerSettings
+from .batches import DATABASE_DOWN, DeadLetter, Record
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .plan import plan_start
 from .resolve import Want
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-# A database that is down or restarting: the caller waits and retries the same batch, in order, until it is back.
-DATABASE_DOWN = (KeychainUnavailable, *CONNECTION_ERRORS)
-
-
-@dataclass
-class Record:
-    """One consumed message, as the agent hands it over."""
-
-    key: bytes | None
-    value: bytes | None
-    topic: str = ""
-    partition: int = 0
-    offset: int = 0
-
-
-@dataclass
-class DeadLetter:
-    record: Record
-    reason: str
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +50,11 @@ class BatchResult:
     rows_written: int = 0
     rows_purged: int = 0
     dead: list[DeadLetter] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.started} started, {self.finished} finished, {self.ignored} ignored, {self.rows_written} rows "
+                f"written, {self.rows_purged} purged, {self.skipped} declarations skipped, {len(self.dead)} "
+                "dead-lettered")
 
 
 class Warmer:
@@ -151,8 +136,7 @@ class Warmer:
             return DeadLetter(record, exc.reason, exc.detail)
         if isinstance(exc, DATABASE_DOWN) or not isinstance(exc, Exception):
             raise exc  # the database is down (the caller retries the batch), or a cancellation
-        log.error("event at %s/%d/%d failed: %s", record.topic, record.partition, record.offset, type(exc).__name__,
-                  exc_info=exc)
+        log.error("event at %s failed: %s", record.source, type(exc).__name__, exc_info=exc)
         return DeadLetter(record, "internal_error", type(exc).__name__)
 
     # --- warming ----------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ async def stats(_: web.Request) -> web.Response:
         "dead_letters": _counts(worker_metrics.DEAD_LETTERS),
         "invalidations": _counts(worker_metrics.INVALIDATIONS),
         "last_sweep": runtime.last_sweep,
-        "last_invalidation_lag_ms": runtime.last_invalidation_lag_ms,
+        "last_invalidation_lag_ms": runtime.invalidator.last_lag_ms,
     }, dumps=_dumps)
 
 

@@ -68,7 +68,7 @@ async def test_an_unexpected_error_dead_letters_its_own_event_only(warmer, keych
     """A real database error for one event's row (a trigger refuses it) must not take the batch's other events."""
     import json
 
-    from streams.warm import Record
+    from streams.batches import Record
 
     secret_id, value = secret
     await db.execute("""
