@@ -12,9 +12,10 @@ import sys
 from typing import Any, Awaitable, Callable
 
 import click
-from .errors import ConfigurationError, KeychainError
+from .errors import ConfigurationError, InvalidReference, KeychainError
 from .logs import configure_logging
 from .model import storable_text
+from .refs import SecretRef
 from .settings import load_settings
 from .sources import SecretManagerSource
 from .store import Keychain
@@ -128,14 +129,21 @@ def get(name: str, execution_id: int | None, global_scope: bool, session_id: str
 @main.command()
 @click.option("--credential", callback=credential_name, help="Every scope's entry of this credential name.")
 @click.option("--execution-id", type=EXECUTION_ID, help="Every entry of this execution.")
-@click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S).")
+@click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S), or the one "
+              "version a pinned reference names (projects/P/secrets/S/versions/N).")
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def invalidate(credential: str | None, execution_id: int | None, secret: str | None, everything: bool) -> None:
-    """Stop serving entries at once (they are refreshed or swept later)."""
+    """Stop serving entries at once (a running worker refreshes them; otherwise they are read through or swept)."""
     if sum(x is not None for x in (credential, execution_id, secret)) + everything != 1:
         raise click.UsageError("give exactly one of --credential, --execution-id, --secret, --all")
-    count = run(lambda kc: kc.invalidate(credential=credential, execution_id=execution_id, secret=secret,
-                                         everything=everything))
+    if secret is not None:
+        try:
+            SecretRef.parse(secret)
+        except InvalidReference as exc:
+            raise click.BadParameter(str(exc), param_hint="--secret") from None
+        count = run(lambda kc: kc.invalidate_secret(secret))
+    else:
+        count = run(lambda kc: kc.invalidate(credential=credential, execution_id=execution_id, everything=everything))
     click.echo(json.dumps({"invalidated": count}))
 
 

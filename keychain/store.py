@@ -387,9 +387,7 @@ class Keychain:
         if len(chosen) != 1:
             raise ValueError("invalidate exactly one of: credential, execution_id, secret, everything")
         if secret is not None:
-            ref = SecretRef.parse(secret)
-            changed = await self.invalidate_matching(ref.secret, {"names": [ref.secret_name]})
-            return changed or 0
+            return await self.invalidate_secret(secret) or 0
         if credential is not None:
             statement, args = "invalidate_credential", (credential,)
         elif execution_id is not None:
@@ -400,6 +398,22 @@ class Keychain:
             if everything:
                 await conn.execute(self._q["bump_all_generations"])
             return affected(await conn.execute(self._q[statement], *args))
+
+    @reports_outage
+    async def invalidate_secret(
+        self, secret: str | SecretRef, version: str | None = None, *, notice_id: str | None = None, drop: bool = False
+    ) -> int | None:
+        """THE invalidation: stop serving, at once, every value of this secret, or only of `version` (or of the
+        version a pinned reference names), whichever project spelling the rows used; fenced, so no fetch in flight
+        writes an older value afterwards. The worker then refreshes running executions' rows (at once when it is the
+        worker that invalidates, else on its next maintenance round). Returns rows changed (None: a duplicate)."""
+        ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
+        return await self.invalidate_matching(ref.secret, secret_match(ref, version), notice_id=notice_id, drop=drop)
+
+    @reports_outage
+    async def stale_secret_ids(self, limit: int = 100) -> list[str]:
+        """Secrets that still have rows not served (invalidated, not yet refreshed)."""
+        return [row["secret_id"] for row in await self.pool.fetch(self._q["stale_secret_ids"], limit)]
 
     @reports_outage
     async def invalidate_matching(
@@ -505,6 +519,13 @@ async def connect_pool(settings: Settings) -> asyncpg.Pool:
 
 async def _keep_session(_: asyncpg.Connection) -> None:
     return None
+
+
+def secret_match(ref: SecretRef, version: str | None = None) -> dict[str, Any]:
+    """Which rows of `ref`'s secret an invalidation of it reaches (a `sources` element pattern): one version when
+    `version` is given or `ref` is pinned, else every row of the secret."""
+    version = version or (ref.version if ref.pinned else None)
+    return {"version": version} if version else {}
 
 
 def source_pattern(ref: SecretRef) -> str:

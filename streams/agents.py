@@ -61,6 +61,9 @@ async def maintain() -> None:
     refreshed = await runtime.warmer.refresh_globals()
     if refreshed:
         log.info("keep-warm: %d global rows refreshed", refreshed)
+    refreshed = await runtime.invalidator.refresh_stale()
+    if refreshed:
+        log.info("refresh: %d rows invalidated elsewhere (the CLI, another process) refreshed", refreshed)
 
 
 @app.timer(interval=settings.reconcile_interval_seconds, on_leader=True)

@@ -75,7 +75,7 @@ class Runtime:
                 await keychain.migrate()
                 self.catalog = await Catalog.open(self.settings, keychain.pool)
                 self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source, self.catalog)
-                self.invalidator = Invalidator(self.settings, keychain, self.warmer)
+                self.invalidator = Invalidator(self.settings, keychain, self.warmer, source)
         return self
 
     async def close(self) -> None:

@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 from keychain.errors import SecretSourceError
 from keychain.model import Scope
 from keychain.refs import SecretRef
-from keychain.store import Keychain
+from keychain.sources import SecretManagerSource
+from keychain.store import Keychain, secret_match
 
 from . import metrics
 from .batches import DATABASE_DOWN, DeadLetter, Record
@@ -39,10 +40,16 @@ class Applied:
 
 
 class Invalidator:
-    def __init__(self, settings: WorkerSettings, keychain: Keychain, warmer: Warmer):
+    """Every invalidation the worker makes goes through `_invalidate`: fenced and marked stale (or dropped) in one
+    transaction by the library, the burst window forgotten, running executions' rows refreshed. Its doors: rotation
+    notices (`apply`, by event type), the operator (`invalidate_secret`, POST /invalidate; the CLI calls the library's
+    `Keychain.invalidate_secret`, whose stale rows `refresh_stale` picks up), and reconciliation."""
+
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, warmer: Warmer, source: SecretManagerSource):
         self.settings = settings
         self.keychain = keychain
         self.warmer = warmer
+        self.source = source
         self.last_lag_ms: float | None = None  # of the last notice that stopped serving rows (/stats)
 
     async def handle(self, records: list[Record]) -> NoticesResult:
@@ -65,27 +72,40 @@ class Invalidator:
         return result
 
     async def apply(self, notice: RotationNotice) -> Applied:
+        """A Secret Manager notice: what its event type makes wrong (RotationNotice.match)."""
         match = notice.match()
         if match is None:
             metrics.INVALIDATIONS.labels(notice.event_type).inc()
             log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
             return Applied(0, 0, 0.0)
+        return await self._invalidate(notice.secret_id, match, cause=notice.event_type, notice_id=notice.notice_id,
+                                      occurred_at=notice.occurred_at)
+
+    async def invalidate_secret(self, secret: str | SecretRef, version: str | None = None) -> Applied:
+        """The operator's invalidation, with the library's meaning (`Keychain.invalidate_secret`), refreshed at once."""
+        ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
+        return await self._invalidate(ref.secret, secret_match(ref, version), cause="operator")
+
+    async def _invalidate(self, secret_id: str, match: dict, *, cause: str, notice_id: str | None = None,
+                          occurred_at: datetime | None = None) -> Applied:
         drop = self.settings.rewarm_mode == "drop"
-        changed = await self.keychain.invalidate_matching(notice.secret_id, match, notice_id=notice.notice_id, drop=drop)
-        lag_ms = (datetime.now(timezone.utc) - notice.occurred_at).total_seconds() * 1000
-        metrics.INVALIDATIONS.labels(notice.event_type).inc()
+        changed = await self.keychain.invalidate_matching(secret_id, match, notice_id=notice_id, drop=drop)
+        lag_ms = (datetime.now(timezone.utc) - (occurred_at or datetime.now(timezone.utc))).total_seconds() * 1000
+        metrics.INVALIDATIONS.labels(cause).inc()
         if changed:
             self.last_lag_ms = round(lag_ms, 1)
             metrics.INVALIDATED_ROWS.inc(changed)
             metrics.INVALIDATION_LAG_SECONDS.observe(max(0.0, lag_ms / 1000))
-        self.warmer.forget_secret(notice.secret_id)
-        refreshed = 0 if drop else await self.refresh(notice.secret_id, match)
-        log.info(
-            "notice %s %s for %s: %s rows invalidated, %d refreshed, lag %.0f ms",
-            notice.notice_id, notice.event_type, notice.secret,
-            "duplicate, no" if changed is None else changed, refreshed, lag_ms,
-        )
+        self.warmer.forget_secret(secret_id)
+        refreshed = 0 if drop else await self.refresh(secret_id, match)
+        log.info("invalidation (%s%s) of secret %s: %s rows invalidated, %d refreshed, lag %.0f ms", cause,
+                 f" {notice_id}" if notice_id else "", secret_id, "duplicate, no" if changed is None else changed,
+                 refreshed, lag_ms)
         return Applied(changed, refreshed, lag_ms)
+
+    async def refresh_stale(self, limit: int = 100) -> int:
+        """Refresh rows invalidated elsewhere (the CLI, another process) and not refreshed yet."""
+        return sum([await self.refresh(secret_id, {}) for secret_id in await self.keychain.stale_secret_ids(limit)])
 
     async def refresh(self, secret_id: str, match: dict) -> int:
         """Re-warm the stale rows of a secret (each secret fetched once); finished executions have none left."""
@@ -110,7 +130,7 @@ class Invalidator:
         for row in await self.keychain.latest_secrets_to_check(self.settings.reconcile_batch):
             ref = SecretRef.parse(row["ref"])
             try:
-                latest = await self.warmer.source.latest_version(ref)
+                latest = await self.source.latest_version(ref)
             except SecretSourceError as exc:
                 log.warning("reconcile %s: %s", ref.secret_name, exc.code)
                 continue
@@ -118,11 +138,6 @@ class Invalidator:
                 await self.keychain.mark_checked(row["secret_id"])
             if any(version != latest for version in row["versions"]):
                 behind += 1
-                notice = RotationNotice(
-                    notice_id=f"reconcile:{row['secret_id']}:{latest}:{datetime.now(timezone.utc).isoformat()}",
-                    event_type="SECRET_VERSION_ADD", secret=ref.secret_name,
-                    version=ref.with_version(latest).version_name, occurred_at=datetime.now(timezone.utc),
-                )
                 log.warning("reconcile: %s rows hold an older version than latest (%s)", ref.secret_name, latest)
-                await self.apply(notice)
+                await self._invalidate(ref.secret, {"pinned": False}, cause="reconcile")  # as SECRET_VERSION_ADD
         return behind

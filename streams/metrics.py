@@ -15,7 +15,8 @@ DEAD_LETTERS_NOT_SENT = Counter(
     "keychain_dead_letters_not_sent_total", "Dead letters the broker did not accept (logged with their source offset)"
 )
 INVALIDATIONS = Counter(
-    "keychain_invalidations_total", "Rotation notices applied, by Secret Manager event type", ["event_type"]
+    "keychain_invalidations_total",
+    "Invalidations applied, by cause (a Secret Manager event type, operator, reconcile)", ["event_type"]
 )
 INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
 INVALIDATION_LAG_SECONDS = Histogram(

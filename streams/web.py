@@ -6,8 +6,6 @@ import asyncio
 import hmac
 import json
 import logging
-import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +19,6 @@ from keychain.refs import SecretRef
 
 from . import metrics as worker_metrics
 from .app import runtime, settings
-from .notices import RotationNotice
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +111,9 @@ async def invalidate(request: web.Request) -> web.Response:
         if what in ("secret", "version"):
             ref = SecretRef.parse(target)
             if what == "version" and not ref.pinned:
-                return _bad_request()
-            notice = RotationNotice(
-                notice_id=f"api:{uuid.uuid4()}",
-                event_type="SECRET_VERSION_DISABLE" if what == "version" else "SECRET_DELETE",
-                secret=ref.secret_name, version=ref.version_name if what == "version" else None,
-                occurred_at=datetime.now(timezone.utc),
-            )
-            applied = await runtime.invalidator.apply(notice)
+                return _bad_request("version must name a version number")
+            # a secret: every row of it (whatever version the reference names); a version: that version's rows
+            applied = await runtime.invalidator.invalidate_secret(ref.secret_name if what == "secret" else ref)
             return web.json_response({"invalidated": applied.changed, "refreshed": applied.refreshed})
         if what == "execution_id":
             if not (isinstance(target, int) and not isinstance(target, bool) and 0 < target < 2**63):

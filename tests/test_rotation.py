@@ -24,8 +24,9 @@ NUMBER = "1014428265962"
 @pytest.fixture
 def parts(stack, settings, keychain, key_spec):
     tuned = make_settings(stack, settings.schema_name, key_spec, warm_deadline_seconds=5.0)
-    warmer = Warmer(tuned, keychain, SecretManagerSource(tuned))
-    return warmer, Invalidator(tuned, keychain, warmer)
+    source = SecretManagerSource(tuned)
+    warmer = Warmer(tuned, keychain, source)
+    return warmer, Invalidator(tuned, keychain, warmer, source)
 
 
 def notice(event_type, secret_id, version=None, *, message_id=None, project=NUMBER):
@@ -131,10 +132,11 @@ async def test_notice_naming_project_by_id_matches_rows_named_by_number(parts, k
 async def test_drop_mode_deletes_instead_of_refreshing(stack, settings, keychain, key_spec, sm, secret, execution_id):
     secret_id, _ = secret
     dropping = make_settings(stack, settings.schema_name, key_spec, rewarm_mode="drop")
-    warmer = Warmer(dropping, keychain, SecretManagerSource(dropping))
+    source = SecretManagerSource(dropping)
+    warmer = Warmer(dropping, keychain, source)
     await warmer.warm([want("x", secret_id, execution_id=execution_id)])
     sm.add_version(secret_id, "v2-value")
-    applied = await Invalidator(dropping, keychain, warmer).apply(notice("SECRET_VERSION_ADD", secret_id, "2"))
+    applied = await Invalidator(dropping, keychain, warmer, source).apply(notice("SECRET_VERSION_ADD", secret_id, "2"))
     assert applied.changed == 1 and applied.refreshed == 0
     assert await value(keychain, "x", execution_id) == "miss"
 
@@ -226,3 +228,26 @@ def test_liberal_notifications():
         json.dumps({"name": "projects/1/secrets/s/versions/7", "state": "DISABLED"}).encode(), None)
     assert recovered.version_number == "7" and recovered.match() == {"version": "7"}
     assert recovered.to_kafka()[0] == b"s"
+
+
+async def test_one_invalidation_three_doors_one_meaning(parts, keychain, sm, secret, execution_id):
+    """The library's invalidate_secret (the CLI's door) and the worker's (POST /invalidate) reach the same rows:
+    a whole secret, or one version; the worker refreshes at once, and rows the CLI left stale on its next round."""
+    warmer, invalidator = parts
+    secret_id, first = secret
+    sm.add_version(secret_id, "second")
+    pinned = Want("pinned", Scope.of(execution_id=execution_id),
+                  ((None, SecretRef.parse(f"projects/test-project/secrets/{secret_id}/versions/1")),))
+    floating = Want("floating", Scope.of(execution_id=execution_id),
+                    ((None, SecretRef.parse(f"projects/test-project/secrets/{secret_id}")),))
+    await warmer.warm([pinned, floating])
+    # the library (CLI): one version, by its number, through the other project spelling
+    assert await keychain.invalidate_secret(f"projects/{NUMBER}/secrets/{secret_id}/versions/1") == 1
+    assert await value(keychain, "pinned", execution_id) == "stale"
+    assert await value(keychain, "floating", execution_id) == "second"
+    assert await invalidator.refresh_stale() == 1  # the worker's maintenance round
+    assert await value(keychain, "pinned", execution_id) == first
+    # the worker (POST /invalidate): the whole secret, refreshed at once
+    applied = await invalidator.invalidate_secret(f"projects/test-project/secrets/{secret_id}")
+    assert applied.changed == 2 and applied.refreshed == 2
+    assert await keychain.stale_secret_ids() == []

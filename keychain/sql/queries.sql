@@ -198,6 +198,13 @@ SELECT credential_name, cache_type, scope_type, execution_id, session_id, source
 FROM keychain WHERE sources @> $1::jsonb AND state = 'stale'
 ORDER BY id LIMIT $2;
 
+-- name: stale_secret_ids
+-- Secrets with rows invalidated and not yet refreshed (the worker's maintenance refreshes them).
+SELECT DISTINCT s->>'secret_id' AS secret_id
+FROM keychain k, jsonb_array_elements(k.sources) s
+WHERE k.state = 'stale'
+LIMIT $1;
+
 -- name: clear_failures_of_secret
 DELETE FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1;
 
