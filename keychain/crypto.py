@@ -14,32 +14,18 @@ import binascii
 import json
 import os
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigurationError, DecryptionError
+from .model import RowIdentity
 
 FORMAT_UNBOUND = b"\x01"  # associated data: identity and key id
 FORMAT_VERSION = b"\x02"  # associated data: identity, key id and the row's write id
 NONCE_BYTES = 12
 _KID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-
-
-@dataclass(frozen=True, slots=True)
-class RowIdentity:
-    credential_name: str
-    scope_type: str
-    scope_id: str
-
-    def associated_data(self, key_id: str, write_id: int | None = None) -> bytes:
-        bound = [] if write_id is None else [write_id]
-        return json.dumps(
-            ["keychain/v1" if write_id is None else "keychain/v2", self.credential_name, self.scope_type,
-             self.scope_id, key_id, *bound], separators=(",", ":")
-        ).encode()
 
 
 def new_write_id() -> int:

@@ -6,9 +6,8 @@ import base64
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from .crypto import RowIdentity
 from .refs import SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
@@ -29,6 +28,40 @@ def storable_text(value: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     if size > max_bytes:
         raise ValueError(f"must be at most {max_bytes} bytes")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class RowIdentity:
+    """The table's key: one row per credential name and scope. Its associated data binds a ciphertext to it."""
+
+    credential_name: str
+    scope_type: str
+    scope_id: str
+
+    def associated_data(self, key_id: str, write_id: int | None = None) -> bytes:
+        bound = [] if write_id is None else [write_id]
+        return json.dumps(
+            ["keychain/v1" if write_id is None else "keychain/v2", self.credential_name, self.scope_type,
+             self.scope_id, key_id, *bound], separators=(",", ":")
+        ).encode()
+
+
+class RowToWrite(NamedTuple):
+    """One row for the `put_entries` statement, its columns in the statement's order ($1 ... $13)."""
+
+    credential_name: str
+    credential_type: str
+    scope_type: str
+    cache_type: str
+    execution_id: int | None
+    session_id: str | None
+    state: str
+    error_code: str | None
+    key_id: str | None
+    data: bytes | None
+    write_id: int | None
+    sources: str
+    ttl_seconds: int
 
 
 _SCOPE_NEEDS = {"execution": "an execution id", "session": "a session id",

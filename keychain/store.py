@@ -14,12 +14,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 import asyncpg
 
 from . import metrics
-from .crypto import KeyRing, RowIdentity, new_write_id
+from .crypto import KeyRing, new_write_id
 from .errors import (
     CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable, SecretSourceError,
 )
 from .migrate import migrate
-from .model import Entry, Lookup, Provenance, Scope, sources_json, value_from_payload
+from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json, value_from_payload
 from .queries import queries
 from .refs import SecretRef
 from .settings import Settings
@@ -100,7 +100,7 @@ class Keychain:
     async def _durable(self) -> AsyncIterator[asyncpg.Connection]:
         """A transaction whose commit is flushed to disk (the pool commits asynchronously for read bookkeeping)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SET LOCAL synchronous_commit TO on")
+            await conn.execute(self._q["durable_commit"])
             yield conn
 
     # --- read -----------------------------------------------------------------------------------------------------
@@ -204,48 +204,57 @@ class Keychain:
     async def _fetch_locked(
         self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
     ) -> Lookup:
+        """A read-through across processes: under the row identity's lock, check again, else fetch and write."""
         if self.source is None:
             raise ConfigurationError("read-through needs a Secret Manager source: Keychain(settings, source=...)")
-        refusal: SecretSourceError | None = None
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
-                    await conn.execute(self._q["lock_identity"], timeout_ms, advisory_key(identity))
-                    lookup = await self._lookup(conn, identity, ref)
-                    if lookup:
-                        return lookup  # another process fetched it while we waited for the lock
-                    failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
-                    if failure is not None:
-                        raise CachedFailure(identity.credential_name, failure["error_code"])
-                    for _ in range(3):  # again only if the secret was invalidated while we fetched
-                        generation = await self._generations(conn, [ref.secret])
-                        try:
-                            secret = await self.source.access(ref)
-                        except SecretSourceError as exc:
-                            if not exc.permanent:
-                                raise
-                            refusal = exc
-                            await self._record_failure(conn, str(ref), exc.code)
-                            break
-                        entry = Entry(
-                            identity.credential_name,
-                            scope,
-                            value_from_payload(secret.payload),
-                            sources=(Provenance(ref, secret.version_name),),
-                            ttl_seconds=ttl_seconds,
-                            fences=tuple(generation.items()),
-                        )
-                        if not await self._write(conn, [entry]):
-                            return Lookup("hit", entry.value)
-                    else:
-                        raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
+                    outcome = await self._lock_and_recheck(conn, identity, ref)
+                    if outcome is None:
+                        outcome = await self._fetch_and_write(conn, identity, scope, ref, ttl_seconds)
             except asyncpg.LockNotAvailableError:
                 raise KeychainError(
                     f"{identity.credential_name}: another process has been fetching it for longer than "
                     f"{self.settings.fetch_lock_timeout_seconds}s"
                 ) from None
-        raise refusal
+        if isinstance(outcome, SecretSourceError):
+            raise outcome  # a refusal, raised once its record is committed
+        return outcome
+
+    async def _lock_and_recheck(self, conn: asyncpg.Connection, identity: RowIdentity, ref: SecretRef) -> Lookup | None:
+        """Hold the row identity's lock (another process fetching it makes this wait), then look again: a hit that
+        process wrote meanwhile, a remembered refusal (CachedFailure), or None: fetch."""
+        timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
+        await conn.execute(self._q["lock_identity"], timeout_ms, advisory_key(identity))
+        lookup = await self._lookup(conn, identity, ref)
+        if lookup:
+            return lookup
+        failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
+        if failure is not None:
+            raise CachedFailure(identity.credential_name, failure["error_code"])
+        return None
+
+    async def _fetch_and_write(
+        self, conn: asyncpg.Connection, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
+    ) -> Lookup | SecretSourceError:
+        """Fetch and write, fenced by the secret's generation: fetched again (three times at most) only if the secret
+        was invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
+        for _ in range(3):
+            generation = await self._generations(conn, [ref.secret])
+            try:
+                secret = await self.source.access(ref)
+            except SecretSourceError as exc:
+                if not exc.permanent:
+                    raise
+                await self._record_failure(conn, str(ref), exc.code)
+                return exc
+            entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
+                          sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
+                          fences=tuple(generation.items()))
+            if not await self._write(conn, [entry]):
+                return Lookup("hit", entry.value)
+        raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
@@ -292,28 +301,26 @@ class Keychain:
             current = dict(await conn.fetch(self._q["lock_secret_states"], fenced_ids))
             stale = [e for e in entries if any(current[sid] != gen for sid, gen in e.fences)]
             entries = [e for e in entries if e not in stale]
-        columns: list[list[Any]] = [[] for _ in range(13)]
-        for e in entries:
-            if e.error_code is None:
-                write_id = new_write_id()
-                kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value, write_id)
-                state, ttl = "ready", e.ttl_seconds or self.settings.ttl_seconds
-            else:
-                state, kid, data, write_id = "failed", None, None, None
-                ttl = e.ttl_seconds or self.settings.negative_ttl_seconds
-            row = (
-                e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
-                e.scope.session_id, state, e.error_code, kid, data, write_id, sources_json(e.sources), ttl,
-            )
-            for column, item in zip(columns, row):
-                column.append(item)
+        rows = [self._row(e) for e in entries]
         execution_ids = [e.scope.execution_id for e in entries if e.scope.execution_id is not None]
         if execution_ids:
             await conn.execute(self._q["lock_executions_shared"], execution_ids)
         if entries:
-            await conn.execute(self._q["put_entries"], *columns)
+            await conn.execute(self._q["put_entries"], *(list(column) for column in zip(*rows)))
             metrics.ROWS_WRITTEN.inc(len(entries))
         return stale
+
+    def _row(self, e: Entry) -> RowToWrite:
+        """An entry as its row: sealed for this write, or a refusal."""
+        if e.error_code is None:
+            write_id = new_write_id()
+            kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value, write_id)
+            state, ttl = "ready", e.ttl_seconds or self.settings.ttl_seconds
+        else:
+            state, kid, data, write_id = "failed", None, None, None
+            ttl = e.ttl_seconds or self.settings.negative_ttl_seconds
+        return RowToWrite(e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
+                          e.scope.session_id, state, e.error_code, kid, data, write_id, sources_json(e.sources), ttl)
 
     @reports_outage
     async def existing_rows(

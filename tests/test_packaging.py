@@ -1,5 +1,6 @@
 """The library a NoETL worker installs (`pip install keychain-warmer`) needs nothing of the stream worker."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,10 +31,15 @@ assert installed == [] and loaded == [], (installed, loaded)
 
 
 def test_the_library_installs_and_works_without_any_streaming_dependency(tmp_path):
+    source = tmp_path / "source"  # a copy: a build in the work tree would leave build/ behind for later builds
+    for name in ("keychain", "streams"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(ROOT)], capture_output=True,
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)], capture_output=True,
                              text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-3000:]
     checked = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, timeout=120, cwd=tmp_path)

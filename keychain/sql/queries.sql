@@ -27,6 +27,10 @@ RETURNING k.key_id, k.data, k.write_id, k.updated_at,
 SELECT state, error_code, expires_at > now() AS live
 FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 
+-- name: durable_commit
+-- Every write's transaction: this commit is flushed to disk (the pool commits asynchronously for read bookkeeping).
+SELECT set_config('synchronous_commit', 'on', true);
+
 -- name: put_entries
 -- Store entries (one element per row in each array): ready ones with their ciphertext, failed ones with an error
 -- code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
