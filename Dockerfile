@@ -5,6 +5,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY keychain keychain
 COPY streams streams
+# development and demo tooling (not installed): the compose demo's pubsub-init and producer run it from /app
+COPY devtools devtools
 RUN pip install --no-cache-dir '.[streams]' && python -c "import keychain, streams.app"
 USER 10001
 ENV KEYCHAIN_DATA_DIR=/tmp/keychain-warmer PYTHONUNBUFFERED=1

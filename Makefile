@@ -15,21 +15,21 @@ install: $(STAMP)
 
 # The fast tier: lint and every test that needs no service (references, crypto, events, resolve, notices, fuzz).
 check: $(STAMP)
-	$(VENV)/bin/ruff check keychain streams tests bench
+	$(VENV)/bin/ruff check keychain streams devtools tests bench
 	FAST_TESTS=1 $(PY) -m pytest -m "not services" -q $(PYTEST_ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check keychain streams tests bench
+	$(VENV)/bin/ruff check keychain streams devtools tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m streams demo
+	$(PY) -m devtools demo
 
 bench: $(STAMP)
 	for b in hit_latency warm invalidate sweep; do $(PY) -m bench.$$b; done
 
 stack: $(STAMP)
-	$(PY) -m keychain.testing.stack
+	$(PY) -m devtools stack
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ import math
 import statistics
 
 from streams.settings import WorkerSettings
-from keychain.testing.stack import LocalStack
+from devtools.stack import LocalStack
 
 
 def arguments(description: str) -> argparse.Namespace:

@@ -11,7 +11,7 @@ import time
 
 from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
-from keychain.testing.stack import LocalStack
+from devtools.stack import LocalStack
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
 

@@ -11,8 +11,8 @@ import os
 import time
 
 from keychain import Keychain
-from keychain.testing.stack import LocalStack, pubsub_unavailable_reason
-from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce, start_event
+from devtools.stack import LocalStack, pubsub_unavailable_reason
+from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce, start_event
 
 from .common import arguments, ms, percentile, report, settings_for
 

@@ -11,7 +11,7 @@ import time
 
 from keychain import Keychain
 from keychain.model import Entry, Scope
-from keychain.testing.stack import LocalStack
+from devtools.stack import LocalStack
 
 from .common import arguments, ms, percentile, report, settings_for
 

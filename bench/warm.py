@@ -25,9 +25,9 @@ from aiokafka import AIOKafkaProducer
 
 from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
-from keychain.testing.stack import LocalStack
-from streams.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
-from streams.noetl_samples import as_message, register, rust_playbook_started
+from devtools.stack import LocalStack
+from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
+from devtools.noetl_samples import as_message, register, rust_playbook_started
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
 

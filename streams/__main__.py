@@ -1,11 +1,10 @@
-"""`python -m streams COMMAND`: worker (the faust worker, options passed on), plan, demo, schema, pubsub-init,
-produce-demo."""
+"""`python -m streams COMMAND`: worker (the faust worker, options passed on), plan, schema. (The demo and the local
+tooling: `python -m devtools`.)"""
 
-import argparse
 import json
 import sys
 
-USAGE = "python -m streams worker [faust worker options] | plan [FILE|-] | demo | schema | pubsub-init | produce-demo"
+USAGE = "python -m streams worker [faust worker options] | plan [FILE|-] | schema"
 
 
 def main() -> None:
@@ -37,30 +36,10 @@ def main() -> None:
         except ConfigurationError as exc:
             sys.exit(f"error: {exc}")
         sys.exit(plan(sys.argv[2:], settings))
-    elif command == "demo":
-        from .demo import main as demo
-
-        demo()
     elif command == "schema":
         from .events import ExecutionEvent
 
         print(json.dumps(ExecutionEvent.model_json_schema(), indent=2))
-    elif command in ("pubsub-init", "produce-demo"):
-        from .settings import worker_settings_from_env
-
-        from .sample import produce_samples, pubsub_init
-
-        parser = argparse.ArgumentParser(prog=f"python -m streams {command}")
-        if command == "pubsub-init":
-            parser.add_argument("--topic", default="secret-manager-events", help="Secret Manager notification topic")
-            args = parser.parse_args(sys.argv[2:])
-            pubsub_init(worker_settings_from_env(), args.topic)
-        else:
-            parser.add_argument("--ref", default="projects/test-project/secrets/openai-api-key/versions/latest")
-            parser.add_argument("--executions", type=int, default=10)
-            parser.add_argument("--interval", type=float, default=5.0)
-            args = parser.parse_args(sys.argv[2:])
-            produce_samples(worker_settings_from_env(), args.ref, args.executions, args.interval)
     else:
         sys.exit(f"usage: {USAGE} (got {command!r})")
 

@@ -11,7 +11,7 @@ import pytest
 
 from keychain import Keychain, SecretManagerSource
 from keychain.crypto import KeyRing
-from keychain.testing.stack import LocalStack
+from devtools.stack import LocalStack
 from streams.settings import WorkerSettings
 
 

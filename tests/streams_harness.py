@@ -1,4 +1,4 @@
-"""Test-side helpers around the real worker process (streams.local) and the real broker."""
+"""Test-side helpers around the real worker process (devtools.local) and the real broker."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 
-from streams.local import WorkerProcess, consume, create_topics, finish_event, local_worker_env, produce, start_event
+from devtools.local import WorkerProcess, consume, create_topics, finish_event, local_worker_env, produce, start_event
 
 __all__ = ["Worker", "consume", "create_topics", "finish_event", "process_env", "produce", "start_event", "wait_for",
            "worker_env"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from keychain.testing.stack import pubsub_unavailable_reason
+from devtools.stack import pubsub_unavailable_reason
 
 pytestmark = pytest.mark.services  # the benchmarks start their own services
 

@@ -8,7 +8,7 @@ import pytest
 from streams.catalog import Catalog
 from streams.events import BadEvent, parse_event
 
-from streams.noetl_samples import CACHE_SIMPLE, as_message, python_playbook_initialized, register, rust_playbook_started
+from devtools.noetl_samples import CACHE_SIMPLE, as_message, python_playbook_initialized, register, rust_playbook_started
 
 
 def start(execution_id, catalog_id, path="test/cache_simple", **extra):

@@ -4,17 +4,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 pytestmark = pytest.mark.services  # starts its own services
+ROOT = Path(__file__).parent.parent  # as `make demo` runs it
 
 
-def test_demo_runs_end_to_end_and_reports(tmp_path):
+def test_demo_runs_end_to_end_and_reports():
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_", "KAFKA_", "PUBSUB_"))}
-    result = subprocess.run([sys.executable, "-m", "streams", "demo"], env=env, cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "devtools", "demo"], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()

@@ -16,7 +16,8 @@ from streams.settings import WorkerSettings
 ROOT = Path(__file__).parent.parent
 SETTING_NAMES = {f.validation_alias.choices[0] for f in WorkerSettings.model_fields.values()}
 GOOGLE_NAMES = {"GOOGLE_APPLICATION_CREDENTIALS"}  # read by the Google client libraries themselves
-STREAMS_COMMANDS = {"worker", "plan", "demo", "schema", "pubsub-init", "produce-demo"}
+STREAMS_COMMANDS = {"worker", "plan", "schema"}
+DEVTOOLS_COMMANDS = {"demo", "stack", "pubsub-init", "produce-demo"}
 
 
 def compose():
@@ -54,6 +55,8 @@ def test_compose_services_commands_and_variables_match_the_code():
         entrypoint, command = service.get("entrypoint"), service.get("command", ["worker"])
         if entrypoint == ["keychain"]:
             assert command[0] in keychain_cli.commands, f"{name}: no `keychain {command[0]}`"
+        elif entrypoint == ["python", "-m", "devtools"]:
+            assert command[0] in DEVTOOLS_COMMANDS, f"{name}: no `python -m devtools {command[0]}`"
         elif entrypoint:
             assert entrypoint == ["python", "-m", "keychain.testing.secret_manager_server"]
             help_text = subprocess.run([sys.executable, "-m", "keychain.testing.secret_manager_server", "--help"],

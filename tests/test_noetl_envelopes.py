@@ -11,7 +11,7 @@ from streams.plan import dry_run
 from streams.resolve import resolve
 from streams.settings import WorkerSettings
 
-from streams.noetl_samples import (
+from devtools.noetl_samples import (
     CACHE_SIMPLE, as_message, debezium, finish_record, keychain_secrets_yaml, python_playbook_initialized,
     rust_playbook_started, rust_workflow_initialized, step_records,
 )

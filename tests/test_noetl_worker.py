@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from streams.noetl_samples import (
+from devtools.noetl_samples import (
     CACHE_SIMPLE, as_message, debezium, finish_record, keychain_secrets_yaml, python_playbook_initialized, register,
     rust_playbook_started, rust_workflow_initialized, step_records,
 )

@@ -12,7 +12,7 @@ from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
 
 from keychain import CachedFailure
-from keychain.testing.stack import pubsub_unavailable_reason
+from devtools.stack import pubsub_unavailable_reason
 
 from .streams_harness import Worker, consume, create_topics, produce, start_event, wait_for, worker_env
 

@@ -10,7 +10,7 @@ from google.cloud import pubsub_v1
 from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
 
-from keychain.testing.stack import pubsub_unavailable_reason
+from devtools.stack import pubsub_unavailable_reason
 
 
 @pytest.fixture

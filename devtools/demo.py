@@ -1,4 +1,4 @@
-"""`python -m streams demo`: the whole system on embedded defaults, with nothing else running.
+"""`python -m devtools demo` (`make demo`): the whole system on embedded defaults, with nothing else running.
 
 Starts PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator (when installed) and the Secret Manager test
 server (250 ms access latency, the seed's figure); migrates; registers the seed's playbook `test/cache_simple` in a
@@ -24,13 +24,14 @@ from google.cloud.secretmanager_v1.services.secret_manager_service.transports im
 
 from keychain.crypto import KeyRing
 from keychain.store import Keychain
-from keychain.testing.stack import LocalStack
 from keychain.sources import SecretManagerSource
 
+from streams.settings import WorkerSettings
+
 from .local import WorkerProcess, consume, create_topics, local_worker_env, produce
-from .settings import WorkerSettings
 from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, register, rust_playbook_started, \
     rust_workflow_initialized, step_records
+from .stack import LocalStack
 
 EXECUTIONS = [507861119290048685 + i for i in range(3)]
 CATALOG_ID = 507861000000000001  # NoETL's catalog row of test/cache_simple

@@ -6,7 +6,7 @@ is ready; hands out the environment variables that reach them; stops everything 
 A service whose variable is already set in the environment (KEYCHAIN_DSN, KAFKA_BOOTSTRAP_SERVERS,
 PUBSUB_EMULATOR_HOST) is used as it is and not started.
 
-Run alone: `python -m keychain.testing.stack` prints `export ...` lines and keeps the services up until Ctrl-C.
+Run alone: `python -m devtools stack` prints `export ...` lines and keeps the services up until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import importlib.util
 from pathlib import Path
 
-from ..crypto import KeyRing
-from .secret_manager_server import DEFAULT_PROJECT_ID, SecretManagerTestServer
+from keychain.crypto import KeyRing
+from keychain.testing.secret_manager_server import DEFAULT_PROJECT_ID, SecretManagerTestServer
 
 log = logging.getLogger(__name__)
 

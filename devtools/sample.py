@@ -8,7 +8,8 @@ import logging
 import time
 
 
-from .settings import WorkerSettings
+from streams.settings import WorkerSettings
+
 from .local import finish_event, produce
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ def pubsub_init(settings: WorkerSettings, topic: str) -> None:
     from google.api_core.exceptions import AlreadyExists
     from google.cloud import pubsub_v1
 
-    from .bridge import subscription_path
+    from streams.bridge import subscription_path
 
     project = settings.google_cloud_project
     topic_path = topic if topic.startswith("projects/") else f"projects/{project}/topics/{topic}"

@@ -13,7 +13,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from keychain.testing.stack import free_port
+from .stack import free_port
 
 
 def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dict[str, str]:
