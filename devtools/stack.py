@@ -108,9 +108,13 @@ class PostgresProcess:
     def dsn(self) -> str:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}&port={self.port}"
 
-    def _user(self) -> dict:
+    def _as_user(self) -> list[str]:
+        """A command prefix that runs the server as the system user when we are root (PostgreSQL refuses root).
+        A prefix (setpriv), not Popen's user=/group=: those make Python fork instead of vfork, and a fork of a
+        process running gRPC and asyncio threads (a test restarting the database under live readers) crashed the
+        child before it could exec (seen: a segmentation fault, the database never came back)."""
         if os.geteuid() != 0:
-            return {}
+            return []
         try:
             entry = pwd.getpwnam(POSTGRES_SYSTEM_USER)
         except KeyError:
@@ -121,26 +125,25 @@ class PostgresProcess:
         # The server binaries and every folder above root must be reachable by that user.
         for path in [self.root, *self.root.parents, self.bin, *self.bin.parents]:
             path.chmod(path.stat().st_mode | 0o055)
-        return {"user": entry.pw_uid, "group": entry.pw_gid}
+        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
 
     def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
-        as_user = self._user()
         if not (self.data / "PG_VERSION").exists():
             subprocess.run(
-                [str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                 "--no-sync"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_user,
+                [*self._as_user(), str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                 "-E", "UTF8", "--no-sync"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
         self.launch()
 
     def launch(self) -> None:
         log_file = open(self.root / "postgres.log", "ab")
         self.process = subprocess.Popen(
-            [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.socket_dir),
+            [*self._as_user(), str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.socket_dir),
              "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "shared_buffers=256MB"],
-            stdout=log_file, stderr=log_file, start_new_session=True, **self._user(),
+            stdout=log_file, stderr=log_file, start_new_session=True,
         )
         socket_file = self.socket_dir / f".s.PGSQL.{self.port}"
         wait_until(lambda: socket_file.exists() and self._accepts(), "PostgreSQL", 60, self.process)

@@ -30,7 +30,8 @@ log = logging.getLogger("keychain")
 
 # A database that is down, restarting or refusing connections (as the driver reports it).
 CONNECTION_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                     asyncpg.exceptions.OperatorInterventionError)  # admin/crash shutdown, cannot connect now
+                     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+                     asyncpg.InternalClientError)  # a connection lost in the middle of an operation
 
 T = TypeVar("T")
 
