@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a read-through waits for another process that is fetching the same secret.",
     )
+    shared_fetch_seconds: float = env(
+        "KEYCHAIN_SHARED_FETCH_SECONDS",
+        default=10.0,
+        ge=0,
+        description="A fetched secret version is shared by every process for this long: one Secret Manager call per "
+        "version per burst across replicas and readers (0: no sharing).",
+    )
     negative_ttl_seconds: int = env(
         "KEYCHAIN_NEGATIVE_TTL_SECONDS",
         default=60,

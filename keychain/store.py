@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hashlib
 import json
@@ -23,7 +24,7 @@ from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, so
 from .queries import queries
 from .refs import SecretRef
 from .settings import Settings
-from .sources import SecretManagerSource
+from .sources import SecretManagerSource, SecretValue
 
 log = logging.getLogger("keychain")
 
@@ -239,12 +240,12 @@ class Keychain:
     async def _fetch_and_write(
         self, conn: asyncpg.Connection, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
     ) -> Lookup | SecretSourceError:
-        """Fetch and write, fenced by the secret's generation: fetched again (three times at most) only if the secret
-        was invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
+        """Fetch (shared with every process: a version another process fetched a moment ago costs no call) and
+        write, fenced by the secret's generation: fetched again (three times at most) only if the secret was
+        invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
         for _ in range(3):
-            generation = await self._generations(conn, [ref.secret])
             try:
-                secret = await self.source.access(ref)
+                secret, generation = await self.fetch_shared(ref)
             except SecretSourceError as exc:
                 if not exc.permanent:
                     raise
@@ -252,10 +253,39 @@ class Keychain:
                 return exc
             entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
                           sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
-                          fences=tuple(generation.items()))
+                          fences=((ref.secret, generation),))
             if not await self._write(conn, [entry]):
                 return Lookup("hit", entry.value)
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
+
+    # --- shared fetches -------------------------------------------------------------------------------------------
+    @reports_outage
+    async def fetch_shared(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int]:
+        """One Secret Manager call per reference per KEYCHAIN_SHARED_FETCH_SECONDS across every process: a version
+        another process fetched meanwhile (and the secret not invalidated since) is taken from the shared table; a
+        process that needs a reference being fetched waits for that fetch. Returns the value and the secret's
+        generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
+        about to expire is fetched anew) still shares what it fetches."""
+        if self.source is None:
+            raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
+        window = self.settings.shared_fetch_seconds
+        async with self._durable() as conn:
+            if window > 0:
+                await conn.execute(self._q["lock_fetch"], str(ref))
+            generation = (await self._generations(conn, [ref.secret]))[ref.secret]
+            identity = RowIdentity(str(ref), "fetched", "")
+            if window > 0 and reuse:
+                row = await conn.fetchrow(self._q["shared_fetch"], str(ref), float(window), generation)
+                if row is not None:
+                    payload = base64.b64decode(self.keyring.open(identity, row["key_id"], row["data"], row["write_id"]))
+                    return SecretValue(row["version_name"], payload), generation
+            value = await self.source.access(ref)
+            if window > 0:
+                write_id = new_write_id()
+                kid, data = self.keyring.seal(identity, base64.b64encode(value.payload).decode(), write_id)
+                await conn.execute(self._q["record_fetch"], str(ref), ref.secret, generation, value.version_name,
+                                   kid, data, write_id)
+            return value, generation
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
@@ -437,6 +467,7 @@ class Keychain:
             statement = "delete_matching" if drop else "mark_stale_matching"
             changed = affected(await conn.execute(self._q[statement], json.dumps([{"secret_id": secret_id, **match}])))
             await conn.execute(self._q["clear_failures_of_secret"], secret_id)
+            await conn.execute(self._q["forget_fetches_of_secret"], secret_id)
             return changed
 
     @reports_outage
@@ -465,6 +496,7 @@ class Keychain:
             if deleted < batch:
                 break
         await self.pool.execute(self._q["sweep_failures"])
+        await self.pool.execute(self._q["sweep_shared_fetches"], float(self.settings.shared_fetch_seconds) * 2)
         await self.pool.execute(self._q["sweep_fences"], float(self.settings.fence_retention_seconds))
         await self.pool.execute(self._q["sweep_notices"], float(self.settings.fence_retention_seconds))
         return total

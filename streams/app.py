@@ -71,10 +71,13 @@ class Runtime:
         async with self._lock:
             if self.keychain is None:
                 source = SecretManagerSource(self.settings)
-                keychain = await Keychain(self.settings, source=source).open()
+                # a connection per fetch in flight (fetches are shared across processes under a database lock)
+                pool_size = max(self.settings.pool_max_size, self.settings.warm_concurrency + 8)
+                keychain = await Keychain(self.settings.model_copy(update={"pool_max_size": pool_size}),
+                                          source=source).open()
                 await keychain.migrate()
                 self.catalog = await Catalog.open(self.settings, keychain.pool)
-                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, source, self.catalog)
+                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, self.catalog)
                 self.invalidator = Invalidator(self.settings, keychain, self.warmer, source)
         return self
 

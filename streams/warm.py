@@ -21,7 +21,7 @@ from aiolimiter import AsyncLimiter
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
-from keychain.sources import SecretManagerSource, SecretValue
+from keychain.sources import SecretValue
 from keychain.store import Keychain
 
 from . import metrics
@@ -58,11 +58,10 @@ class BatchResult:
 
 
 class Warmer:
-    def __init__(self, settings: WorkerSettings, keychain: Keychain, source: SecretManagerSource,
-                 catalog: Catalog | None = None):
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None):
+        """`keychain` fetches through its Secret Manager source (Keychain.fetch_shared: once across processes)."""
         self.settings = settings
         self.keychain = keychain
-        self.source = source
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
         self._limiter = AsyncLimiter(settings.secret_manager_max_calls_per_minute, 60)
         self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
@@ -140,14 +139,15 @@ class Warmer:
         return DeadLetter(record, "internal_error", type(exc).__name__)
 
     # --- warming ----------------------------------------------------------------------------------------------------
-    async def warm(self, wants: list[Want], *, skip_ready: bool = True) -> tuple[dict[Want, str], int]:
+    async def warm(self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False) -> tuple[dict[Want, str], int]:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
-        Returns (error code of each want not written as ready, rows written)."""
+        `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). Returns (error code of each want not
+        written as ready, rows written)."""
         if skip_ready:
             wants = await self._not_yet_warm(wants)
         todo = list(dict.fromkeys(wants))
         refs = {str(ref) for w in todo for ref in w.refs}
-        values = self._from_window(refs)
+        values = {} if fresh else self._from_window(refs)
         errors = await self.keychain.active_failures(refs - values.keys())
         refused: dict[Want, str] = {}
         written = 0
@@ -155,7 +155,7 @@ class Warmer:
         delay = self.settings.secret_manager_retry_initial_seconds
         while True:
             pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
-            await self._fetch_round(pending, values, errors)
+            await self._fetch_round(pending, values, errors, fresh)
             entries, waiting = {}, []
             for want in todo:
                 codes = [errors[str(r)] for r in want.refs if str(r) in errors]
@@ -214,7 +214,7 @@ class Warmer:
         wants = [Want.from_sources(row["credential_name"], Scope.of(), row["sources"]) for row in rows]
         if not wants:
             return 0
-        _, written = await self.warm(wants, skip_ready=False)
+        _, written = await self.warm(wants, skip_ready=False, fresh=True)
         return written
 
     @staticmethod
@@ -235,26 +235,27 @@ class Warmer:
         self._recent = {ref: item for ref, item in self._recent.items() if now - item[0] < window}
         return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}
 
-    async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str]) -> None:
-        """One call per reference, concurrently; fills `values` and `errors` (permanent refusals are remembered)."""
+    async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str],
+                           fresh: bool = False) -> None:
+        """At most one call per reference, concurrently, shared with every other process (Keychain.fetch_shared);
+        fills `values` and `errors` (permanent refusals are remembered)."""
         if not refs:
             return
         ordered = sorted(refs)
-        generations = await self.keychain.generations({SecretRef.parse(ref).secret for ref in ordered})
-        outcomes = await asyncio.gather(*(self._fetch(ref) for ref in ordered))
+        outcomes = await asyncio.gather(*(self._fetch(ref, fresh) for ref in ordered))
         for ref, outcome in zip(ordered, outcomes):
-            if isinstance(outcome, SecretValue):
-                values[ref] = Fetched(outcome, generations[SecretRef.parse(ref).secret])
+            if isinstance(outcome, Fetched):
+                values[ref] = outcome
                 self._recent[ref] = (time.monotonic(), values[ref])
             else:
                 errors[ref] = outcome.code
                 if outcome.permanent:
                     await self.keychain.record_failure(ref, outcome.code)
 
-    async def _fetch(self, ref: str) -> SecretValue | SecretSourceError:
+    async def _fetch(self, ref: str, fresh: bool = False) -> Fetched | SecretSourceError:
         async with self._concurrency:
             await self._limiter.acquire()
             try:
-                return await self.source.access(SecretRef.parse(ref))
+                return Fetched(*await self.keychain.fetch_shared(SecretRef.parse(ref), reuse=not fresh))
             except SecretSourceError as exc:
                 return exc

@@ -50,10 +50,7 @@ def worker_env(stack, settings, key_spec: str, unique: str, **extra: str) -> dic
     """A worker on this test's own topics, consumer group and schema."""
     return local_worker_env(
         process_env(stack, settings, key_spec), f"warmer-{unique}",
-        KAFKA_BOOTSTRAP_SERVERS=stack.env["KAFKA_BOOTSTRAP_SERVERS"],
-        KEYCHAIN_EVENTS_TOPIC=f"events-{unique}",
-        KEYCHAIN_DLQ_TOPIC=f"dlq-{unique}",
-        KEYCHAIN_TOPIC_PARTITIONS="4",
-        KEYCHAIN_LOG_LEVEL="INFO",
-        **extra,
+        **{"KAFKA_BOOTSTRAP_SERVERS": stack.env["KAFKA_BOOTSTRAP_SERVERS"], "KEYCHAIN_EVENTS_TOPIC": f"events-{unique}",
+           "KEYCHAIN_DLQ_TOPIC": f"dlq-{unique}", "KEYCHAIN_TOPIC_PARTITIONS": "4", "KEYCHAIN_LOG_LEVEL": "INFO",
+           **extra},
     )

@@ -25,7 +25,7 @@ NUMBER = "1014428265962"
 def parts(stack, settings, keychain, key_spec):
     tuned = make_settings(stack, settings.schema_name, key_spec, warm_deadline_seconds=5.0)
     source = SecretManagerSource(tuned)
-    warmer = Warmer(tuned, keychain, source)
+    warmer = Warmer(tuned, keychain)
     return warmer, Invalidator(tuned, keychain, warmer, source)
 
 
@@ -133,7 +133,7 @@ async def test_drop_mode_deletes_instead_of_refreshing(stack, settings, keychain
     secret_id, _ = secret
     dropping = make_settings(stack, settings.schema_name, key_spec, rewarm_mode="drop")
     source = SecretManagerSource(dropping)
-    warmer = Warmer(dropping, keychain, source)
+    warmer = Warmer(dropping, keychain)
     await warmer.warm([want("x", secret_id, execution_id=execution_id)])
     sm.add_version(secret_id, "v2-value")
     applied = await Invalidator(dropping, keychain, warmer, source).apply(notice("SECRET_VERSION_ADD", secret_id, "2"))

@@ -3,7 +3,6 @@
 import grpc
 import pytest
 
-from keychain import SecretManagerSource
 from keychain.model import Scope
 from keychain.refs import SecretRef
 from streams.resolve import Want
@@ -15,7 +14,7 @@ from .conftest import make_settings
 @pytest.fixture
 def warmer(stack, settings, keychain, key_spec):
     tuned = make_settings(stack, settings.schema_name, key_spec, warm_deadline_seconds=5.0)
-    return Warmer(tuned, keychain, SecretManagerSource(tuned))
+    return Warmer(tuned, keychain)
 
 
 def want(name, secret_id, execution_id=None, field=None):
@@ -116,3 +115,18 @@ async def test_a_global_name_repointed_is_never_served_for_the_old_reference(war
     await warmer.warm([want("shared", y)])
     assert metrics.GLOBAL_REPOINTS._value.get() == repoints + 2
     assert (await keychain.get_or_fetch("shared", ref_x)).value == f"value-of-{x}"
+
+
+async def test_a_read_through_takes_what_the_warmer_fetched_a_moment_ago(warmer, keychain, sm, secret, execution_id):
+    """Another execution's read-through of a secret the warmer (in any process) just fetched calls no one."""
+    secret_id, value = secret
+    ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
+    await warmer.warm([want(ref, secret_id, execution_id)])
+    calls = sm.access_count(secret_id)
+    lookup = await keychain.get_or_fetch(ref, ref, execution_id=execution_id + 1)
+    assert lookup.value == value and sm.access_count(secret_id) == calls
+    # an invalidation of the secret is never undone by a shared value: the next read-through calls again
+    sm.add_version(secret_id, "rotated")
+    await keychain.invalidate_secret(f"projects/test-project/secrets/{secret_id}")
+    assert (await keychain.get_or_fetch(ref, ref, execution_id=execution_id + 2)).value == "rotated"
+    assert sm.access_count(secret_id) == calls + 1

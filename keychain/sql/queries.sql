@@ -116,6 +116,28 @@ WITH doomed AS (
 )
 DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 
+-- name: sweep_shared_fetches
+DELETE FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $1);
+
+-- name: lock_fetch
+-- Cross-process single flight for one reference: held (transaction-scoped) while it is fetched.
+SELECT pg_advisory_xact_lock(hashtextextended('keychain.fetch:' || $1, 0));
+
+-- name: shared_fetch
+-- A version of this reference fetched by any process within $2 seconds, unless the secret was invalidated since.
+SELECT version_name, key_id, data, write_id FROM keychain_fetched
+WHERE ref = $1 AND fetched_at > now() - make_interval(secs => $2) AND generation = $3;
+
+-- name: record_fetch
+INSERT INTO keychain_fetched (ref, secret_id, generation, version_name, key_id, data, write_id, fetched_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+ON CONFLICT (ref) DO UPDATE
+SET secret_id = excluded.secret_id, generation = excluded.generation, version_name = excluded.version_name,
+    key_id = excluded.key_id, data = excluded.data, write_id = excluded.write_id, fetched_at = excluded.fetched_at;
+
+-- name: forget_fetches_of_secret
+DELETE FROM keychain_fetched WHERE secret_id = $1;
+
 -- name: sweep_failures
 DELETE FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day';
 
