@@ -28,6 +28,7 @@ def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dic
         "KEYCHAIN_WEB_HOST": "127.0.0.1",
         "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
         "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5",
+        "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS": "3",
         **overrides,
     }
 

@@ -4,10 +4,12 @@ Each is thin: the work itself is in the domain modules (warm, invalidate, bridge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timezone
 from typing import AsyncIterator, Awaitable, Callable
 
+from aiokafka.admin import AIOKafkaAdminClient
 from mode import Service
 
 from .app import app, runtime, settings
@@ -49,6 +51,26 @@ async def invalidations(stream):
     """Stop serving what a rotation notice makes wrong, then refresh running executions' rows."""
     async for _ in consume_durably(stream, "notices", lambda records: runtime.invalidator.handle(records)):
         pass
+
+
+@app.task
+async def report_partitions() -> None:
+    """At start: the events topic's partition count bounds the replicas that get work; say so when it is low."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers.split(","))
+    try:
+        await admin.start()
+        described = await asyncio.wait_for(admin.describe_topics([settings.events_topic]), 10)
+        count = len(described[0]["partitions"]) if described and not described[0].get("error_code") else None
+    except Exception as exc:  # only a report: the worker runs on regardless
+        log.warning("could not read the partition count of %s (%s)", settings.events_topic, type(exc).__name__)
+        return
+    finally:
+        await admin.close()
+    if count is not None and count < settings.topic_partitions:
+        log.warning("events topic %s has %d partitions, fewer than KEYCHAIN_TOPIC_PARTITIONS=%d: replicas beyond %d "
+                    "sit idle", settings.events_topic, count, settings.topic_partitions, count)
+    else:
+        log.info("events topic %s: %s partitions (replicas beyond that sit idle)", settings.events_topic, count)
 
 
 @app.timer(interval=settings.sweep_interval_seconds, on_leader=True)

@@ -46,7 +46,7 @@ def create_app(settings: WorkerSettings) -> faust.App:
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.broker_session_timeout_seconds,
-        broker_rebalance_timeout=settings.broker_session_timeout_seconds,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_seconds,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_seconds,
         broker_commit_interval=1.0,
         producer_acks=-1,

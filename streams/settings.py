@@ -58,10 +58,23 @@ class WorkerSettings(Settings):
         "KEYCHAIN_DATA_DIR", default="/tmp/keychain-warmer", description="Faust's scratch directory (no state)."
     )
     broker_session_timeout_seconds: float = env(
-        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS", default=10.0, gt=0, description="Consumer group session timeout."
+        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS",
+        default=10.0,
+        gt=0,
+        description="Consumer group session timeout: how long a replica that died without leaving (SIGKILL, a lost "
+        "node) holds its partitions before the others take them over.",
     )
     broker_heartbeat_interval_seconds: float = env(
-        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS", default=1.0, gt=0, description="Consumer heartbeat interval."
+        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS",
+        default=1.0,
+        gt=0,
+        description="Consumer heartbeat interval (well under the session timeout; a third of it at most).",
+    )
+    broker_rebalance_timeout_seconds: float = env(
+        "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS",
+        default=10.0,
+        gt=0,
+        description="How long a rebalance waits for members to rejoin (a member finishing its batch).",
     )
     consumer_fetch_max_wait_ms: int = env(
         "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS",

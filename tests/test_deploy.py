@@ -148,3 +148,25 @@ def test_custom_resources_are_well_formed_and_consistent(rendered):
     assert all(pod_labels.get(k) == v for k, v in selector.items())
     pdb = by_kind(rendered, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_compose_services_reached_by_name_do_not_bind_loopback():
+    """A service the others reach as `name:port` must listen beyond its own loopback (the Secret Manager test
+    server bound 127.0.0.1 while its in-container health check passed), and its health check goes by that name."""
+    services = compose()["services"]
+    environments = [" ".join(str(v) for v in (s.get("environment") or {}).values()) for s in services.values()]
+    anchors = compose().get("x-local-google", {})
+    reached = " ".join(environments + [str(v) for v in anchors.values()])
+    for name, service in services.items():
+        if f"{name}:" not in reached or service.get("build") != ".":
+            continue
+        command = [str(c) for c in service.get("command") or []]
+        assert "--host" in command and command[command.index("--host") + 1] == "0.0.0.0", name
+        assert name in " ".join(service["healthcheck"]["test"]), f"{name}: health check not through the network"
+
+
+def test_postgres_health_check_goes_over_tcp_and_no_fixed_replicas_fight_keda(rendered):
+    postgres = compose()["services"]["postgres"]
+    assert "-h 127.0.0.1" in " ".join(postgres["healthcheck"]["test"])
+    assert "replicas" not in by_kind(rendered, "Deployment")["spec"]
+    assert by_kind(rendered, "Job")["metadata"]["name"].endswith("0-1-0")  # versioned with the image

@@ -38,6 +38,7 @@ async def test_two_replicas_share_fetches_one_sweeps_and_a_killed_leader_is_repl
         await asyncio.sleep(2)
         sweepers = [w for w in workers if "sweep:" in w.output]
         assert len(sweepers) == 1
+        assert all(f"events topic events-{unique}: 8 partitions" in w.output for w in workers)
         leader, other = sweepers[0], next(w for w in workers if w is not sweepers[0])
         swept_by_other = other.output.count("sweep:")
         # a second burst; the leader is SIGKILLed in the middle of it
@@ -69,3 +70,17 @@ async def _is(coroutine, expected):
 
 async def _more_than(coroutine, threshold):
     return await coroutine > threshold
+
+
+async def test_the_worker_reports_the_events_topics_partitions_and_warns_when_too_few(stack, settings, key_spec,
+                                                                                     unique):
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", f"dlq-{unique}", partitions=4)
+    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_TOPIC_PARTITIONS="8")).start()
+    try:
+        async def reported():
+            return "partitions" in worker.output
+
+        await wait_for(reported, 30, "the partition report")
+    finally:
+        worker.stop()
+    assert f"events topic events-{unique} has 4 partitions, fewer than KEYCHAIN_TOPIC_PARTITIONS=8" in worker.output

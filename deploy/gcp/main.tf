@@ -4,7 +4,8 @@
 
 terraform {
   required_providers {
-    google = { source = "hashicorp/google", version = ">= 5.0" }
+    google      = { source = "hashicorp/google", version = ">= 5.0" }
+    google-beta = { source = "hashicorp/google-beta", version = ">= 5.0" } # google_project_service_identity
   }
 }
 
@@ -20,6 +21,10 @@ variable "namespace" {
 }
 
 provider "google" {
+  project = var.project_id
+}
+
+provider "google-beta" {
   project = var.project_id
 }
 
@@ -45,12 +50,25 @@ resource "google_pubsub_subscription" "warmer" {
   }
 }
 
-# Secret Manager publishes as its service agent.
+# A subscription on the dead-letter topic: without one, what Pub/Sub moves there is lost. Inspect it with
+# `gcloud pubsub subscriptions pull keychain-warmer-dead`.
+resource "google_pubsub_subscription" "dead" {
+  name                       = "keychain-warmer-dead"
+  topic                      = google_pubsub_topic.dead.id
+  message_retention_duration = "604800s"
+}
+
+# Secret Manager publishes as its service agent, which does not exist on a fresh project until it is created.
+resource "google_project_service_identity" "secretmanager" {
+  provider = google-beta
+  project  = var.project_id
+  service  = "secretmanager.googleapis.com"
+}
 
 resource "google_pubsub_topic_iam_member" "secretmanager_publishes" {
   topic  = google_pubsub_topic.events.id
   role   = "roles/pubsub.publisher"
-  member = "serviceAccount:service-${var.project_number}@gcp-sa-secretmanager.iam.gserviceaccount.com"
+  member = "serviceAccount:${google_project_service_identity.secretmanager.email}"
 }
 
 # Pub/Sub moves undeliverable messages to the dead-letter topic as its own service agent.

@@ -92,13 +92,16 @@ class SecretManagerTestServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None
+        self.host = "127.0.0.1"
 
     # --- running ----------------------------------------------------------------------------------------------------
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
 
-    def start(self, port: int = 0) -> "SecretManagerTestServer":
+    def start(self, port: int = 0, host: str = "127.0.0.1") -> "SecretManagerTestServer":
+        """Serve on `host` (loopback by default; 0.0.0.0 where other containers reach it by name)."""
+        self.host = host
         """Serve on a thread of its own (its own event loop), so sync and async callers can share it."""
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -124,7 +127,7 @@ class SecretManagerTestServer:
     async def _start(self, port: int) -> None:
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers((self._handlers(),))
-        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self.port = self._server.add_insecure_port(f"{self.host}:{port}")
         await self._server.start()
         log.info("Secret Manager test server on %s", self.address)
 
@@ -415,6 +418,8 @@ def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0 where other containers reach it by name)")
     parser.add_argument("--port", type=int, default=8085)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="latency added to every AccessSecretVersion")
     parser.add_argument("--project-id", default=DEFAULT_PROJECT_ID)
@@ -428,7 +433,7 @@ def main() -> None:
         project_number=args.project_number,
         notify_topic=args.notify_topic,
         delay_seconds=args.delay_ms / 1000,
-    ).start(args.port)
+    ).start(args.port, args.host)
     for item in args.secret:
         secret_id, _, value = item.partition("=")
         server.create_secret(secret_id)
