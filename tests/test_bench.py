@@ -21,6 +21,7 @@ KEYS = {
              "catalog_vs_inline_events_per_s"},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
     "sweep": {"rows_per_s", "reader_p99_idle_ms", "reader_p99_sweep_ms"},
+    "replicas": {"sm_calls_1", "sm_calls_2", "sm_calls_3", "events_per_s_1", "events_per_s_3", "takeover_s"},
 }
 
 
@@ -33,7 +34,7 @@ def run_quick(name: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["hit_latency", "warm", "sweep"])
+@pytest.mark.parametrize("name", ["hit_latency", "warm", "sweep", "replicas"])
 def test_benchmark_reports_its_figures(name):
     figures = run_quick(name)
     assert KEYS[name] <= set(figures), KEYS[name] - set(figures)
@@ -41,6 +42,8 @@ def test_benchmark_reports_its_figures(name):
     if name == "warm":
         for prefix in ("", "catalog_"):  # each secret of the pool about once, inline playbooks or NoETL's catalog
             assert figures[f"{prefix}sm_calls_per_event"] <= 20 / figures["events"] * 2
+    if name == "replicas":  # one Secret Manager call per secret, however many replicas
+        assert figures["sm_calls_1"] == figures["sm_calls_2"] == figures["sm_calls_3"] == 10
     if name == "sweep":
         assert figures["expired_rows"] == 100_000  # all swept (the benchmark checks it), readers never missed
 
