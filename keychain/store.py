@@ -245,7 +245,7 @@ class Keychain:
         invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
         for _ in range(3):
             try:
-                secret, generation = await self.fetch_shared(ref)
+                secret, generation = await self._fetch_shared(conn, ref)
             except SecretSourceError as exc:
                 if not exc.permanent:
                     raise
@@ -266,26 +266,32 @@ class Keychain:
         process that needs a reference being fetched waits for that fetch. Returns the value and the secret's
         generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
         about to expire is fetched anew) still shares what it fetches."""
+        async with self._durable() as conn:
+            return await self._fetch_shared(conn, ref, reuse=reuse)
+
+    async def _fetch_shared(self, conn: asyncpg.Connection, ref: SecretRef, *, reuse: bool = True
+                            ) -> tuple[SecretValue, int]:
+        """`fetch_shared` inside the caller's transaction (a read-through already holds one: taking a second
+        connection while holding the first could starve the pool)."""
         if self.source is None:
             raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
         window = self.settings.shared_fetch_seconds
-        async with self._durable() as conn:
-            if window > 0:
-                await conn.execute(self._q["lock_fetch"], str(ref))
-            generation = (await self._generations(conn, [ref.secret]))[ref.secret]
-            identity = RowIdentity(str(ref), "fetched", "")
-            if window > 0 and reuse:
-                row = await conn.fetchrow(self._q["shared_fetch"], str(ref), float(window), generation)
-                if row is not None:
-                    payload = base64.b64decode(self.keyring.open(identity, row["key_id"], row["data"], row["write_id"]))
-                    return SecretValue(row["version_name"], payload), generation
-            value = await self.source.access(ref)
-            if window > 0:
-                write_id = new_write_id()
-                kid, data = self.keyring.seal(identity, base64.b64encode(value.payload).decode(), write_id)
-                await conn.execute(self._q["record_fetch"], str(ref), ref.secret, generation, value.version_name,
-                                   kid, data, write_id)
-            return value, generation
+        if window > 0:
+            await conn.execute(self._q["lock_fetch"], str(ref))
+        generation = (await self._generations(conn, [ref.secret]))[ref.secret]
+        identity = RowIdentity(str(ref), "fetched", "")
+        if window > 0 and reuse:
+            row = await conn.fetchrow(self._q["shared_fetch"], str(ref), float(window), generation)
+            if row is not None:
+                payload = base64.b64decode(self.keyring.open(identity, row["key_id"], row["data"], row["write_id"]))
+                return SecretValue(row["version_name"], payload), generation
+        value = await self.source.access(ref)
+        if window > 0:
+            write_id = new_write_id()
+            kid, data = self.keyring.seal(identity, base64.b64encode(value.payload).decode(), write_id)
+            await conn.execute(self._q["record_fetch"], str(ref), ref.secret, generation, value.version_name,
+                               kid, data, write_id)
+        return value, generation
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:

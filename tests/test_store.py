@@ -79,6 +79,22 @@ async def test_read_through_fetches_once_then_hits(keychain, sm, secret, executi
     assert f"projects/{PROJECT}/secrets/{secret_id}" in sources
 
 
+async def test_read_throughs_never_starve_a_small_pool(stack, settings, key_spec, keychain, sm, unique, execution_id):
+    """Many read-throughs at once on a pool of two connections: each holds one connection for its fetch (the shared
+    fetch runs in the read-through's own transaction), so they all finish."""
+    secret_ids = [f"pool{i}-{unique}" for i in range(4)]
+    for secret_id in secret_ids:
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-{secret_id}")
+    sm.delay_seconds = 0.05
+    small = make_settings(stack, settings.schema_name, key_spec, pool_min_size=0, pool_max_size=2)
+    async with Keychain(small, source=SecretManagerSource(small)) as kc:
+        reads = [kc.get_or_fetch(f"n{i}", ref_of(secret_ids[i % 4]), execution_id=execution_id) for i in range(12)]
+        lookups = await asyncio.wait_for(asyncio.gather(*reads), 60)
+    assert [lookup.value for lookup in lookups] == [f"value-{secret_ids[i % 4]}" for i in range(12)]
+    assert [sm.access_count(s) for s in secret_ids] == [1, 1, 1, 1]  # shared between the read-throughs
+
+
 async def test_concurrent_read_through_in_one_process_calls_once(keychain, sm, secret, execution_id):
     secret_id, value = secret
     sm.delay_seconds = 0.2
