@@ -370,8 +370,10 @@ class Keychain:
             return {}
         names, scopes, ids = (list(column) for column in zip(*(identity_args(i) for i in wanted)))
         rows = await self.pool.fetch(self._q["existing_rows"], names, scopes, ids, float(min_remaining_seconds))
-        return {RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], frozenset(r["secret_ids"]))
-                for r in rows}
+        return {
+            RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], frozenset(r["secret_ids"]))
+            for r in rows
+        }
 
     @reports_outage
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
@@ -528,7 +530,8 @@ class Keychain:
                     continue
                 write_id = new_write_id()
                 kid, data = self.keyring.seal(identity, value, write_id)
-                for column, item in zip((ids, kids, datas, write_ids, olds), (row["id"], kid, data, write_id, row["data"])):
+                for column, item in zip((ids, kids, datas, write_ids, olds),
+                                        (row["id"], kid, data, write_id, row["data"])):
                     column.append(item)
             if ids:
                 async with self._durable() as conn:

@@ -48,7 +48,8 @@ def parse_playbook(content: str | None, payload: Any, *, max_bytes: int) -> dict
     """The playbook of a catalog row: its YAML `content`, else its `payload` (as NoETL's server reads it)."""
     if content:
         if len(content.encode()) > max_bytes:
-            raise BadEvent("invalid_playbook", f"the catalog's YAML is larger than KEYCHAIN_MAX_PLAYBOOK_BYTES={max_bytes}")
+            raise BadEvent("invalid_playbook",
+                           f"the catalog's YAML is larger than KEYCHAIN_MAX_PLAYBOOK_BYTES={max_bytes}")
         try:
             document = yaml.load(content, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except (yaml.YAMLError, RecursionError, ValueError) as exc:
@@ -85,18 +86,21 @@ class Catalog:
         if self._owns_pool:
             await self.pool.close()
 
+    @staticmethod
+    def needed_for(event: ExecutionEvent) -> bool:
+        """Whether the event's playbook must come from the catalog: it carries none, names one, and has a workload
+        (a record without one resolves nothing)."""
+        return (not isinstance(event.playbook, dict) and event.workload is not None
+                and (event.catalog_id is not None or bool(event.playbook_path)))
+
     async def playbook_for(self, event: ExecutionEvent) -> dict[str, Any] | None:
         """The event's own playbook document, else the catalog's; None when the event names none (or needs none)."""
-        if isinstance(event.playbook, dict):
-            return event.playbook
-        if event.workload is None:  # nothing will be resolved from this record
-            return None
+        if not self.needed_for(event):
+            return event.playbook if isinstance(event.playbook, dict) else None
         if event.catalog_id is not None:
             key: tuple = ("id", event.catalog_id)
-        elif event.playbook_path:
-            key = ("path", event.playbook_path, event.playbook_version)
         else:
-            return None
+            key = ("path", event.playbook_path, event.playbook_version)
         if key[0] == "id" and key[1] in self._cache:
             return self._cached(key[1])
         if key not in self._inflight:  # one query per row, however many events of a burst ask at once

@@ -123,7 +123,8 @@ def parse_event(key: bytes | None, value: bytes | None, *, max_bytes: int) -> Ex
         raise BadEvent("invalid_event", problems) from None
     keyed = _key_execution_id(key)
     if keyed is not None and keyed != event.execution_id:
-        raise BadEvent("key_mismatch", "the message key must name the event's execution, so that its events stay ordered")
+        raise BadEvent("key_mismatch",
+                       "the message key must name the event's execution, so that its events stay ordered")
     return event
 
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import asyncpg
 
-
 from . import metrics
-from .settings import WorkerSettings
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .resolve import Plan, resolve
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
     if event.kind != "start":
         return answer
     catalog = None
-    if not isinstance(event.playbook, dict) and event.workload is not None and (event.catalog_id or event.playbook_path):
+    if Catalog.needed_for(event):
         pool = await asyncpg.create_pool(settings.catalog_dsn or settings.dsn, min_size=0, max_size=1)
         catalog = Catalog(settings, pool, owns_pool=True)
     try:

@@ -73,7 +73,8 @@ def _compiled(template: str) -> Template:
     """Compiling costs about a millisecond and every execution of a playbook repeats the same templates."""
     tree = _jinja.parse(template)
     for node in tree.find_all(nodes.Node):
-        if not isinstance(node, _ALLOWED_NODES) or (isinstance(node, nodes.Filter) and node.name not in _ALLOWED_FILTERS):
+        refused_filter = isinstance(node, nodes.Filter) and node.name not in _ALLOWED_FILTERS
+        if not isinstance(node, _ALLOWED_NODES) or refused_filter:
             raise SecurityError(f"{type(node).__name__} is not allowed in a secret reference")
     return _jinja.from_string(tree)
 

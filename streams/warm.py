@@ -2,8 +2,9 @@
 
 Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing); other
 event types are counted and ignored; then every start's plan (its playbook from the event or NoETL's catalog, looked
-up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret version is fetched ONCE per burst (a short
-in-memory window shared by consecutive batches), with bounded concurrency and a calls-per-minute budget. Rows are
+up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret
+version is fetched ONCE per burst (an in-memory window shared by consecutive batches, and Keychain.fetch_shared
+across processes), with bounded concurrency and a calls-per-minute budget. Rows are
 written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
 UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
 The caller acknowledges the batch only after `handle` returns.
@@ -139,7 +140,9 @@ class Warmer:
         return DeadLetter(record, "internal_error", type(exc).__name__)
 
     # --- warming ----------------------------------------------------------------------------------------------------
-    async def warm(self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False) -> tuple[dict[Want, str], int]:
+    async def warm(
+        self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False
+    ) -> tuple[dict[Want, str], int]:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
         `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). Returns (error code of each want not
         written as ready, rows written)."""
