@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) -m devtools demo
 
 bench: $(STAMP)
-	for b in hit_latency warm invalidate sweep replicas; do $(PY) -m bench.$$b; done
+	for b in hit_latency warm invalidate sweep replicas scale; do $(PY) -m bench.$$b; done
 
 stack: $(STAMP)
 	$(PY) -m devtools stack

@@ -16,6 +16,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from .stack import free_port
 
 
+_scratch: tempfile.TemporaryDirectory | None = None
+
+
+def _worker_scratch_dir() -> str:
+    """A scratch directory per worker, all under one that is removed when this process exits."""
+    global _scratch
+    if _scratch is None:
+        _scratch = tempfile.TemporaryDirectory(prefix="kw-workers-")
+    return tempfile.mkdtemp(prefix="worker-", dir=_scratch.name)
+
+
 def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dict[str, str]:
     """Environment of a worker on the local stack (`base`: the whole environment to start from): its own consumer
     group, scratch directory and HTTP port, and short group timeouts (tansu admits a member after about half the
@@ -23,7 +34,7 @@ def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dic
     return {
         **base,
         "KEYCHAIN_APP_ID": app_id,
-        "KEYCHAIN_DATA_DIR": tempfile.mkdtemp(prefix="kw-worker-"),
+        "KEYCHAIN_DATA_DIR": _worker_scratch_dir(),
         "KEYCHAIN_WEB_PORT": str(free_port()),
         "KEYCHAIN_WEB_HOST": "127.0.0.1",
         "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",

@@ -22,6 +22,10 @@ SECRET_MANAGER_CALLS = Counter(
 SECRET_MANAGER_SECONDS = Histogram(
     "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
 )
+BUDGET_WAIT_SECONDS = Counter(
+    "keychain_secret_manager_budget_wait_seconds_total",
+    "Time callers waited for the shared Secret Manager call budget (SECRET_MANAGER_MAX_CALLS_PER_MINUTE)",
+)
 ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
 SWEPT_ROWS = Counter("keychain_swept_rows_total", "Expired rows deleted by the sweep")
 PURGED_ROWS = Counter("keychain_purged_rows_total", "Rows deleted because their execution finished")

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
         description="A fetched secret version is shared by every process for this long: one Secret Manager call per "
         "version per burst across replicas and readers (0: no sharing).",
     )
+    secret_manager_max_calls_per_minute: int = env(
+        "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",
+        default=6000,
+        ge=0,
+        description="Secret Manager access budget shared by every process on this keychain (worker replicas and "
+        "read-throughs together; the project quota is 90,000 per minute); also the largest burst. 0: no budget.",
+    )
     negative_ttl_seconds: int = env(
         "KEYCHAIN_NEGATIVE_TTL_SECONDS",
         default=60,

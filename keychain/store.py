@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 import asyncpg
@@ -35,6 +37,13 @@ CONNECTION_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresCon
                      asyncpg.InternalClientError)  # a connection lost in the middle of an operation
 
 T = TypeVar("T")
+
+
+@dataclass
+class CallTicket:
+    """One Secret Manager call taken from the shared budget; `used` once the call is made (else it goes back)."""
+
+    used: bool = False
 
 
 def reports_outage(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -209,12 +218,12 @@ class Keychain:
         """A read-through across processes: under the row identity's lock, check again, else fetch and write."""
         if self.source is None:
             raise ConfigurationError("read-through needs a Secret Manager source: Keychain(settings, source=...)")
-        async with self.pool.acquire() as conn:
+        async with self._call_budget() as ticket, self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     outcome = await self._lock_and_recheck(conn, identity, ref)
                     if outcome is None:
-                        outcome = await self._fetch_and_write(conn, identity, scope, ref, ttl_seconds)
+                        outcome = await self._fetch_and_write(conn, identity, scope, ref, ticket, ttl_seconds)
             except asyncpg.LockNotAvailableError:
                 raise KeychainError(
                     f"{identity.credential_name}: another process has been fetching it for longer than "
@@ -238,14 +247,15 @@ class Keychain:
         return None
 
     async def _fetch_and_write(
-        self, conn: asyncpg.Connection, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
+        self, conn: asyncpg.Connection, identity: RowIdentity, scope: Scope, ref: SecretRef, ticket: CallTicket,
+        ttl_seconds: int | None,
     ) -> Lookup | SecretSourceError:
         """Fetch (shared with every process: a version another process fetched a moment ago costs no call) and
         write, fenced by the secret's generation: fetched again (three times at most) only if the secret was
         invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
         for _ in range(3):
             try:
-                secret, generation = await self._fetch_shared(conn, ref)
+                secret, generation = await self._fetch_shared(conn, ref, ticket)
             except SecretSourceError as exc:
                 if not exc.permanent:
                     raise
@@ -266,13 +276,34 @@ class Keychain:
         process that needs a reference being fetched waits for that fetch. Returns the value and the secret's
         generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
         about to expire is fetched anew) still shares what it fetches."""
-        async with self._durable() as conn:
-            return await self._fetch_shared(conn, ref, reuse=reuse)
+        async with self._call_budget() as ticket, self._durable() as conn:
+            return await self._fetch_shared(conn, ref, ticket, reuse=reuse)
 
-    async def _fetch_shared(self, conn: asyncpg.Connection, ref: SecretRef, *, reuse: bool = True
-                            ) -> tuple[SecretValue, int]:
+    @asynccontextmanager
+    async def _call_budget(self) -> AsyncIterator[CallTicket]:
+        """Take one call from the Secret Manager budget every process shares, before any transaction (the budget's
+        row is locked for that one statement only), and wait while it is spent; the token goes back when no call
+        was made after all (another process's fetch, or a row written meanwhile, answered)."""
+        ticket = CallTicket()
+        per_minute = float(self.settings.secret_manager_max_calls_per_minute)
+        if not per_minute:
+            yield ticket
+            return
+        wait = await self.pool.fetchval(self._q["take_call"], per_minute)
+        try:
+            if wait > 0:
+                metrics.BUDGET_WAIT_SECONDS.inc(wait)
+                await asyncio.sleep(wait)
+            yield ticket
+        finally:
+            if not ticket.used:
+                with contextlib.suppress(*CONNECTION_ERRORS):  # a database gone keeps the caller's own error
+                    await self.pool.execute(self._q["return_call"], per_minute)
+
+    async def _fetch_shared(self, conn: asyncpg.Connection, ref: SecretRef, ticket: CallTicket, *,
+                            reuse: bool = True) -> tuple[SecretValue, int]:
         """`fetch_shared` inside the caller's transaction (a read-through already holds one: taking a second
-        connection while holding the first could starve the pool)."""
+        connection while holding the first could starve the pool), on a call taken from the budget (`ticket`)."""
         if self.source is None:
             raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
         window = self.settings.shared_fetch_seconds
@@ -285,6 +316,7 @@ class Keychain:
             if row is not None:
                 payload = base64.b64decode(self.keyring.open(identity, row["key_id"], row["data"], row["write_id"]))
                 return SecretValue(row["version_name"], payload), generation
+        ticket.used = True
         value = await self.source.access(ref)
         if window > 0:
             write_id = new_write_id()
@@ -476,6 +508,8 @@ class Keychain:
             changed = affected(await conn.execute(self._q[statement], json.dumps([{"secret_id": secret_id, **match}])))
             await conn.execute(self._q["clear_failures_of_secret"], secret_id)
             await conn.execute(self._q["forget_fetches_of_secret"], secret_id)
+            if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`
+                await conn.execute(self._q["forget_latest_held"], secret_id, match.get("version"))
             return changed
 
     @reports_outage
@@ -504,6 +538,7 @@ class Keychain:
             if deleted < batch:
                 break
         await self.pool.execute(self._q["sweep_failures"])
+        await self.pool.execute(self._q["sweep_latest_held"])
         await self.pool.execute(self._q["sweep_shared_fetches"], float(self.settings.shared_fetch_seconds) * 2)
         await self.pool.execute(self._q["sweep_fences"], float(self.settings.fence_retention_seconds))
         await self.pool.execute(self._q["sweep_notices"], float(self.settings.fence_retention_seconds))

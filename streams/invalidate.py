@@ -136,8 +136,14 @@ class Invalidator:
                 continue
             finally:
                 await self.keychain.mark_checked(row["secret_id"])
-            if any(version != latest for version in row["versions"]):
+            changed = 0
+            for version in sorted(set(row["versions"]) - {latest}):
+                # Only the rows still holding the old version through `latest` or an alias (the summary may name a
+                # version whose rows were rewritten since: then nothing changes, and its summary row goes).
+                applied = await self._invalidate(ref.secret, {"pinned": False, "version": version}, cause="reconcile")
+                changed += applied.changed or 0
+            if changed:
                 behind += 1
-                log.warning("reconcile: %s rows hold an older version than latest (%s)", ref.secret_name, latest)
-                await self._invalidate(ref.secret, {"pinned": False}, cause="reconcile")  # as SECRET_VERSION_ADD
+                log.warning("reconcile: %d rows of %s held an older version than latest (%s)", changed,
+                            ref.secret_name, latest)
         return behind

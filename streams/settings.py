@@ -92,12 +92,6 @@ class WorkerSettings(Settings):
     warm_concurrency: int = env(
         "KEYCHAIN_WARM_CONCURRENCY", default=32, ge=1, description="Secret Manager calls in flight per worker."
     )
-    secret_manager_max_calls_per_minute: int = env(
-        "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",
-        default=6000,
-        ge=1,
-        description="Access budget per worker (the project quota is 90,000 per minute).",
-    )
     warm_fetch_window_seconds: float = env(
         "KEYCHAIN_WARM_FETCH_WINDOW_SECONDS",
         default=10.0,

@@ -4,7 +4,7 @@ Per batch: finishes first (fence + purge, so a start in the same batch or redeli
 event types are counted and ignored; then every start's plan (its playbook from the event or NoETL's catalog, looked
 up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret
 version is fetched ONCE per burst (an in-memory window shared by consecutive batches, and Keychain.fetch_shared
-across processes), with bounded concurrency and a calls-per-minute budget. Rows are
+across processes), with bounded concurrency and the calls-per-minute budget all processes share. Rows are
 written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
 UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
 The caller acknowledges the batch only after `handle` returns.
@@ -16,8 +16,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-
-from aiolimiter import AsyncLimiter
 
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
@@ -64,7 +62,6 @@ class Warmer:
         self.settings = settings
         self.keychain = keychain
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
-        self._limiter = AsyncLimiter(settings.secret_manager_max_calls_per_minute, 60)
         self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
         # The burst window: ref -> (fetched at, value, the secret's rotation generation read before the fetch).
         self._recent: dict[str, tuple[float, Fetched]] = {}
@@ -257,7 +254,6 @@ class Warmer:
 
     async def _fetch(self, ref: str, fresh: bool = False) -> Fetched | SecretSourceError:
         async with self._concurrency:
-            await self._limiter.acquire()
             try:
                 return Fetched(*await self.keychain.fetch_shared(SecretRef.parse(ref), reuse=not fresh))
             except SecretSourceError as exc:

@@ -22,6 +22,8 @@ KEYS = {
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
     "sweep": {"rows_per_s", "reader_p99_idle_ms", "reader_p99_sweep_ms"},
     "replicas": {"sm_calls_1", "sm_calls_2", "sm_calls_3", "events_per_s_1", "events_per_s_3", "takeover_s"},
+    "scale": {"rows", "get_p50_ms_small", "get_p50_ms_large", "reconcile_round_ms_small", "reconcile_round_ms_large",
+              "sweep_rows_per_s_large"},
 }
 
 
@@ -34,7 +36,7 @@ def run_quick(name: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["hit_latency", "warm", "sweep", "replicas"])
+@pytest.mark.parametrize("name", ["hit_latency", "warm", "sweep", "replicas", "scale"])
 def test_benchmark_reports_its_figures(name):
     figures = run_quick(name)
     assert KEYS[name] <= set(figures), KEYS[name] - set(figures)
@@ -44,6 +46,8 @@ def test_benchmark_reports_its_figures(name):
             assert figures[f"{prefix}sm_calls_per_event"] <= 20 / figures["events"] * 2
     if name == "replicas":  # one Secret Manager call per secret, however many replicas
         assert figures["sm_calls_1"] == figures["sm_calls_2"] == figures["sm_calls_3"] == 10
+    if name == "scale":  # every secret held through `latest` is in the reconciliation summary
+        assert figures["rows"] == 500_000 and figures["latest_held_rows_large"] >= 20
     if name == "sweep":
         assert figures["expired_rows"] == 100_000  # all swept (the benchmark checks it), readers never missed
 

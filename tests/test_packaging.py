@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.services  # installs the package into a new virtualenv (a minute)
 
 ROOT = Path(__file__).parent.parent
-STREAMING = ("faust", "aiokafka", "aiohttp", "aiolimiter", "jinja2", "yaml", "google.cloud.pubsub_v1")
+STREAMING = ("faust", "aiokafka", "aiohttp", "jinja2", "yaml", "google.cloud.pubsub_v1")
 
 CHECK = f"""
 import importlib.util, sys

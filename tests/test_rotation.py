@@ -191,6 +191,47 @@ async def test_reconciliation_catches_a_lost_notice(parts, keychain, sm, secret,
     assert await invalidator.reconcile() == 0
 
 
+async def held(keychain, secret_id):
+    rows = await keychain.pool.fetch(
+        "SELECT version FROM keychain_latest_held WHERE secret_id = $1 AND held_until > now() ORDER BY 1", secret_id)
+    return [row["version"] for row in rows]
+
+
+async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain, sm, secret, execution_id):
+    """The secrets held through `latest` are summarised by the write itself; invalidation and the sweep keep the
+    summary honest, and a round never reads the keychain table (its cost does not grow with the table)."""
+    warmer, invalidator = parts
+    secret_id, _ = secret
+    await warmer.warm([want("latest", secret_id, execution_id=execution_id), want("pinned", secret_id, "1")])
+    assert await held(keychain, secret_id) == ["1"]  # the pinned row is not summarised: it cannot fall behind
+    plan = "\n".join(r[0] for r in await keychain.pool.fetch(
+        "EXPLAIN " + keychain._q["latest_secrets_to_check"].replace("$1", "50")))
+    assert " on keychain " not in plan and "keychain_latest_held" in plan, plan
+
+    sm.add_version(secret_id, "v2-value")
+    await invalidator.apply(notice("SECRET_VERSION_ADD", secret_id, "2"))  # stale, then refreshed at version 2
+    assert await held(keychain, secret_id) == ["2"]
+    assert await value(keychain, "latest", execution_id) == "v2-value"
+
+    # A summary row whose keychain rows moved on (here: written back by hand) is dropped by the next round, which
+    # invalidates nothing and counts nothing behind.
+    await keychain.pool.execute(
+        "INSERT INTO keychain_latest_held (secret_id, version, held_until, ref) "
+        "SELECT secret_id, '1', held_until, ref FROM keychain_latest_held WHERE secret_id = $1", secret_id)
+    assert await held(keychain, secret_id) == ["1", "2"]
+    await keychain.pool.execute("UPDATE keychain_secret_state SET checked_at = NULL WHERE secret_id = $1", secret_id)
+    assert await invalidator.reconcile() == 0
+    assert await held(keychain, secret_id) == ["2"]
+    assert await value(keychain, "latest", execution_id) == "v2-value"
+
+    # Once every row of its bucket has expired, the sweep removes a summary row.
+    await keychain.pool.execute(
+        "UPDATE keychain_latest_held SET held_until = now() - interval '1 second' WHERE secret_id = $1", secret_id)
+    await keychain.sweep()
+    assert await keychain.pool.fetchval(
+        "SELECT count(*) FROM keychain_latest_held WHERE secret_id = $1", secret_id) == 0
+
+
 @pytest.mark.parametrize(
     "attributes, reason",
     [

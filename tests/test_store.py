@@ -95,6 +95,39 @@ async def test_read_throughs_never_starve_a_small_pool(stack, settings, key_spec
     assert [sm.access_count(s) for s in secret_ids] == [1, 1, 1, 1]  # shared between the read-throughs
 
 
+async def test_the_secret_manager_budget_is_shared_by_every_process(stack, settings, key_spec, keychain, sm, unique,
+                                                                    execution_id):
+    """Two processes (two keychains, two pools) on a budget of 3 calls per minute: together they make 3 calls; a
+    fetch that another process's fetch answered gives its token back; the fourth call waits for the budget."""
+    secret_ids = [f"bud{i}-{unique}" for i in range(4)]
+    for secret_id in secret_ids:
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-{secret_id}")
+    budget = make_settings(stack, settings.schema_name, key_spec, secret_manager_max_calls_per_minute=3)
+
+    async def tokens():
+        return await keychain.pool.fetchval("SELECT tokens FROM keychain_call_budget")
+
+    async with Keychain(budget, source=SecretManagerSource(budget)) as a, \
+            Keychain(budget, source=SecretManagerSource(budget)) as b:
+        assert (await a.get_or_fetch("n", ref_of(secret_ids[0]), execution_id=execution_id)).value == f"value-{secret_ids[0]}"
+        await b.fetch_shared(SecretRef.parse(ref_of(secret_ids[1])))
+        assert 0.9 < await tokens() < 1.5  # two calls taken (a token refills every 20 s)
+        await b.fetch_shared(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
+        await a.get_or_fetch("m", ref_of(secret_ids[1]), execution_id=execution_id)  # the same
+        assert 0.9 < await tokens() < 1.5  # their tokens went back
+        await a.fetch_shared(SecretRef.parse(ref_of(secret_ids[2])))
+        waiting = asyncio.create_task(b.fetch_shared(SecretRef.parse(ref_of(secret_ids[3]))))
+        await asyncio.sleep(0.5)
+        assert not waiting.done() and sm.access_count(secret_ids[3], code=None) == 0  # the budget is spent
+        assert await tokens() < -0.5  # b waits its turn
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await tokens() > -0.5  # a caller that gave up gave its turn back
+    assert [sm.access_count(s, code=None) for s in secret_ids] == [1, 1, 1, 0]
+
+
 async def test_concurrent_read_through_in_one_process_calls_once(keychain, sm, secret, execution_id):
     secret_id, value = secret
     sm.delay_seconds = 0.2

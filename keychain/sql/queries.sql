@@ -34,7 +34,9 @@ SELECT set_config('synchronous_commit', 'on', true);
 -- name: put_entries
 -- Store entries (one element per row in each array): ready ones with their ciphertext, failed ones with an error
 -- code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
--- (the caller holds the executions' fence locks, see lock_executions_shared).
+-- (the caller holds the executions' fence locks, see lock_executions_shared). Ready rows that hold a secret through
+-- `latest` are entered in the reconciliation summary (keychain_latest_held, see migration 0006) in the same statement.
+WITH written AS (
 INSERT INTO keychain AS k (credential_name, credential_type, scope_type, cache_type, execution_id, session_id,
                            state, error_code, key_id, data, write_id, sources, ttl_seconds, expires_at)
 SELECT e.credential_name, e.credential_type, e.scope_type, e.cache_type, e.execution_id, e.session_id,
@@ -50,7 +52,20 @@ ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
 SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
     state = excluded.state, error_code = excluded.error_code, key_id = excluded.key_id, data = excluded.data,
     write_id = excluded.write_id, sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
-    updated_at = now();
+    updated_at = now()
+RETURNING k.state, k.sources, k.expires_at
+), held AS (
+    INSERT INTO keychain_latest_held (secret_id, version, held_until, ref)
+    SELECT src->>'secret_id', src->>'version',
+           date_bin('10 minutes', w.expires_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') + interval '10 minutes',
+           min(src->>'ref')
+    FROM written w, jsonb_array_elements(w.sources) AS src
+    WHERE w.state = 'ready' AND src->>'ref' LIKE '%/versions/latest' AND src ? 'version' AND src ? 'secret_id'
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3  -- one order for every writer: concurrent first inserts of the same keys never deadlock
+    ON CONFLICT DO NOTHING
+)
+SELECT count(*) FROM written;
 
 -- name: lock_executions_shared
 -- Writers of execution-scoped rows hold each execution's fence lock shared; finishing an execution takes it
@@ -122,6 +137,19 @@ DELETE FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $
 -- name: lock_fetch
 -- Cross-process single flight for one reference: held (transaction-scoped) while it is fetched.
 SELECT pg_advisory_xact_lock(hashtextextended('keychain.fetch:' || $1, 0));
+
+-- name: take_call
+-- Take one call from the shared Secret Manager budget ($1 calls per minute, also the bucket's size: the burst).
+-- Returns how long the caller waits before calling: 0 while tokens remain, else its place in the debt.
+INSERT INTO keychain_call_budget AS b (name, tokens, updated_at) VALUES ('secret_manager', $1 - 1, clock_timestamp())
+ON CONFLICT (name) DO UPDATE
+SET tokens = least($1, b.tokens + extract(epoch FROM clock_timestamp() - b.updated_at) * $1 / 60.0) - 1,
+    updated_at = clock_timestamp()
+RETURNING greatest(0.0, -b.tokens) * 60.0 / $1 AS wait_seconds;
+
+-- name: return_call
+-- A token taken and not used.
+UPDATE keychain_call_budget SET tokens = least($1, tokens + 1) WHERE name = 'secret_manager';
 
 -- name: shared_fetch
 -- A version of this reference fetched by any process within $2 seconds, unless the secret was invalidated since.
@@ -236,17 +264,22 @@ DELETE FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1;
 
 -- name: latest_secrets_to_check
 -- Reconciliation: secrets that ready rows hold through `latest`, least recently checked first, with the versions
--- those rows resolved to and a reference to ask Secret Manager with.
-SELECT held.secret_id, held.ref, held.versions
-FROM (
-    SELECT src->>'secret_id' AS secret_id, min(src->>'ref') AS ref, array_agg(DISTINCT src->>'version') AS versions
-    FROM keychain k, jsonb_array_elements(k.sources) AS src
-    WHERE k.state = 'ready' AND src->>'ref' LIKE '%/versions/latest' AND src ? 'version'
-    GROUP BY 1
-) held
+-- those rows resolved to and a reference to ask Secret Manager with. Reads the summary only (migration 0006), so a
+-- round costs the same on a table of any size.
+SELECT h.secret_id, min(h.ref) AS ref, array_agg(DISTINCT h.version) AS versions
+FROM keychain_latest_held h
 LEFT JOIN keychain_secret_state s USING (secret_id)
+WHERE h.held_until > now()
+GROUP BY h.secret_id, s.checked_at
 ORDER BY s.checked_at NULLS FIRST
 LIMIT $1;
+
+-- name: forget_latest_held
+-- The rows an invalidation of this secret (of version $2, or of every version when NULL) stopped serving.
+DELETE FROM keychain_latest_held WHERE secret_id = $1 AND ($2::text IS NULL OR version = $2);
+
+-- name: sweep_latest_held
+DELETE FROM keychain_latest_held WHERE held_until <= now();
 
 -- name: mark_checked
 INSERT INTO keychain_secret_state AS s (secret_id, checked_at) VALUES ($1, now())
