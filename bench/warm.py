@@ -10,6 +10,12 @@ prefix), B = NoETL's own `playbook_started` records carrying only the catalog id
 from a `catalog` table (keys `catalog_*`, and `catalog_vs_inline_events_per_s`). Each figure is the mean of its two
 bursts.
 
+Then the first-read curve: for each delay D in FIRST_READ_DELAYS_MS, a burst naming secrets nobody fetched yet,
+each execution's first read (`get_or_fetch`, as a NoETL worker reads) D ms after its event was sent: the read's
+p50/p99 (`first_read_D_ms_p50`, `first_read_D_ms_p99`) and the Secret Manager calls beyond one per secret
+(`extra_sm_calls_D`: reads that raced the warm and called on their own). `ready_p99_minus_sm_p99_ms` is the warm's
+own share of the event -> rows-ready p99.
+
     python -m bench.warm [--quick]
 """
 
@@ -34,6 +40,8 @@ from .common import arguments, median_ms, ms, percentile, report, settings_for
 SECRETS_PER_EVENT = 3
 POOL = 20
 FIRST_READ_AFTER_S = 1.0
+FIRST_READ_DELAYS_MS = (0, 50, 100, 250, 500, 1000)
+CURVE_POOL = 10  # fresh secrets per delay
 CATALOG_ID = 42
 # Three steps, each authenticating with a secret the workload names, written as NoETL writes templates (bare).
 PLAYBOOK = """\
@@ -84,10 +92,14 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     for mode in ("inline", "catalog", "catalog", "inline"):
         runs[mode].append(await burst(stack, quick, mode, refs, len(runs[mode])))
     inline, catalog = (mean_of(runs[mode]) for mode in ("inline", "catalog"))
+    curve = await first_read_curve(stack, quick)
     return {
         **inline,
-        **{f"catalog_{k}": v for k, v in catalog.items() if k not in ("events", "sm_p50_ms", "first_read_after_ms")},
+        "ready_p99_minus_sm_p99_ms": round(inline["ready_p99_ms"] - inline["sm_p99_ms"], 3),
+        **{f"catalog_{k}": v for k, v in catalog.items()
+           if k not in ("events", "sm_p50_ms", "sm_p99_ms", "first_read_after_ms")},
         "catalog_vs_inline_events_per_s": round(catalog["events_per_s"] / inline["events_per_s"], 3),
+        **curve,
     }
 
 
@@ -114,7 +126,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
             async with kc.pool.acquire() as conn:
                 await register(conn, settings.schema_name, CATALOG_ID, "bench/warm", PLAYBOOK)
         sm_samples = []
-        for _ in range(3):
+        for _ in range(4 if quick else 10):
             started = time.perf_counter()
             await kc.source.access(SecretRef.parse(refs[0]))
             sm_samples.append(time.perf_counter() - started)
@@ -173,8 +185,73 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
         "first_use_hit_ratio": round(len(hits) / len(first_reads), 4),
         "first_read_after_ms": FIRST_READ_AFTER_S * 1000,
         "sm_p50_ms": median_ms(sm_samples),
+        "sm_p99_ms": ms(percentile(sm_samples, 99)),
         "worker_rss_mb": round(peak[0], 1),
     }
+
+
+async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
+    """One worker; per delay, a burst on fresh secrets and each execution's first read that long after its event."""
+    events = 60 if quick else 200
+    name = "bench-warm-curve"
+    settings = settings_for(stack, name.replace("-", "_"), events_topic=name, dlq_topic=f"{name}-dlq",
+                            rotations_topic=f"{name}-rotations")
+    server = stack.secret_manager
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
+    env = local_worker_env({**os.environ, **stack.env}, name, KEYCHAIN_SCHEMA=settings.schema_name,
+                           KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
+                           KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic)
+    figures: dict[str, float] = {}
+    async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
+        await kc.migrate()
+        worker = WorkerProcess(env).start()
+        try:
+            await produce(bootstrap, settings.events_topic, [finish_event(1)])  # the worker is consuming once
+            while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
+                await asyncio.sleep(0.05)
+            for d, delay_ms in enumerate(FIRST_READ_DELAYS_MS):
+                refs = []
+                for i in range(CURVE_POOL):
+                    secret_id = f"curve-{delay_ms}-{i}"
+                    server.create_secret(secret_id)
+                    server.add_version(secret_id, f"value-{secret_id}-" + "x" * 40)
+                    refs.append(f"projects/test-project/secrets/{secret_id}/versions/latest")
+                calls_before = server.access_count()
+                first_id = 20_000_000 + d * 100_000
+                reads: list[float] = []
+
+                async def first_read(sent: float, execution_id: int, ref: str) -> None:
+                    await asyncio.sleep(max(0.0, sent + delay_ms / 1000 - time.perf_counter()))
+                    started = time.perf_counter()
+                    lookup = await kc.get_or_fetch(ref, ref, execution_id=execution_id)
+                    reads.append(time.perf_counter() - started)
+                    assert lookup.value is not None
+
+                producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+                await producer.start()
+                readers = []
+                for n in range(events):
+                    wanted = [refs[(n * 7 + k) % CURVE_POOL] for k in range(SECRETS_PER_EVENT)]
+                    key, value = start_message("inline", first_id + n, wanted)
+                    await producer.send(settings.events_topic, value, key=key)
+                    readers.append(asyncio.create_task(first_read(time.perf_counter(), first_id + n, wanted[0])))
+                await producer.flush()
+                await producer.stop()
+                await asyncio.gather(*readers)
+                expected = events * SECRETS_PER_EVENT
+                deadline = time.monotonic() + 120
+                while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready' AND execution_id "
+                                             "BETWEEN $1 AND $2", first_id, first_id + events) < expected:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the worker did not warm every event in time")
+                    await asyncio.sleep(0.05)
+                figures[f"first_read_{delay_ms}_ms_p50"] = ms(percentile(reads, 50))
+                figures[f"first_read_{delay_ms}_ms_p99"] = ms(percentile(reads, 99))
+                figures[f"extra_sm_calls_{delay_ms}"] = server.access_count() - calls_before - CURVE_POOL
+        finally:
+            worker.stop()
+    return figures
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import time
@@ -20,6 +19,7 @@ from . import metrics
 from .crypto import KeyRing, new_write_id
 from .errors import (
     CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable, SecretSourceError,
+    SecretUnavailable,
 )
 from .migrate import migrate
 from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json, value_from_payload
@@ -59,12 +59,6 @@ def reports_outage(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitab
     return wrapper
 
 
-def advisory_key(identity: RowIdentity) -> int:
-    """A 64-bit advisory lock id for one row identity, the same in every process."""
-    text = json.dumps(identity_args(identity))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
-
-
 class Keychain:
     """Owns a connection pool and the key ring. Use `async with Keychain(settings) as kc:` or open()/close()."""
 
@@ -84,6 +78,11 @@ class Keychain:
         return self
 
     async def close(self) -> None:
+        # Fetches still in flight (their callers gone) stop first, giving back what they took, while the pool is open.
+        pending = [future for future in self._inflight.values() if not future.done()]
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -178,8 +177,9 @@ class Keychain:
     ) -> Lookup:
         """Read; on a miss fetch `ref` from Secret Manager, store it and return it.
 
-        Concurrent misses of one entry call Secret Manager once: in-process through a shared future, across
-        processes through a PostgreSQL advisory lock held while fetching.
+        Misses of one secret call Secret Manager once, whichever rows they are for: they join the fetch of it in
+        flight or just done, in this process (a shared future) or in any other, the warmer's included (the
+        reference's advisory lock and the shared table, see fetch_shared).
         """
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         identity = entry_scope.identity(name)
@@ -190,7 +190,7 @@ class Keychain:
                 return lookup
             return await self._single_flight(
                 (identity.credential_name, identity.scope_type, identity.scope_id),
-                lambda: self._fetch_locked(identity, entry_scope, secret_ref, ttl_seconds),
+                lambda: self._read_through(identity, entry_scope, secret_ref, ttl_seconds),
             )
         except (KeychainUnavailable, *CONNECTION_ERRORS):
             # The cache is down: the execution must only get slower, not fail. Nothing is written.
@@ -204,7 +204,9 @@ class Keychain:
         log.warning("keychain unavailable: served %s straight from Secret Manager", ref.secret_name)
         return Lookup("direct", value_from_payload(secret.payload))
 
-    async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[Lookup]]) -> Lookup:
+    async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[T]]) -> T:
+        """One call of `make` per key in flight in this process; every caller awaits it (a caller that gives up
+        leaves it running for the others)."""
         future = self._inflight.get(key)
         if future is None:
             future = asyncio.ensure_future(make())
@@ -212,59 +214,29 @@ class Keychain:
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    async def _fetch_locked(
-        self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
-    ) -> Lookup:
-        """A read-through across processes: under the row identity's lock, check again, else fetch and write."""
+    async def _read_through(self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
+                            ) -> Lookup:
+        """Fetch the reference, shared with every fetch of it in flight or just done (in this process and in any
+        other: the warmer's, another reader's), then write the row in a short transaction, fenced by the secret's
+        generation: fetched again (three times at most) only if the secret was invalidated meanwhile. No connection
+        is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
+        next reads get CachedFailure) and raised."""
         if self.source is None:
             raise ConfigurationError("read-through needs a Secret Manager source: Keychain(settings, source=...)")
-        async with self._call_budget() as ticket, self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    outcome = await self._lock_and_recheck(conn, identity, ref)
-                    if outcome is None:
-                        outcome = await self._fetch_and_write(conn, identity, scope, ref, ticket, ttl_seconds)
-            except asyncpg.LockNotAvailableError:
-                raise KeychainError(
-                    f"{identity.credential_name}: another process has been fetching it for longer than "
-                    f"{self.settings.fetch_lock_timeout_seconds}s"
-                ) from None
-        if isinstance(outcome, SecretSourceError):
-            raise outcome  # a refusal, raised once its record is committed
-        return outcome
-
-    async def _lock_and_recheck(self, conn: asyncpg.Connection, identity: RowIdentity, ref: SecretRef) -> Lookup | None:
-        """Hold the row identity's lock (another process fetching it makes this wait), then look again: a hit that
-        process wrote meanwhile, a remembered refusal (CachedFailure), or None: fetch."""
-        timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
-        await conn.execute(self._q["lock_identity"], timeout_ms, advisory_key(identity))
-        lookup = await self._lookup(conn, identity, ref)
-        if lookup:
-            return lookup
-        failure = await conn.fetchrow(self._q["active_failures"], [str(ref)])
-        if failure is not None:
-            raise CachedFailure(identity.credential_name, failure["error_code"])
-        return None
-
-    async def _fetch_and_write(
-        self, conn: asyncpg.Connection, identity: RowIdentity, scope: Scope, ref: SecretRef, ticket: CallTicket,
-        ttl_seconds: int | None,
-    ) -> Lookup | SecretSourceError:
-        """Fetch (shared with every process: a version another process fetched a moment ago costs no call) and
-        write, fenced by the secret's generation: fetched again (three times at most) only if the secret was
-        invalidated meanwhile. A permanent refusal is recorded and returned, to be raised after the commit."""
         for _ in range(3):
+            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
+            if failure is not None:
+                raise CachedFailure(identity.credential_name, failure["error_code"])
             try:
-                secret, generation = await self._fetch_shared(conn, ref, ticket)
+                secret, generation = await self.fetch_shared(ref)
             except SecretSourceError as exc:
-                if not exc.permanent:
-                    raise
-                await self._record_failure(conn, str(ref), exc.code)
-                return exc
+                if exc.permanent:
+                    await self.record_failure(str(ref), exc.code)
+                raise
             entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
                           sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
                           fences=((ref.secret, generation),))
-            if not await self._write(conn, [entry]):
+            if not await self.put_many([entry]):
                 return Lookup("hit", entry.value)
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
 
@@ -276,8 +248,11 @@ class Keychain:
         process that needs a reference being fetched waits for that fetch. Returns the value and the secret's
         generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
         about to expire is fetched anew) still shares what it fetches."""
-        async with self._call_budget() as ticket, self._durable() as conn:
-            return await self._fetch_shared(conn, ref, ticket, reuse=reuse)
+        if not reuse:
+            return await self._fetch_shared(ref, reuse=False)
+        # Callers in this process wait for the one fetch in flight (one connection, one token of the budget);
+        # callers in other processes wait for it on the reference's advisory lock.
+        return await self._single_flight(("", "fetch", str(ref)), lambda: self._fetch_shared(ref))
 
     @asynccontextmanager
     async def _call_budget(self) -> AsyncIterator[CallTicket]:
@@ -300,15 +275,25 @@ class Keychain:
                 with contextlib.suppress(*CONNECTION_ERRORS):  # a database gone keeps the caller's own error
                     await self.pool.execute(self._q["return_call"], per_minute)
 
-    async def _fetch_shared(self, conn: asyncpg.Connection, ref: SecretRef, ticket: CallTicket, *,
-                            reuse: bool = True) -> tuple[SecretValue, int]:
-        """`fetch_shared` inside the caller's transaction (a read-through already holds one: taking a second
-        connection while holding the first could starve the pool), on a call taken from the budget (`ticket`)."""
+    async def _fetch_shared(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int]:
         if self.source is None:
             raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
+        async with self._call_budget() as ticket, self._durable() as conn:
+            try:
+                return await self._fetch_shared_in(conn, ref, ticket, reuse=reuse)
+            except asyncpg.LockNotAvailableError:
+                raise SecretUnavailable(
+                    str(ref), f"another process has been fetching it for longer than "
+                    f"{self.settings.fetch_lock_timeout_seconds}s") from None
+
+    async def _fetch_shared_in(self, conn: asyncpg.Connection, ref: SecretRef, ticket: CallTicket, *,
+                               reuse: bool = True) -> tuple[SecretValue, int]:
+        """Inside a transaction, on a call taken from the budget (`ticket`): under the reference's lock, a value
+        fetched within the window, else a call whose value is recorded for every other process."""
         window = self.settings.shared_fetch_seconds
         if window > 0:
-            await conn.execute(self._q["lock_fetch"], str(ref))
+            timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
+            await conn.execute(self._q["lock_fetch"], str(ref), timeout_ms)
         generation = (await self._generations(conn, [ref.secret]))[ref.secret]
         identity = RowIdentity(str(ref), "fetched", "")
         if window > 0 and reuse:
@@ -421,10 +406,7 @@ class Keychain:
     @reports_outage
     async def record_failure(self, ref: str, code: str) -> None:
         async with self._durable() as conn:
-            await self._record_failure(conn, ref, code)
-
-    async def _record_failure(self, conn: asyncpg.Connection, ref: str, code: str) -> None:
-        await conn.execute(self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds))
+            await conn.execute(self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds))
 
     @reports_outage
     async def delete(

@@ -1,8 +1,11 @@
 """The warmer against real PostgreSQL and the Secret Manager test server, without the broker."""
 
+import asyncio
+
 import grpc
 import pytest
 
+from keychain import Keychain, SecretManagerSource
 from keychain.model import Scope
 from keychain.refs import SecretRef
 from streams.resolve import Want
@@ -130,3 +133,35 @@ async def test_a_read_through_takes_what_the_warmer_fetched_a_moment_ago(warmer,
     await keychain.invalidate_secret(f"projects/test-project/secrets/{secret_id}")
     assert (await keychain.get_or_fetch(ref, ref, execution_id=execution_id + 2)).value == "rotated"
     assert sm.access_count(secret_id) == calls + 1
+
+
+async def test_reads_racing_a_warm_join_its_fetch(stack, settings, key_spec, warmer, keychain, sm, unique, execution_id):
+    """First reads (from another process: a keychain with its own pool) that come before, during and after the
+    warm's Secret Manager call, for the row being warmed and for another execution's row: each secret is fetched
+    once, by whichever came first, and every read gets the value."""
+    secret_ids = [f"join{i}-{unique}" for i in range(3)]
+    for secret_id in secret_ids:
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-{secret_id}")
+    sm.delay_seconds = 0.3
+    refs = [f"projects/test-project/secrets/{s}/versions/latest" for s in secret_ids]
+    reader_settings = make_settings(stack, settings.schema_name, key_spec)
+    async with Keychain(reader_settings, source=SecretManagerSource(reader_settings)) as reader:
+
+        async def read(delay: float, ref: str, execution: int):
+            await asyncio.sleep(delay)
+            return await reader.get_or_fetch(f"first-{delay}-{refs.index(ref)}", ref, execution_id=execution)
+
+        async def warm_after(delay: float):
+            await asyncio.sleep(delay)
+            return await warmer.warm([want(f"w{i}", s, execution_id) for i, s in enumerate(secret_ids)])
+
+        reads = [read(delay, ref, execution)
+                 for delay in (0.0, 0.05, 0.15, 0.25, 0.5) for ref in refs for execution in (execution_id,
+                                                                                              execution_id + 1)]
+        # the warm starts 0.1 s in: the first reads come before it, the others while its calls are in flight
+        outcome, *lookups = await asyncio.gather(warm_after(0.1), *reads)
+    assert outcome == ({}, 3)
+    assert [lookup.value for lookup in lookups] == [
+        f"value-{s}" for _ in (0.0, 0.05, 0.15, 0.25, 0.5) for s in secret_ids for _ in range(2)]
+    assert [sm.access_count(s) for s in secret_ids] == [1, 1, 1]  # no read made a call of its own

@@ -135,8 +135,9 @@ DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 DELETE FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $1);
 
 -- name: lock_fetch
--- Cross-process single flight for one reference: held (transaction-scoped) while it is fetched.
-SELECT pg_advisory_xact_lock(hashtextextended('keychain.fetch:' || $1, 0));
+-- Cross-process single flight for one reference: held (transaction-scoped) while it is fetched; a caller waits at
+-- most $2 (KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS) for another process's fetch.
+SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock(hashtextextended('keychain.fetch:' || $1, 0));
 
 -- name: take_call
 -- Take one call from the shared Secret Manager budget ($1 calls per minute, also the bucket's size: the burst).
@@ -172,12 +173,6 @@ DELETE FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day';
 -- name: sweep_fences
 -- A fence must outlive any start event that can still arrive for its execution; $1 = retention in seconds.
 DELETE FROM keychain_finished_execution WHERE finished_at < now() - make_interval(secs => $1);
-
--- name: lock_identity
--- Cross-process single flight for a read-through: hold a transaction-scoped advisory lock on the row identity
--- while fetching. The fetched row is written with a durable commit even where the pool commits asynchronously.
-SELECT set_config('lock_timeout', $1, true), set_config('synchronous_commit', 'on', true),
-       pg_advisory_xact_lock($2);
 
 -- name: active_failures
 SELECT secret_ref, error_code FROM keychain_fetch_failure WHERE secret_ref = ANY($1::text[]) AND retry_at > now();
