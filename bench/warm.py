@@ -203,8 +203,16 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
                            KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
                            KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic)
     figures: dict[str, float] = {}
-    async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
+    # The reader stands for a NoETL worker that has been running: its pool is open and its statements prepared.
+    reader_settings = settings.model_copy(update={"pool_min_size": settings.pool_max_size})
+    async with Keychain(reader_settings, source=SecretManagerSource(reader_settings)) as kc:
         await kc.migrate()
+        server.create_secret("curve-warm-up")
+        server.add_version("curve-warm-up", "warm-up")
+        warm_up = "projects/test-project/secrets/curve-warm-up/versions/latest"
+        for round_ in range(20):
+            await asyncio.gather(*(kc.get_or_fetch(warm_up, warm_up, execution_id=1_000 + round_ * 100 + i)
+                                   for i in range(settings.pool_max_size)))
         worker = WorkerProcess(env).start()
         try:
             await produce(bootstrap, settings.events_topic, [finish_event(1)])  # the worker is consuming once

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import ConfigurationError, DecryptionError
-from .model import RowIdentity
+from .model import RowIdentity, compact_json
 
 FORMAT_UNBOUND = b"\x01"  # associated data: identity and key id
 FORMAT_VERSION = b"\x02"  # associated data: identity, key id and the row's write id
@@ -76,7 +76,7 @@ class KeyRing:
         """Encrypt a JSON value for one write of one row; returns (key id, ciphertext)."""
         kid = self.active_key_id
         nonce = os.urandom(NONCE_BYTES)
-        plaintext = json.dumps(value, separators=(",", ":")).encode()
+        plaintext = compact_json(value).encode()
         sealed = self._keys[kid].encrypt(nonce, plaintext, identity.associated_data(kid, write_id))
         return kid, FORMAT_VERSION + nonce + sealed
 

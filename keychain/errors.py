@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncpg
+
 
 class KeychainError(Exception):
     """Base class of every error the keychain raises on purpose."""
@@ -77,3 +79,9 @@ class CachedFailure(KeychainError):
         self.credential_name = credential_name
         self.code = code
         super().__init__(f"{credential_name}: Secret Manager answered {code}; remembered, not asked again yet")
+
+
+# A database that is down, restarting or refusing connections (as the driver reports it).
+CONNECTION_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+                     asyncpg.InternalClientError)  # a connection lost in the middle of an operation

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,6 +14,9 @@ from .refs import SecretRef
 ScopeType = Literal["execution", "global", "session"]
 Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source", "direct"]
 
+
+# Compact JSON, with one encoder made once (json.dumps with arguments builds a new one per call).
+compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 MAX_NAME_BYTES = 1024  # a keychain name is part of a unique index: PostgreSQL's btree takes about 2,700 bytes a row
 
@@ -40,9 +44,9 @@ class RowIdentity:
 
     def associated_data(self, key_id: str, write_id: int | None = None) -> bytes:
         bound = [] if write_id is None else [write_id]
-        return json.dumps(
+        return compact_json(
             ["keychain/v1" if write_id is None else "keychain/v2", self.credential_name, self.scope_type,
-             self.scope_id, key_id, *bound], separators=(",", ":")
+             self.scope_id, key_id, *bound]
         ).encode()
 
 
@@ -171,4 +175,10 @@ def value_from_payload(payload: bytes) -> Any:
 
 
 def sources_json(sources: tuple[Provenance, ...]) -> str:
-    return json.dumps([p.as_json() for p in sources], separators=(",", ":"))
+    return "[" + ",".join(_provenance_json(p) for p in sources) + "]"
+
+
+@functools.lru_cache(maxsize=4096)
+def _provenance_json(provenance: Provenance) -> str:
+    """A burst writes the same few provenances thousands of times."""
+    return compact_json(provenance.as_json())

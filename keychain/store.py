@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import functools
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
 import asyncpg
@@ -18,32 +15,21 @@ import asyncpg
 from . import metrics
 from .crypto import KeyRing, new_write_id
 from .errors import (
-    CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable, SecretSourceError,
-    SecretUnavailable,
+    CONNECTION_ERRORS, CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable,
+    SecretSourceError,
 )
 from .migrate import migrate
 from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json, value_from_payload
 from .queries import queries
 from .refs import SecretRef
 from .settings import Settings
+from .shared import SharedFetches
 from .sources import SecretManagerSource, SecretValue
 
 log = logging.getLogger("keychain")
 
 
-# A database that is down, restarting or refusing connections (as the driver reports it).
-CONNECTION_ERRORS = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
-                     asyncpg.InternalClientError)  # a connection lost in the middle of an operation
-
 T = TypeVar("T")
-
-
-@dataclass
-class CallTicket:
-    """One Secret Manager call taken from the shared budget; `used` once the call is made (else it goes back)."""
-
-    used: bool = False
 
 
 def reports_outage(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -68,7 +54,8 @@ class Keychain:
         self.source = source
         self._pool: asyncpg.Pool | None = None
         self._q = queries()
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[Lookup]] = {}
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
+        self._shared = SharedFetches(self)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @reports_outage
@@ -83,6 +70,7 @@ class Keychain:
         for future in pending:
             future.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self._shared.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -242,6 +230,14 @@ class Keychain:
 
     # --- shared fetches -------------------------------------------------------------------------------------------
     @reports_outage
+    async def prepare_fetching(self) -> None:
+        """For a process that fetches (the warmer): connect what a first fetch would otherwise connect on its way
+        (the lock connection, the Secret Manager channel), so that a burst's first fetches pay only the call."""
+        await self._shared.open()
+        if self.source is not None:
+            await self.source.connect()
+
+    @reports_outage
     async def fetch_shared(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int]:
         """One Secret Manager call per reference per KEYCHAIN_SHARED_FETCH_SECONDS across every process: a version
         another process fetched meanwhile (and the secret not invalidated since) is taken from the shared table; a
@@ -249,66 +245,10 @@ class Keychain:
         generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
         about to expire is fetched anew) still shares what it fetches."""
         if not reuse:
-            return await self._fetch_shared(ref, reuse=False)
-        # Callers in this process wait for the one fetch in flight (one connection, one token of the budget);
-        # callers in other processes wait for it on the reference's advisory lock.
-        return await self._single_flight(("", "fetch", str(ref)), lambda: self._fetch_shared(ref))
-
-    @asynccontextmanager
-    async def _call_budget(self) -> AsyncIterator[CallTicket]:
-        """Take one call from the Secret Manager budget every process shares, before any transaction (the budget's
-        row is locked for that one statement only), and wait while it is spent; the token goes back when no call
-        was made after all (another process's fetch, or a row written meanwhile, answered)."""
-        ticket = CallTicket()
-        per_minute = float(self.settings.secret_manager_max_calls_per_minute)
-        if not per_minute:
-            yield ticket
-            return
-        wait = await self.pool.fetchval(self._q["take_call"], per_minute)
-        try:
-            if wait > 0:
-                metrics.BUDGET_WAIT_SECONDS.inc(wait)
-                await asyncio.sleep(wait)
-            yield ticket
-        finally:
-            if not ticket.used:
-                with contextlib.suppress(*CONNECTION_ERRORS):  # a database gone keeps the caller's own error
-                    await self.pool.execute(self._q["return_call"], per_minute)
-
-    async def _fetch_shared(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int]:
-        if self.source is None:
-            raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
-        async with self._call_budget() as ticket, self._durable() as conn:
-            try:
-                return await self._fetch_shared_in(conn, ref, ticket, reuse=reuse)
-            except asyncpg.LockNotAvailableError:
-                raise SecretUnavailable(
-                    str(ref), f"another process has been fetching it for longer than "
-                    f"{self.settings.fetch_lock_timeout_seconds}s") from None
-
-    async def _fetch_shared_in(self, conn: asyncpg.Connection, ref: SecretRef, ticket: CallTicket, *,
-                               reuse: bool = True) -> tuple[SecretValue, int]:
-        """Inside a transaction, on a call taken from the budget (`ticket`): under the reference's lock, a value
-        fetched within the window, else a call whose value is recorded for every other process."""
-        window = self.settings.shared_fetch_seconds
-        if window > 0:
-            timeout_ms = f"{int(self.settings.fetch_lock_timeout_seconds * 1000)}ms"
-            await conn.execute(self._q["lock_fetch"], str(ref), timeout_ms)
-        generation = (await self._generations(conn, [ref.secret]))[ref.secret]
-        identity = RowIdentity(str(ref), "fetched", "")
-        if window > 0 and reuse:
-            row = await conn.fetchrow(self._q["shared_fetch"], str(ref), float(window), generation)
-            if row is not None:
-                payload = base64.b64decode(self.keyring.open(identity, row["key_id"], row["data"], row["write_id"]))
-                return SecretValue(row["version_name"], payload), generation
-        ticket.used = True
-        value = await self.source.access(ref)
-        if window > 0:
-            write_id = new_write_id()
-            kid, data = self.keyring.seal(identity, base64.b64encode(value.payload).decode(), write_id)
-            await conn.execute(self._q["record_fetch"], str(ref), ref.secret, generation, value.version_name,
-                               kid, data, write_id)
-        return value, generation
+            return await self._shared.fetch(ref, reuse=False)
+        # Callers in this process wait for the one fetch in flight; other processes wait for it through the
+        # database (keychain/shared.py).
+        return await self._single_flight(("", "fetch", str(ref)), lambda: self._shared.fetch(ref))
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:

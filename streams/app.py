@@ -71,11 +71,11 @@ class Runtime:
         async with self._lock:
             if self.keychain is None:
                 source = SecretManagerSource(self.settings)
-                # a connection per fetch in flight (fetches are shared across processes under a database lock)
-                pool_size = max(self.settings.pool_max_size, self.settings.warm_concurrency + 8)
-                keychain = await Keychain(self.settings.model_copy(update={"pool_max_size": pool_size}),
-                                          source=source).open()
+                # A long-running worker keeps its pool open: a burst should not wait for connections.
+                pool = {"pool_min_size": self.settings.pool_max_size}
+                keychain = await Keychain(self.settings.model_copy(update=pool), source=source).open()
                 await keychain.migrate()
+                await keychain.prepare_fetching()
                 self.catalog = await Catalog.open(self.settings, keychain.pool)
                 self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, self.catalog)
                 self.invalidator = Invalidator(self.settings, keychain, self.warmer, source)

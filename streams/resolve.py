@@ -21,6 +21,7 @@ Templates render as NoETL renders them: the workload's keys at the top level and
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Iterator
@@ -66,6 +67,7 @@ _ALLOWED_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Const,
                   nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.Test, nodes.Keyword)
 _ALLOWED_FILTERS = frozenset({"default", "d", "lower", "upper", "trim", "string"})
 _jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+_BARE_NAME = re.compile(r"\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
 
 
 @lru_cache(maxsize=4096)
@@ -257,12 +259,28 @@ def _ref(template: Any, context: dict[str, Any]) -> SecretRef:
     if not isinstance(template, str) or not template or len(template) > MAX_RENDERED:
         raise _Unusable("invalid_declaration")
     try:
-        rendered = _compiled(template).render(context) if "{" in template else template
+        rendered = _render(template, context) if "{" in template else template
     except UndefinedError:
         raise _Unusable("unresolved") from None
     except Exception:  # whatever a template does wrong (syntax, sandbox, 1/0, types) is bad input
         raise _Unusable("bad_template") from None
     return _parse(rendered)
+
+
+def _render(template: str, context: dict[str, Any]) -> str:
+    """NoETL's usual form, a bare `{{ name }}` or `{{ workload.name }}` naming a text, is looked up as Jinja would
+    look it up, without a render (a quarter of a millisecond each, three per event); anything else is rendered."""
+    bare = _BARE_NAME.fullmatch(template)
+    if bare is not None:
+        value: Any = context
+        for part in bare.group(1).split("."):
+            if not isinstance(value, dict) or part not in value or hasattr(dict, part):
+                break  # Jinja would look for an attribute first, or fail: let it
+            value = value[part]
+        else:
+            if isinstance(value, str):
+                return value
+    return _compiled(template).render(context)
 
 
 def _parse(text: str) -> SecretRef:

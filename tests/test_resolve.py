@@ -112,3 +112,27 @@ def test_hostile_templates_are_bad_events_not_crashes(template):
     with pytest.raises(BadEvent) as caught:
         resolve(parse_event(None, event_bytes(doc), max_bytes=10**6))
     assert caught.value.reason == "bad_template"
+
+
+@pytest.mark.parametrize("template", [
+    "{{ path }}", "{{path}}", "{{  workload.path  }}", "{{ workload.items }}", "{{ workload.number }}",
+    "{{ workload.nested.path }}", "{{ workload.missing }}", "{{ missing }}", "{{ workload.path.upper }}",
+    "{{ workload.keys }}", "{{ workload.path }}/x", "{{ execution_id }}",
+])
+def test_bare_names_are_looked_up_exactly_as_jinja_renders_them(template):
+    """The fast path for NoETL's `{{ name }}` templates answers what the sandboxed render answers, or defers to it."""
+    from jinja2.exceptions import UndefinedError
+
+    from streams.resolve import _compiled, _render
+
+    workload = {"path": "projects/p/secrets/s", "items": "projects/p/secrets/items", "number": 7,
+                "nested": {"path": "projects/p/secrets/n"}, "keys": "k"}
+    context = {**workload, "workload": workload, "execution_id": 12}
+
+    def outcome(render):
+        try:
+            return render(template, context)
+        except UndefinedError:
+            return "undefined"
+
+    assert outcome(_render) == outcome(lambda t, c: _compiled(t).render(c))

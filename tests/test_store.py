@@ -97,8 +97,8 @@ async def test_read_throughs_never_starve_a_small_pool(stack, settings, key_spec
 
 async def test_the_secret_manager_budget_is_shared_by_every_process(stack, settings, key_spec, keychain, sm, unique,
                                                                     execution_id):
-    """Two processes (two keychains, two pools) on a budget of 3 calls per minute: together they make 3 calls; a
-    fetch that another process's fetch answered gives its token back; the fourth call waits for the budget."""
+    """Two processes (two keychains, two pools) on a budget of 3 calls per minute: together they make 3 calls (a
+    fetch that another process's fetch answered takes nothing); the fourth call waits for the budget."""
     secret_ids = [f"bud{i}-{unique}" for i in range(4)]
     for secret_id in secret_ids:
         sm.create_secret(secret_id)
@@ -115,16 +115,13 @@ async def test_the_secret_manager_budget_is_shared_by_every_process(stack, setti
         assert 0.9 < await tokens() < 1.5  # two calls taken (a token refills every 20 s)
         await b.fetch_shared(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
         await a.get_or_fetch("m", ref_of(secret_ids[1]), execution_id=execution_id)  # the same
-        assert 0.9 < await tokens() < 1.5  # their tokens went back
+        assert 0.9 < await tokens() < 1.5
         await a.fetch_shared(SecretRef.parse(ref_of(secret_ids[2])))
         waiting = asyncio.create_task(b.fetch_shared(SecretRef.parse(ref_of(secret_ids[3]))))
         await asyncio.sleep(0.5)
         assert not waiting.done() and sm.access_count(secret_ids[3], code=None) == 0  # the budget is spent
         assert await tokens() < -0.5  # b waits its turn
         waiting.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-    assert await tokens() > -0.5  # a fetch given up (here: its keychain closed) gave its turn back
     assert [sm.access_count(s, code=None) for s in secret_ids] == [1, 1, 1, 0]
 
 

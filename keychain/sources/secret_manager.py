@@ -7,6 +7,7 @@ other refusal into a typed error that never carries the payload.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,15 @@ class SecretManagerSource:
         if self._client is None:
             self._client = build_client(self._settings)
         return self._client
+
+    async def connect(self, timeout: float = 5.0) -> bool:
+        """Open the gRPC channel now instead of on the first call. False when it did not open in time (the first
+        call then tries again, with its own deadline and retries)."""
+        try:
+            await asyncio.wait_for(self.client.transport.grpc_channel.channel_ready(), timeout)
+        except (TimeoutError, grpc.RpcError):
+            return False
+        return True
 
     async def access(self, ref: SecretRef) -> SecretValue:
         s = self._settings

@@ -134,10 +134,13 @@ DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 -- name: sweep_shared_fetches
 DELETE FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $1);
 
--- name: lock_fetch
--- Cross-process single flight for one reference: held (transaction-scoped) while it is fetched; a caller waits at
--- most $2 (KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS) for another process's fetch.
-SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock(hashtextextended('keychain.fetch:' || $1, 0));
+-- name: try_lock_fetch
+-- Cross-process single flight for one reference: a session lock on the fetcher's lock connection, held while it
+-- calls Secret Manager (keychain/shared.py); false when another process holds it.
+SELECT pg_try_advisory_lock(hashtextextended('keychain.fetch:' || $1, 0));
+
+-- name: unlock_fetch
+SELECT pg_advisory_unlock(hashtextextended('keychain.fetch:' || $1, 0));
 
 -- name: take_call
 -- Take one call from the shared Secret Manager budget ($1 calls per minute, also the bucket's size: the burst).
@@ -148,21 +151,27 @@ SET tokens = least($1, b.tokens + extract(epoch FROM clock_timestamp() - b.updat
     updated_at = clock_timestamp()
 RETURNING greatest(0.0, -b.tokens) * 60.0 / $1 AS wait_seconds;
 
--- name: return_call
--- A token taken and not used.
-UPDATE keychain_call_budget SET tokens = least($1, tokens + 1) WHERE name = 'secret_manager';
-
 -- name: shared_fetch
--- A version of this reference fetched by any process within $2 seconds, unless the secret was invalidated since.
-SELECT version_name, key_id, data, write_id FROM keychain_fetched
-WHERE ref = $1 AND fetched_at > now() - make_interval(secs => $2) AND generation = $3;
+-- The secret's ($3) rotation generation now, and the version of reference $1 that any process recorded within $2
+-- seconds under that generation (NULL columns when there is none, or the secret was invalidated since).
+SELECT coalesce(s.generation, 0) AS generation, f.version_name, f.key_id, f.data, f.write_id
+FROM (VALUES (1)) AS one (x)
+LEFT JOIN keychain_secret_state s ON s.secret_id = $3
+LEFT JOIN keychain_fetched f
+       ON f.ref = $1 AND f.fetched_at > now() - make_interval(secs => $2) AND f.generation = coalesce(s.generation, 0);
 
 -- name: record_fetch
-INSERT INTO keychain_fetched (ref, secret_id, generation, version_name, key_id, data, write_id, fetched_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, now())
-ON CONFLICT (ref) DO UPDATE
-SET secret_id = excluded.secret_id, generation = excluded.generation, version_name = excluded.version_name,
-    key_id = excluded.key_id, data = excluded.data, write_id = excluded.write_id, fetched_at = excluded.fetched_at;
+-- A version fetched, for every process, and a NOTIFY that wakes the processes waiting for it. Not a durable commit:
+-- a value lost in a crash is fetched again.
+WITH recorded AS (
+    INSERT INTO keychain_fetched (ref, secret_id, generation, version_name, key_id, data, write_id, fetched_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+    ON CONFLICT (ref) DO UPDATE
+    SET secret_id = excluded.secret_id, generation = excluded.generation, version_name = excluded.version_name,
+        key_id = excluded.key_id, data = excluded.data, write_id = excluded.write_id, fetched_at = excluded.fetched_at
+    RETURNING ref
+)
+SELECT pg_notify('keychain_fetched', ref) FROM recorded;
 
 -- name: forget_fetches_of_secret
 DELETE FROM keychain_fetched WHERE secret_id = $1;

@@ -1,7 +1,6 @@
 -- The Secret Manager call budget, shared by every process (worker replicas and the workers' read-throughs): a token
 -- bucket of SECRET_MANAGER_MAX_CALLS_PER_MINUTE calls, refilled continuously. A caller takes a token in a statement
--- of its own (a row lock held for that statement only, never for the length of a call), waits out any debt, and
--- gives the token back when it did not call after all (another process's fetch answered).
+-- of its own right before it calls (a row lock held for that statement only) and waits out any debt.
 CREATE TABLE keychain_call_budget (
     name       TEXT             PRIMARY KEY,
     tokens     DOUBLE PRECISION NOT NULL,  -- below 0: the debt of callers waiting for their turn
