@@ -1,7 +1,11 @@
 """The library's Prometheus metrics (reads, Secret Manager calls, rows written, swept, purged). Labels are outcomes
 from closed sets: never credential names, never values. The stream worker's own metrics are in streams/metrics.py."""
 
+import typing
+
 from prometheus_client import Counter, Histogram
+
+from .model import Outcome
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LEAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -11,6 +15,7 @@ READS = Counter(
     "Manager while the database could not be reached)",
     ["outcome"],
 )
+READ_OUTCOMES = {outcome: READS.labels(outcome) for outcome in typing.get_args(Outcome)}  # bound once: per read
 READ_SECONDS = Histogram("keychain_read_seconds", "Time of one keychain read (one statement)", buckets=LATENCY_BUCKETS)
 WARM_LEAD_SECONDS = Histogram(
     "keychain_warm_lead_seconds", "From a row being written to its first read (how early warming was)",

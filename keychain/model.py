@@ -6,7 +6,6 @@ import base64
 import functools
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
 from .refs import SecretRef
@@ -159,7 +158,6 @@ class Lookup:
 
     outcome: Outcome
     value: Any = field(default=None, repr=False)
-    ready_at: datetime | None = None
     error_code: str | None = None
 
     def __bool__(self) -> bool:

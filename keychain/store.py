@@ -123,19 +123,18 @@ class Keychain:
         if row is not None:
             try:
                 value = self.keyring.open(identity, row["key_id"], row["data"], row["write_id"])
-                lookup = Lookup("hit", value, row["updated_at"])
+                lookup = Lookup("hit", value)
             except DecryptionError:
                 metrics.READS.labels("error").inc()
                 raise
-            if row["first_read"]:
-                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["updated_at"].timestamp()))
+            if row["first_read_of"] is not None:
+                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["first_read_of"].timestamp()))
         else:
             lookup = self._why_not(await conn.fetchrow(self._q["why_not_served"], *identity_args(identity)))
-        metrics.READS.labels(lookup.outcome).inc()
-        log.info(
-            "keychain %s credential=%s scope=%s id=%s",
-            lookup.outcome, identity.credential_name, identity.scope_type, identity.scope_id or "-",
-        )
+        metrics.READ_OUTCOMES[lookup.outcome].inc()
+        # A hit is the common case, thousands a second: DEBUG. Anything else is worth a line at INFO.
+        log.log(logging.DEBUG if lookup.outcome == "hit" else logging.INFO, "keychain %s credential=%s scope=%s id=%s",
+                lookup.outcome, identity.credential_name, identity.scope_type, identity.scope_id or "-")
         if lookup.outcome == "failed":
             raise CachedFailure(identity.credential_name, lookup.error_code or "ERROR")
         return lookup

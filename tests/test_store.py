@@ -386,3 +386,25 @@ async def test_existing_rows_and_failures(keychain, execution_id):
     assert await keychain.active_failures(["projects/p/secrets/x/versions/1", "other"]) == {
         "projects/p/secrets/x/versions/1": "NOT_FOUND"
     }
+
+
+async def test_the_first_read_of_each_written_value_measures_the_warm_lead(keychain, execution_id):
+    """Only the first read after a write observes the lead time; a rewrite starts over; the bookkeeping counts all."""
+    from keychain import metrics
+
+    def firsts():
+        samples = metrics.WARM_LEAD_SECONDS.collect()[0].samples
+        return next(s.value for s in samples if s.name.endswith("_count"))
+
+    before = firsts()
+    await keychain.put("lead", "v1", execution_id=execution_id)
+    for _ in range(3):
+        assert (await keychain.get("lead", execution_id=execution_id)).value == "v1"
+    assert firsts() == before + 1
+    await keychain.put("lead", "v2", execution_id=execution_id)
+    assert (await keychain.get("lead", execution_id=execution_id)).value == "v2"
+    assert (await keychain.get("lead", execution_id=execution_id)).value == "v2"
+    assert firsts() == before + 2
+    row = await keychain.pool.fetchrow("SELECT access_count, reads_since_write, accessed_at > updated_at AS read "
+                                       "FROM keychain WHERE credential_name = 'lead'")
+    assert (row["access_count"], row["reads_since_write"], row["read"]) == (5, 2, True)

@@ -2,25 +2,23 @@
 -- Statements run with search_path = the keychain schema.
 
 -- name: get_entry
--- The worker read, one statement: serve a ready, unexpired row and count the hit. The sub-select sees the row as
--- it was before this statement (its snapshot), so `first_read` says whether this is the first read since the value
--- was written (warm lead time). A row invalidated or deleted concurrently is re-checked and not served.
+-- The worker read, one statement: serve a ready, unexpired row and count the hit. `first_read_of`: for the first
+-- read since the value was written, when it was written (the warm's lead time; every write resets
+-- reads_since_write), else NULL. A row invalidated or deleted concurrently is re-checked and not served.
 UPDATE keychain k
-SET accessed_at = now(), access_count = k.access_count + 1
+SET accessed_at = now(), access_count = k.access_count + 1, reads_since_write = k.reads_since_write + 1
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
   AND k.state = 'ready' AND k.expires_at > now()
-RETURNING k.key_id, k.data, k.write_id, k.updated_at,
-          (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
+RETURNING k.key_id, k.data, k.write_id, CASE WHEN k.reads_since_write = 1 THEN k.updated_at END AS first_read_of;
 
 -- name: get_entry_from
 -- The same read for a caller that names the secret it wants ($4: a `sources` containment pattern): a row holding
 -- another secret under this name (a global name repointed by another execution) is not served.
 UPDATE keychain k
-SET accessed_at = now(), access_count = k.access_count + 1
+SET accessed_at = now(), access_count = k.access_count + 1, reads_since_write = k.reads_since_write + 1
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
   AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb
-RETURNING k.key_id, k.data, k.write_id, k.updated_at,
-          (SELECT before.accessed_at <= before.updated_at FROM keychain before WHERE before.id = k.id) AS first_read;
+RETURNING k.key_id, k.data, k.write_id, CASE WHEN k.reads_since_write = 1 THEN k.updated_at END AS first_read_of;
 
 -- name: why_not_served
 -- Only after a read found nothing to serve: was it absent, expired, invalidated, or a remembered refusal?
@@ -52,7 +50,7 @@ ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
 SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
     state = excluded.state, error_code = excluded.error_code, key_id = excluded.key_id, data = excluded.data,
     write_id = excluded.write_id, sources = excluded.sources, ttl_seconds = excluded.ttl_seconds, expires_at = excluded.expires_at,
-    updated_at = now()
+    updated_at = now(), reads_since_write = 0
 RETURNING k.state, k.sources, k.expires_at
 ), held AS (
     INSERT INTO keychain_latest_held (secret_id, version, held_until, ref)
