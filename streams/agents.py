@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 
 
 async def consume_durably(
-    stream, what: str, handle: Callable[[list[Record]], Awaitable[Handled]]
+    stream, what: str, handle: Callable[[list[Record]], Awaitable[Handled]], within: float
 ) -> AsyncIterator[Handled]:
     """The one way a batch is consumed: handled (held through database outages), its dead letters sent and
-    acknowledged by the broker, and only then its offsets acknowledged; yields each batch's result."""
+    acknowledged by the broker, and only then its offsets acknowledged; yields each batch's result. `within`: the
+    longest wait to fill a batch (faust checks the buffer at that period)."""
     await runtime.ready()
-    async for events in stream.noack_take(settings.warm_batch_size, within=settings.warm_batch_seconds):
+    async for events in stream.noack_take(settings.warm_batch_size, within=within):
         records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
                    for e in events]
         result = await handle_batch(records, handle)
@@ -42,14 +43,16 @@ async def consume_durably(
 @app.agent(execution_events)
 async def executions(stream):
     """Warm on start, purge on finish."""
-    async for _ in consume_durably(stream, "events", lambda records: runtime.warmer.handle(records)):
+    async for _ in consume_durably(stream, "events", lambda records: runtime.warmer.handle(records),
+                                   settings.warm_batch_seconds):
         pass
 
 
 @app.agent(rotations)
 async def invalidations(stream):
     """Stop serving what a rotation notice makes wrong, then refresh running executions' rows."""
-    async for _ in consume_durably(stream, "notices", lambda records: runtime.invalidator.handle(records)):
+    async for _ in consume_durably(stream, "notices", lambda records: runtime.invalidator.handle(records),
+                                   settings.notice_batch_seconds):
         pass
 
 

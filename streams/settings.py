@@ -78,16 +78,22 @@ class WorkerSettings(Settings):
     )
     consumer_fetch_max_wait_ms: int = env(
         "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS",
-        default=100,
+        default=20,
         ge=1,
-        description="Longest a consumer fetch waits for records (faust's fixed 1500 ms delays events on brokers "
-        "that hold fetches, such as the local tansu).",
+        description="Longest a consumer fetch waits for records (faust's fixed 1500 ms delays events and notices on "
+        "brokers that hold fetches, such as the local tansu; an idle worker then fetches 50 times a second).",
     )
     warm_batch_size: int = env(
         "KEYCHAIN_WARM_BATCH_SIZE", default=500, ge=1, description="Most events handled (and written) at once."
     )
     warm_batch_seconds: float = env(
-        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0, description="Longest wait to fill a batch."
+        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0,
+        description="Longest wait to fill a batch of execution events (shorter: smaller batches, fewer events/s).",
+    )
+    notice_batch_seconds: float = env(
+        "KEYCHAIN_NOTICE_BATCH_SECONDS", default=0.005, gt=0,
+        description="Longest wait to fill a batch of rotation notices (rare, and every millisecond serves the old "
+        "value longer).",
     )
     warm_concurrency: int = env(
         "KEYCHAIN_WARM_CONCURRENCY", default=32, ge=1, description="Secret Manager calls in flight per worker."
