@@ -56,6 +56,8 @@ class Keychain:
         self._q = queries()
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._shared = SharedFetches(self)
+        self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
+        self._writer: asyncio.Future[None] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @reports_outage
@@ -65,11 +67,11 @@ class Keychain:
         return self
 
     async def close(self) -> None:
-        # Fetches still in flight (their callers gone) stop first, giving back what they took, while the pool is open.
+        # Fetches still in flight (their callers gone) stop, and rows being written are written, while the pool is open.
         pending = [future for future in self._inflight.values() if not future.done()]
         for future in pending:
             future.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*pending, *([self._writer] if self._writer else []), return_exceptions=True)
         await self._shared.close()
         if self._pool is not None:
             await self._pool.close()
@@ -223,9 +225,35 @@ class Keychain:
             entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
                           sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
                           fences=((ref.secret, generation),))
-            if not await self.put_many([entry]):
+            if await self._write_together(entry):
                 return Lookup("hit", entry.value)
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
+
+    async def _write_together(self, entry: Entry) -> bool:
+        """A read-through's row, written with those of the other read-throughs of this moment in one transaction
+        (a burst of first reads would otherwise queue a transaction each on the pool). True when written, False when
+        fenced (the secret was invalidated after its generation was read)."""
+        written = asyncio.get_running_loop().create_future()
+        self._to_write.append((entry, written))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
+        return await asyncio.shield(written)
+
+    async def _write_pending(self) -> None:
+        await asyncio.sleep(0)  # the read-throughs that are ready in this loop iteration join the first batch
+        while self._to_write:
+            batch, self._to_write = self._to_write, []
+            latest = {e.scope.identity(e.credential_name): e for e, _ in batch}  # a statement writes a row once
+            try:
+                fenced = await self.put_many(list(latest.values()))
+            except Exception as exc:
+                for _, written in batch:
+                    if not written.done():
+                        written.set_exception(exc)
+                continue
+            for e, written in batch:
+                if not written.done():
+                    written.set_result(latest[e.scope.identity(e.credential_name)] not in fenced)
 
     # --- shared fetches -------------------------------------------------------------------------------------------
     @reports_outage
