@@ -1,4 +1,5 @@
-"""Worker `get` hit latency and throughput, next to the floor (asyncpg SELECT 1 on the same pool) and the ceiling it
+"""Worker `get` hit latency and throughput, next to the floor (asyncpg SELECT 1 on the same pool, alternated with the
+reads in one loop; and a bare one-row UPDATE ... RETURNING, the floor of a read that counts itself) and the ceiling it
 replaces (a Secret Manager access through the official client, with the modelled latency).
 
     python -m bench.hit_latency [--quick]
@@ -74,6 +75,12 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         async def select1(_: int) -> None:
             await kc.pool.fetchval("SELECT 1")
 
+        # The floor of a read that counts itself: a one-row UPDATE ... RETURNING by primary key, asynchronous commit.
+        some_id = await kc.pool.fetchval("SELECT min(id) FROM keychain")
+
+        async def update_floor(_: int) -> None:
+            await kc.pool.fetchrow("UPDATE keychain SET accessed_at = now() WHERE id = $1 RETURNING data", some_id)
+
         await latencies(get, 200)  # warm up: prepare statements, fill the pool
         await latencies(select1, 200)
         # One loop alternating a SELECT 1 and a get on the same pool, so that both see the same moments of a noisy
@@ -84,6 +91,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
             ratios.append(statistics.median(gets) / statistics.median(selects))
             get_samples += gets
             select_samples += selects
+        floor_samples, floor_selects = await interleaved(update_floor, select1, count // REPEATS)
         sm_samples = await latencies(lambda _: kc.source.access(ref), sm_count)
         get_per_s_1 = await throughput(get, 1, seconds / 2)
         get_per_s = await throughput(get, READERS, seconds)
@@ -98,6 +106,8 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         "ratio_vs_select1": round(get_p50 / select_p50, 2),
         "ratio_vs_select1_min": round(min(ratios), 2),
         "ratio_vs_select1_max": round(max(ratios), 2),
+        "update_floor_p50_ms": median_ms(floor_samples),
+        "update_floor_vs_select1": round(statistics.median(floor_samples) / statistics.median(floor_selects), 2),
         "speedup_vs_sm": round(sm_p50 / get_p50, 1),
         "get_per_s": round(get_per_s),
         "get_per_s_1_reader": round(get_per_s_1),

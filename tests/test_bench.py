@@ -15,10 +15,13 @@ pytestmark = pytest.mark.services  # the benchmarks start their own services
 ROOT = Path(__file__).parent.parent
 KEYS = {
     "hit_latency": {"get_p50_ms", "get_p99_ms", "select1_p50_ms", "sm_p50_ms", "ratio_vs_select1", "speedup_vs_sm",
-                    "get_per_s", "select1_per_s"},
+                    "get_per_s", "select1_per_s", "ratio_vs_select1_min", "ratio_vs_select1_max",
+                    "update_floor_vs_select1"},
     "warm": {"events_per_s", "ready_p50_ms", "ready_p99_ms", "sm_calls_per_event", "first_use_hit_ratio",
              "worker_rss_mb", "catalog_events_per_s", "catalog_first_use_hit_ratio", "catalog_sm_calls_per_event",
-             "catalog_vs_inline_events_per_s"},
+             "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms",
+             *(f"{key}_{delay}{suffix}" for delay in (0, 50, 100, 250, 500, 1000)
+               for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
     "sweep": {"rows_per_s", "reader_p99_idle_ms", "reader_p99_sweep_ms"},
     "replicas": {"sm_calls_1", "sm_calls_2", "sm_calls_3", "events_per_s_1", "events_per_s_3", "takeover_s"},
@@ -44,6 +47,8 @@ def test_benchmark_reports_its_figures(name):
     if name == "warm":
         for prefix in ("", "catalog_"):  # each secret of the pool about once, inline playbooks or NoETL's catalog
             assert figures[f"{prefix}sm_calls_per_event"] <= 20 / figures["events"] * 2
+        # a first read racing the warm, at any delay, joins its fetch: no call of its own
+        assert [figures[f"extra_sm_calls_{d}"] for d in (0, 50, 100, 250, 500, 1000)] == [0] * 6
     if name == "replicas":  # one Secret Manager call per secret, however many replicas
         assert figures["sm_calls_1"] == figures["sm_calls_2"] == figures["sm_calls_3"] == 10
     if name == "scale":  # every secret held through `latest` is in the reconciliation summary
