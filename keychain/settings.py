@@ -56,7 +56,8 @@ class Settings(BaseSettings):
         "KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS",
         default=30.0,
         gt=0,
-        description="How long a read-through waits for another process that is fetching the same secret.",
+        description="How long a fetch (a read-through, the warm) waits for another process that is fetching the same "
+        "secret.",
     )
     shared_fetch_seconds: float = env(
         "KEYCHAIN_SHARED_FETCH_SECONDS",
