@@ -1,10 +1,11 @@
 import asyncio
 import logging
 
+import asyncpg
 import grpc
 import pytest
 
-from keychain import CachedFailure, DecryptionError, Keychain, SecretManagerSource, SecretNotFound
+from keychain import CachedFailure, DecryptionError, Keychain, SecretManagerSource, SecretNotFound, SecretUnavailable
 from keychain.crypto import KeyRing
 from keychain.model import Entry, Provenance, Scope
 from keychain.refs import SecretRef
@@ -408,3 +409,25 @@ async def test_the_first_read_of_each_written_value_measures_the_warm_lead(keych
     row = await keychain.pool.fetchrow("SELECT access_count, reads_since_write, accessed_at > updated_at AS read "
                                        "FROM keychain WHERE credential_name = 'lead'")
     assert (row["access_count"], row["reads_since_write"], row["read"]) == (5, 2, True)
+
+
+async def test_a_fetch_waits_for_the_process_holding_its_reference_and_no_longer(stack, settings, key_spec, keychain,
+                                                                                 sm, secret):
+    """Another process holds the reference's lock (it is fetching): a fetch waits for it, gives up with
+    SecretUnavailable after KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS, and fetches at once when that process is gone
+    (its connection, and so its lock, goes with it)."""
+    secret_id, value = secret
+    ref = SecretRef.parse(ref_of(secret_id))
+    holder = await asyncpg.connect(settings.dsn)
+    assert await holder.fetchval(keychain._q["try_lock_fetch"], str(ref))
+    impatient = make_settings(stack, settings.schema_name, key_spec, fetch_lock_timeout_seconds=0.5)
+    async with Keychain(impatient, source=SecretManagerSource(impatient)) as other:
+        with pytest.raises(SecretUnavailable):
+            await other.fetch_shared(ref)
+        assert sm.access_count(secret_id) == 0
+        waiting = asyncio.create_task(keychain.fetch_shared(ref))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await holder.close()  # the fetching process dies
+        fetched, _ = await asyncio.wait_for(waiting, 10)
+    assert fetched.payload.decode() == value and sm.access_count(secret_id) == 1
