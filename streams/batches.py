@@ -9,8 +9,7 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from keychain.errors import KeychainUnavailable
-from keychain.errors import CONNECTION_ERRORS
+from keychain.errors import CONNECTION_ERRORS, KeychainUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

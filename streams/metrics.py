@@ -3,7 +3,7 @@ library's are in keychain/metrics.py. Every label comes from a closed set: never
 
 from prometheus_client import Counter, Histogram
 
-from keychain.metrics import LEAD_BUCKETS
+from keychain.metrics import LATENCY_BUCKETS, LEAD_BUCKETS
 
 EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])
 SKIPPED_DECLARATIONS = Counter(
@@ -26,3 +26,10 @@ INVALIDATION_LAG_SECONDS = Histogram(
 GLOBAL_REPOINTS = Counter(
     "keychain_global_repoints_total", "Warms that wrote a global name over a row holding another secret"
 )
+WARM_STEP_SECONDS = Histogram(
+    "keychain_warm_step_seconds",
+    "Time of each step of warming a batch: plan (parse the events, read the catalog, resolve), check (which rows are "
+    "already warm), fetch (Secret Manager rounds, shared), write (the durable statement)", ["step"],
+    buckets=LATENCY_BUCKETS,
+)
+WARM_STEP = {step: WARM_STEP_SECONDS.labels(step) for step in ("plan", "check", "fetch", "write")}

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
 from keychain.model import Entry, Provenance, Scope, value_from_payload
@@ -56,6 +58,16 @@ class BatchResult:
                 "dead-lettered")
 
 
+@contextmanager
+def _timed(step: str) -> Iterator[None]:
+    """Where a warm's time goes, step by step (keychain_warm_step_seconds)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.WARM_STEP[step].observe(time.perf_counter() - started)
+
+
 class Warmer:
     def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None):
         """`keychain` fetches through its Secret Manager source (Keychain.fetch_shared: once across processes)."""
@@ -82,6 +94,7 @@ class Warmer:
         """One batch. Bad input, and an unexpected error, dead-letter their own event only; a database that is down
         raises (the caller holds the batch and retries it whole: every step is idempotent)."""
         result = BatchResult()
+        planning = time.perf_counter()
         starts: list[tuple[Record, ExecutionEvent]] = []
         for record in records:
             try:
@@ -105,6 +118,7 @@ class Warmer:
                 result.started += 1
                 result.skipped += len(outcome.skipped)
                 planned.append((record, outcome.wants))
+        metrics.WARM_STEP["plan"].observe(time.perf_counter() - planning)
         refused: dict[Want, str] = {}
         try:
             refused, result.rows_written = await self.warm([w for _, wants in planned for w in wants])
@@ -144,7 +158,8 @@ class Warmer:
         `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). Returns (error code of each want not
         written as ready, rows written)."""
         if skip_ready:
-            wants = await self._not_yet_warm(wants)
+            with _timed("check"):
+                wants = await self._not_yet_warm(wants)
         todo = list(dict.fromkeys(wants))
         refs = {str(ref) for w in todo for ref in w.refs}
         values = {} if fresh else self._from_window(refs)
@@ -155,7 +170,8 @@ class Warmer:
         delay = self.settings.secret_manager_retry_initial_seconds
         while True:
             pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
-            await self._fetch_round(pending, values, errors, fresh)
+            with _timed("fetch"):
+                await self._fetch_round(pending, values, errors, fresh)
             entries, waiting = {}, []
             for want in todo:
                 codes = [errors[str(r)] for r in want.refs if str(r) in errors]
@@ -168,7 +184,8 @@ class Warmer:
                     waiting.append(want)
                 else:
                     entries[want] = self._entry(want, values)
-            fenced = await self.keychain.put_many(list(entries.values()))
+            with _timed("write"):
+                fenced = await self.keychain.put_many(list(entries.values()))
             written += len(entries) - len(fenced)
             if fenced:  # invalidated while we fetched: fetch those secrets again
                 again = {str(p.ref) for e in fenced for p in e.sources}

@@ -165,3 +165,17 @@ async def test_reads_racing_a_warm_join_its_fetch(stack, settings, key_spec, war
     assert [lookup.value for lookup in lookups] == [
         f"value-{s}" for _ in (0.0, 0.05, 0.15, 0.25, 0.5) for s in secret_ids for _ in range(2)]
     assert [sm.access_count(s) for s in secret_ids] == [1, 1, 1]  # no read made a call of its own
+
+
+async def test_each_step_of_a_warm_is_timed(warmer, sm, secret, execution_id):
+    from streams import metrics
+
+    def counts():
+        samples = metrics.WARM_STEP_SECONDS.collect()[0].samples
+        return {s.labels["step"]: s.value for s in samples if s.name.endswith("_count")}
+
+    secret_id, _ = secret
+    before = counts()
+    await warmer.warm([want("timed", secret_id, execution_id)])
+    after = counts()
+    assert {step: after[step] - before[step] for step in after} == {"plan": 0, "check": 1, "fetch": 1, "write": 1}
