@@ -279,14 +279,10 @@ class Keychain:
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
-        """The rotation generation of each secret (0 when never invalidated). Read it BEFORE fetching."""
-        async with self.pool.acquire() as conn:
-            return await self._generations(conn, list(secret_ids))
-
-    async def _generations(self, conn: asyncpg.Connection, secret_ids: list[str]) -> dict[str, int]:
-        rows = await conn.fetch(self._q["secret_generations"], secret_ids)
-        found = {row["secret_id"]: row["generation"] for row in rows}
-        return {secret_id: found.get(secret_id, 0) for secret_id in secret_ids}
+        """The rotation generation of each secret (0 when never invalidated)."""
+        ids = list(secret_ids)
+        found = dict(await self.pool.fetch(self._q["secret_generations"], ids))
+        return {secret_id: found.get(secret_id, 0) for secret_id in ids}
 
     # --- write ----------------------------------------------------------------------------------------------------
     @reports_outage
