@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: arguments, percentiles, the settings for a local stack, the last JSON line."""
+"""Shared by the benchmarks: arguments, percentiles, alternated timing, the settings for a local stack, the last JSON
+line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import math
 import statistics
+import time
+from typing import Awaitable, Callable
 
 from streams.settings import WorkerSettings
 from devtools.stack import LocalStack
@@ -25,6 +28,19 @@ def percentile(samples: list[float], p: float) -> float:
         return math.nan
     index = min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))
     return ordered[index]
+
+
+async def alternated(calls: dict[str, Callable[[int], Awaitable[object]]], count: int) -> dict[str, list[float]]:
+    """Time each call `count` times, all in one loop and in turn (the order reversed every other round), so that a
+    figure and its baseline see the same moments of a noisy machine."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls.items())
+    for i in range(count):
+        for name, call in order if i % 2 else order[::-1]:
+            started = time.perf_counter()
+            await call(i)
+            samples[name].append(time.perf_counter() - started)
+    return samples
 
 
 def ms(seconds: float) -> float:

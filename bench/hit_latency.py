@@ -15,7 +15,7 @@ from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
 from devtools.stack import LocalStack
 
-from .common import arguments, median_ms, ms, percentile, report, settings_for
+from .common import alternated, arguments, median_ms, ms, percentile, report, settings_for
 
 READERS = 16
 REPEATS = 5
@@ -28,16 +28,6 @@ async def latencies(call, count: int) -> list[float]:
         await call(i)
         samples.append(time.perf_counter() - started)
     return samples
-
-
-async def interleaved(call, baseline, count: int) -> tuple[list[float], list[float]]:
-    calls, baselines = [], []
-    for i in range(count):
-        for fn, samples in ((call, calls), (baseline, baselines)) if i % 2 else ((baseline, baselines), (call, calls)):
-            started = time.perf_counter()
-            await fn(i)
-            samples.append(time.perf_counter() - started)
-    return calls, baselines
 
 
 async def throughput(call, readers: int, seconds: float) -> float:
@@ -87,11 +77,12 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         # machine; REPEATS times, for the spread of the ratio.
         ratios, get_samples, select_samples = [], [], []
         for _ in range(REPEATS):
-            gets, selects = await interleaved(get, select1, count // REPEATS)
-            ratios.append(statistics.median(gets) / statistics.median(selects))
-            get_samples += gets
-            select_samples += selects
-        floor_samples, floor_selects = await interleaved(update_floor, select1, count // REPEATS)
+            round_ = await alternated({"get": get, "select1": select1}, count // REPEATS)
+            ratios.append(statistics.median(round_["get"]) / statistics.median(round_["select1"]))
+            get_samples += round_["get"]
+            select_samples += round_["select1"]
+        floor = await alternated({"update": update_floor, "select1": select1}, count // REPEATS)
+        floor_samples, floor_selects = floor["update"], floor["select1"]
         sm_samples = await latencies(lambda _: kc.source.access(ref), sm_count)
         get_per_s_1 = await throughput(get, 1, seconds / 2)
         get_per_s = await throughput(get, READERS, seconds)

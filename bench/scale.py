@@ -15,6 +15,7 @@ import asyncio
 import random
 import statistics
 import time
+from typing import Awaitable, Callable
 
 from devtools.stack import LocalStack
 from keychain import Keychain, SecretManagerSource
@@ -23,7 +24,7 @@ from keychain.refs import SecretRef
 from streams.invalidate import Invalidator
 from streams.warm import Warmer
 
-from .common import median_ms, ms, report, settings_for
+from .common import alternated, median_ms, ms, report, settings_for
 
 SMALL = 10_000
 SECRETS = 20  # the secrets every row holds through `latest`
@@ -90,31 +91,23 @@ async def expire(kc: Keychain, rows: int, project: str) -> None:
     await kc.pool.execute("VACUUM ANALYZE keychain")
 
 
-async def interleaved_gets(small: tuple[Keychain, list], large: tuple[Keychain, list], count: int):
-    """Alternate one read of each table in one loop, so both see the same moment of a noisy machine."""
-    samples: dict[str, list[float]] = {"small": [], "large": []}
+def reader(kc: Keychain, targets: list[tuple[str, int]], count: int) -> Callable[[int], Awaitable[None]]:
+    """The i-th read of a readable row, drawn in advance (the draw is not timed)."""
     rng = random.Random(7)
-    for i in range(count):
-        for label, (kc, targets) in (("small", small), ("large", large)) if i % 2 else (("large", large),
-                                                                                      ("small", small)):
-            name, execution_id = rng.choice(targets)
-            started = time.perf_counter()
-            lookup = await kc.get(name, execution_id=execution_id)
-            samples[label].append(time.perf_counter() - started)
-            assert lookup, "a readable row was not served"
-    return samples
+    drawn = [rng.choice(targets) for _ in range(count)]
+
+    async def read(i: int) -> None:
+        name, execution_id = drawn[i]
+        assert await kc.get(name, execution_id=execution_id), "a readable row was not served"
+
+    return read
 
 
-async def reconcile_rounds(small: Invalidator, large: Invalidator, rounds: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {"small": [], "large": []}
-    for i in range(rounds):
-        for label, invalidator in (("small", small), ("large", large)) if i % 2 else (("large", large),
-                                                                                      ("small", small)):
-            started = time.perf_counter()
-            behind = await invalidator.reconcile()
-            samples[label].append(time.perf_counter() - started)
-            assert behind == 0
-    return samples
+def round_of(invalidator: Invalidator) -> Callable[[int], Awaitable[None]]:
+    async def reconcile(_: int) -> None:
+        assert await invalidator.reconcile() == 0
+
+    return reconcile
 
 
 async def timed_sweep(kc: Keychain, expected: int) -> float:
@@ -151,10 +144,13 @@ async def run(stack: LocalStack, rows: int, quick: bool) -> dict:
         total = await large_kc.pool.fetchval("SELECT count(*) FROM keychain")
         held = await large_kc.pool.fetchval("SELECT count(*) FROM keychain_latest_held")
 
-        await interleaved_gets((small_kc, small_targets), (large_kc, large_targets), 500)  # warm up
-        get_samples = await interleaved_gets((small_kc, small_targets), (large_kc, large_targets), gets)
-        await reconcile_rounds(small_inv, large_inv, 2)  # warm up: the client's channel, prepared statements
-        round_samples = await reconcile_rounds(small_inv, large_inv, rounds)
+        await alternated({"small": reader(small_kc, small_targets, 500),
+                          "large": reader(large_kc, large_targets, 500)}, 500)  # warm up
+        get_samples = await alternated({"small": reader(small_kc, small_targets, gets),
+                                        "large": reader(large_kc, large_targets, gets)}, gets)
+        reconcilers = {"small": round_of(small_inv), "large": round_of(large_inv)}
+        await alternated(reconcilers, 2)  # warm up: the client's channel, prepared statements
+        round_samples = await alternated(reconcilers, rounds)
         started = time.perf_counter()
         await large_kc.pool.fetch(FORMER_RECONCILE)
         former_ms = ms(time.perf_counter() - started)

@@ -34,6 +34,7 @@ from keychain.refs import SecretRef
 from devtools.stack import LocalStack
 from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
 from devtools.noetl_samples import as_message, register, rust_playbook_started
+from streams.settings import WorkerSettings
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
 
@@ -108,18 +109,31 @@ def mean_of(figures: list[dict]) -> dict:
             else round(sum(f[k] for f in figures) / len(figures), 4) for k in figures[0]}
 
 
-async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], index: int) -> dict:
-    events = 300 if quick else 2000
-    name = f"bench-warm-{mode}-{index}"
+async def own_worker(stack: LocalStack, name: str) -> tuple[WorkerSettings, dict[str, str]]:
+    """Settings and a worker's environment on topics (8 partitions), a schema and a group of their own."""
     settings = settings_for(stack, name.replace("-", "_"), events_topic=name, dlq_topic=f"{name}-dlq",
                             rotations_topic=f"{name}-rotations")
-    server = stack.secret_manager
-    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
-    await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
+                        settings.rotations_topic, partitions=8)
     env = local_worker_env({**os.environ, **stack.env}, name, KEYCHAIN_SCHEMA=settings.schema_name,
                            KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
                            KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic,
                            KEYCHAIN_CATALOG_SCHEMA=settings.schema_name)
+    return settings, env
+
+
+async def consuming(kc: Keychain, bootstrap: str, settings: WorkerSettings) -> None:
+    """Once the worker has handled an event sent to it (the finish of execution 1 is fenced), it is consuming."""
+    await produce(bootstrap, settings.events_topic, [finish_event(1)])
+    while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
+        await asyncio.sleep(0.05)
+
+
+async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], index: int) -> dict:
+    events = 300 if quick else 2000
+    settings, env = await own_worker(stack, f"bench-warm-{mode}-{index}")
+    server = stack.secret_manager
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
     async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
         await kc.migrate()
         if mode == "catalog":
@@ -133,9 +147,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
         calls_before = server.access_count()
         worker = WorkerProcess(env).start()
         try:
-            await produce(bootstrap, settings.events_topic, [finish_event(1)])  # the worker is consuming once
-            while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
-                await asyncio.sleep(0.05)
+            await consuming(kc, bootstrap, settings)
             peak, stop = [0.0], asyncio.Event()
             sampler = asyncio.create_task(sample_rss(worker.pid, peak, stop))
             first_id = 10_000_000
@@ -193,15 +205,9 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
 async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
     """One worker; per delay, a burst on fresh secrets and each execution's first read that long after its event."""
     events = 60 if quick else 200
-    name = "bench-warm-curve"
-    settings = settings_for(stack, name.replace("-", "_"), events_topic=name, dlq_topic=f"{name}-dlq",
-                            rotations_topic=f"{name}-rotations")
+    settings, env = await own_worker(stack, "bench-warm-curve")
     server = stack.secret_manager
     bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
-    await create_topics(bootstrap, settings.events_topic, settings.dlq_topic, settings.rotations_topic, partitions=8)
-    env = local_worker_env({**os.environ, **stack.env}, name, KEYCHAIN_SCHEMA=settings.schema_name,
-                           KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
-                           KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic)
     figures: dict[str, float] = {}
     # The reader stands for a NoETL worker that has been running: its pool is open and its statements prepared.
     reader_settings = settings.model_copy(update={"pool_min_size": settings.pool_max_size})
@@ -215,9 +221,7 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
                                    for i in range(settings.pool_max_size)))
         worker = WorkerProcess(env).start()
         try:
-            await produce(bootstrap, settings.events_topic, [finish_event(1)])  # the worker is consuming once
-            while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
-                await asyncio.sleep(0.05)
+            await consuming(kc, bootstrap, settings)
             for d, delay_ms in enumerate(FIRST_READ_DELAYS_MS):
                 refs = []
                 for i in range(CURVE_POOL):

@@ -54,17 +54,18 @@ class SharedFetches:
         if self._kc.source is None:
             raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
         if self._kc.settings.shared_fetch_seconds <= 0:  # no sharing
-            generation, _ = await self._shared(ref)
+            generation, _ = await self._shared(ref, reuse=False)
             return await self._call(ref), generation
+        key = str(ref)
         deadline = time.monotonic() + self._kc.settings.fetch_lock_timeout_seconds
-        with self._listening(str(ref)) as woken:
+        with self._listening(key) as woken:
             while True:
                 woken.clear()  # before looking: a NOTIFY that comes after the look is not missed
-                publishing = self._publishing.get(str(ref))
+                publishing = self._publishing.get(key)
                 if publishing is not None:  # fetched here a moment ago (the lock is this process's until then)
                     await asyncio.shield(publishing)
-                generation, shared = await self._shared(ref)
-                if shared is not None and reuse:
+                generation, shared = await self._shared(ref, reuse)
+                if shared is not None:
                     return shared, generation
                 if await self._try_lock(ref):
                     break
@@ -75,8 +76,8 @@ class SharedFetches:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_SECONDS))
         try:
-            generation, shared = await self._shared(ref)  # recorded between the look and the lock
-            if shared is not None and reuse:
+            generation, shared = await self._shared(ref, reuse)  # recorded between the look and the lock
+            if shared is not None:
                 await self._unlock(ref)
                 return shared, generation
             value = await self._call(ref)
@@ -84,7 +85,6 @@ class SharedFetches:
             await asyncio.shield(self._unlock(ref))
             raise
         # The callers waiting in this process have the value now; the other processes get it a moment later.
-        key = str(ref)
         self._publishing[key] = task = asyncio.ensure_future(self._publish(ref, generation, value))
         task.add_done_callback(lambda done: self._publishing.pop(key) if self._publishing.get(key) is done else None)
         return value, generation
@@ -110,11 +110,12 @@ class SharedFetches:
             self._conn = None
 
     # --- the table ------------------------------------------------------------------------------------------------
-    async def _shared(self, ref: SecretRef) -> tuple[int, SecretValue | None]:
-        """The secret's generation now, and the version of `ref` recorded within the window under it (or None)."""
+    async def _shared(self, ref: SecretRef, reuse: bool) -> tuple[int, SecretValue | None]:
+        """The secret's generation now, and (when it is to be reused) the version of `ref` recorded within the window
+        under it, or None."""
         row = await self._kc.pool.fetchrow(self._kc._q["shared_fetch"], str(ref),
                                            float(self._kc.settings.shared_fetch_seconds), ref.secret)
-        if row["data"] is None:
+        if row["data"] is None or not reuse:
             return row["generation"], None
         sealed = self._kc.keyring.open(_identity(ref), row["key_id"], row["data"], row["write_id"])
         return row["generation"], SecretValue(row["version_name"], base64.b64decode(sealed))

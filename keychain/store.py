@@ -189,7 +189,7 @@ class Keychain:
         if self.source is None:
             raise KeychainUnavailable("the keychain database cannot be reached, and there is no Secret Manager source")
         secret = await self.source.access(ref)
-        metrics.READS.labels("direct").inc()
+        metrics.READ_OUTCOMES["direct"].inc()
         log.warning("keychain unavailable: served %s straight from Secret Manager", ref.secret_name)
         return Lookup("direct", value_from_payload(secret.payload))
 
@@ -210,8 +210,6 @@ class Keychain:
         generation: fetched again (three times at most) only if the secret was invalidated meanwhile. No connection
         is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
         next reads get CachedFailure) and raised."""
-        if self.source is None:
-            raise ConfigurationError("read-through needs a Secret Manager source: Keychain(settings, source=...)")
         for _ in range(3):
             failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
             if failure is not None:
@@ -242,18 +240,19 @@ class Keychain:
     async def _write_pending(self) -> None:
         await asyncio.sleep(0)  # the read-throughs that are ready in this loop iteration join the first batch
         while self._to_write:
-            batch, self._to_write = self._to_write, []
-            latest = {e.scope.identity(e.credential_name): e for e, _ in batch}  # a statement writes a row once
+            batch = [(e.scope.identity(e.credential_name), e, written) for e, written in self._to_write]
+            self._to_write = []
+            latest = {identity: e for identity, e, _ in batch}  # a statement writes a row once
             try:
                 fenced = await self.put_many(list(latest.values()))
             except Exception as exc:
-                for _, written in batch:
+                for _, _, written in batch:
                     if not written.done():
                         written.set_exception(exc)
                 continue
-            for e, written in batch:
+            for identity, _, written in batch:
                 if not written.done():
-                    written.set_result(latest[e.scope.identity(e.credential_name)] not in fenced)
+                    written.set_result(latest[identity] not in fenced)
 
     # --- shared fetches -------------------------------------------------------------------------------------------
     @reports_outage
