@@ -1,6 +1,7 @@
 """Worker `get` hit latency and throughput, next to the floor (asyncpg SELECT 1 on the same pool, alternated with the
-reads in one loop; and a bare one-row UPDATE ... RETURNING, the floor of a read that counts itself) and the ceiling it
-replaces (a Secret Manager access through the official client, with the modelled latency).
+reads in one loop; the read's own statement alone, without decrypting or counting; and a bare one-row UPDATE ...
+RETURNING, the floor of a read that would count itself in the row) and the ceiling it replaces (a Secret Manager
+access through the official client, with the modelled latency).
 
     python -m bench.hit_latency [--quick]
 """
@@ -12,7 +13,10 @@ import statistics
 import time
 
 from keychain import Keychain, SecretManagerSource
+from keychain.model import Scope
+from keychain.queries import queries
 from keychain.refs import SecretRef
+from keychain.store import identity_args
 from devtools.stack import LocalStack
 
 from .common import alternated, arguments, median_ms, ms, percentile, report, settings_for
@@ -68,6 +72,11 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         # The floor of a read that counts itself: a one-row UPDATE ... RETURNING by primary key, asynchronous commit.
         some_id = await kc.pool.fetchval("SELECT min(id) FROM keychain")
 
+        identities = [Scope.of(execution_id=1_000_000 + i // 10).identity(f"cred-{i % 10}") for i in range(rows)]
+
+        async def statement_floor(i: int) -> None:
+            assert await kc.pool.fetchrow(queries()["get_entry"], *identity_args(identities[i % rows]))
+
         async def update_floor(_: int) -> None:
             await kc.pool.fetchrow("UPDATE keychain SET accessed_at = now() WHERE id = $1 RETURNING data", some_id)
 
@@ -83,6 +92,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
             select_samples += round_["select1"]
         floor = await alternated({"update": update_floor, "select1": select1}, count // REPEATS)
         floor_samples, floor_selects = floor["update"], floor["select1"]
+        statement = await alternated({"statement": statement_floor, "select1": select1}, count // REPEATS)
         sm_samples = await latencies(lambda _: kc.source.access(ref), sm_count)
         get_per_s_1 = await throughput(get, 1, seconds / 2)
         get_per_s = await throughput(get, READERS, seconds)
@@ -97,6 +107,8 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         "ratio_vs_select1": round(get_p50 / select_p50, 2),
         "ratio_vs_select1_min": round(min(ratios), 2),
         "ratio_vs_select1_max": round(max(ratios), 2),
+        "statement_floor_vs_select1": round(
+            statistics.median(statement["statement"]) / statistics.median(statement["select1"]), 2),
         "update_floor_p50_ms": median_ms(floor_samples),
         "update_floor_vs_select1": round(statistics.median(floor_samples) / statistics.median(floor_selects), 2),
         "speedup_vs_sm": round(sm_p50 / get_p50, 1),

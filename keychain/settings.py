@@ -59,6 +59,13 @@ class Settings(BaseSettings):
         description="How long a fetch (a read-through, the warm) waits for another process that is fetching the same "
         "secret.",
     )
+    read_flush_seconds: float = env(
+        "KEYCHAIN_READ_FLUSH_SECONDS",
+        default=1.0,
+        gt=0,
+        description="A hit is counted in memory; the counts (`accessed_at`, `access_count`) reach their rows this "
+        "often, for every row read meanwhile in one statement.",
+    )
     shared_fetch_seconds: float = env(
         "KEYCHAIN_SHARED_FETCH_SECONDS",
         default=10.0,

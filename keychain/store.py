@@ -21,6 +21,7 @@ from .errors import (
 from .migrate import migrate
 from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json, value_from_payload
 from .queries import queries
+from .reads import ReadCounts
 from .refs import SecretRef
 from .settings import Settings
 from .shared import SharedFetches
@@ -56,6 +57,7 @@ class Keychain:
         self._q = queries()
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._shared = SharedFetches(self)
+        self._reads = ReadCounts(self._q["count_reads"], settings.read_flush_seconds)
         self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
         self._writer: asyncio.Future[None] | None = None
 
@@ -73,6 +75,7 @@ class Keychain:
             future.cancel()
         await asyncio.gather(*pending, *([self._writer] if self._writer else []), return_exceptions=True)
         await self._shared.close()
+        await self._reads.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -110,29 +113,35 @@ class Keychain:
     ) -> Lookup:
         """Read one entry in one statement (hit bookkeeping included). Raises CachedFailure for a remembered refusal."""
         identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
-        return await self._lookup(self.pool, identity)
+        return await self._lookup(identity)
 
-    async def _lookup(
-        self, conn: asyncpg.Pool | asyncpg.Connection, identity: RowIdentity, ref: SecretRef | None = None
-    ) -> Lookup:
-        """One read; with `ref`, only a value that came from that reference is served."""
+    @reports_outage
+    async def flush_reads(self) -> int:
+        """Write the hit counts held in memory now (done every KEYCHAIN_READ_FLUSH_SECONDS and at close); returns the
+        rows updated."""
+        return await self._reads.flush()
+
+    async def _lookup(self, identity: RowIdentity, ref: SecretRef | None = None) -> Lookup:
+        """One read; with `ref`, only a value that came from that reference is served. A hit is counted in memory
+        (keychain/reads.py)."""
         started = time.perf_counter()
+        pool = self.pool
         if ref is None:
-            row = await conn.fetchrow(self._q["get_entry"], *identity_args(identity))
+            row = await pool.fetchrow(self._q["get_entry"], *identity_args(identity))
         else:
-            row = await conn.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
+            row = await pool.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
         if row is not None:
+            row_id, key_id, data, write_id, reads_since_write, written_at = row
             try:
-                value = self.keyring.open(identity, row["key_id"], row["data"], row["write_id"])
-                lookup = Lookup("hit", value)
+                lookup = Lookup("hit", self.keyring.open(identity, key_id, data, write_id))
             except DecryptionError:
                 metrics.READS.labels("error").inc()
                 raise
-            if row["first_read_of"] is not None:
-                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - row["first_read_of"].timestamp()))
+            if self._reads.counted(pool, row_id, write_id, reads_since_write):
+                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - written_at.timestamp()))
         else:
-            lookup = self._why_not(await conn.fetchrow(self._q["why_not_served"], *identity_args(identity)))
+            lookup = self._why_not(await pool.fetchrow(self._q["why_not_served"], *identity_args(identity)))
         metrics.READ_OUTCOMES[lookup.outcome].inc()
         # A hit is the common case, thousands a second: DEBUG. Anything else is worth a line at INFO.
         log.log(logging.DEBUG if lookup.outcome == "hit" else logging.INFO, "keychain %s credential=%s scope=%s id=%s",
@@ -174,7 +183,7 @@ class Keychain:
         identity = entry_scope.identity(name)
         secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
         try:
-            lookup = await self._lookup(self.pool, identity, secret_ref)
+            lookup = await self._lookup(identity, secret_ref)
             if lookup:
                 return lookup
             return await self._single_flight(
@@ -356,6 +365,9 @@ class Keychain:
 
     @reports_outage
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
+        """Global rows read since written that expire within `within_seconds` (this process's reads counted first;
+        other processes' within their KEYCHAIN_READ_FLUSH_SECONDS)."""
+        await self._reads.flush()
         return await self.pool.fetch(self._q["globals_to_refresh"], float(within_seconds), limit)
 
     # --- negative cache -------------------------------------------------------------------------------------------
@@ -519,6 +531,7 @@ class Keychain:
 
     @reports_outage
     async def stats(self) -> list[dict[str, Any]]:
+        await self._reads.flush()  # this process's hits included
         return [dict(row) for row in await self.pool.fetch(self._q["stats"])]
 
 

@@ -63,9 +63,36 @@ async def test_hit_bookkeeping_proves_a_hit(keychain, db, execution_id):
     for _ in range(3):
         assert await keychain.get("cred", execution_id=execution_id)
     await keychain.get("cred", execution_id=execution_id + 1)  # a miss elsewhere counts nothing here
+    assert await keychain.flush_reads() == 1  # the hits are counted in memory, written for every row at once
     after = await db.fetchrow("SELECT access_count, created_at, accessed_at FROM keychain")
     assert after["access_count"] == 3
     assert after["accessed_at"] > after["created_at"]
+    assert await keychain.flush_reads() == 0  # nothing is counted twice
+
+
+async def test_hit_counts_of_every_process_reach_the_row_by_themselves_and_at_close(settings, keychain, execution_id):
+    """Each process counts its hits in memory; they reach the row every KEYCHAIN_READ_FLUSH_SECONDS and when the
+    process closes its Keychain, and the counts of several processes add up."""
+    await keychain.put("counted", "v", execution_id=execution_id)
+    often = await Keychain(settings.model_copy(update={"read_flush_seconds": 0.2})).open()
+    seldom = await Keychain(settings.model_copy(update={"read_flush_seconds": 3600})).open()
+
+    async def count() -> int:
+        return await keychain.pool.fetchval("SELECT access_count FROM keychain WHERE credential_name = 'counted'")
+
+    try:
+        for _ in range(4):
+            assert await often.get("counted", execution_id=execution_id)
+        for _ in range(3):
+            assert await seldom.get("counted", execution_id=execution_id)
+        deadline = asyncio.get_running_loop().time() + 10
+        while await count() != 4 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert await count() == 4  # `often` wrote its count by itself; `seldom` holds its own
+    finally:
+        await often.close()
+        await seldom.close()
+    assert await count() == 7
 
 
 async def test_read_through_fetches_once_then_hits(keychain, sm, secret, execution_id, db):
@@ -406,9 +433,20 @@ async def test_the_first_read_of_each_written_value_measures_the_warm_lead(keych
     assert (await keychain.get("lead", execution_id=execution_id)).value == "v2"
     assert (await keychain.get("lead", execution_id=execution_id)).value == "v2"
     assert firsts() == before + 2
+    await keychain.flush_reads()
     row = await keychain.pool.fetchrow("SELECT access_count, reads_since_write, accessed_at > updated_at AS read "
                                        "FROM keychain WHERE credential_name = 'lead'")
     assert (row["access_count"], row["reads_since_write"], row["read"]) == (5, 2, True)
+
+
+async def test_reads_of_an_earlier_write_count_as_hits_not_as_reads_of_the_new_value(keychain, execution_id):
+    await keychain.put("rewritten", "v1", execution_id=execution_id)
+    for _ in range(2):
+        assert (await keychain.get("rewritten", execution_id=execution_id)).value == "v1"
+    await keychain.put("rewritten", "v2", execution_id=execution_id)  # written again before the counts are
+    assert await keychain.flush_reads() == 1
+    row = await keychain.pool.fetchrow("SELECT access_count, reads_since_write FROM keychain")
+    assert (row["access_count"], row["reads_since_write"]) == (2, 0)
 
 
 async def test_a_fetch_waits_for_the_process_holding_its_reference_and_no_longer(stack, settings, key_spec, keychain,

@@ -2,23 +2,35 @@
 -- Statements run with search_path = the keychain schema.
 
 -- name: get_entry
--- The worker read, one statement: serve a ready, unexpired row and count the hit. `first_read_of`: for the first
--- read since the value was written, when it was written (the warm's lead time; every write resets
--- reads_since_write), else NULL. A row invalidated or deleted concurrently is re-checked and not served.
-UPDATE keychain k
-SET accessed_at = now(), access_count = k.access_count + 1, reads_since_write = k.reads_since_write + 1
+-- The worker read, one plain statement (no row lock, no new row version): a ready, unexpired row, with what its hit
+-- bookkeeping needs. The hit is counted in memory and written by count_reads (keychain/reads.py). A row invalidated
+-- by a transaction that committed before this read began is not served.
+SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at
+FROM keychain k
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
-  AND k.state = 'ready' AND k.expires_at > now()
-RETURNING k.key_id, k.data, k.write_id, CASE WHEN k.reads_since_write = 1 THEN k.updated_at END AS first_read_of;
+  AND k.state = 'ready' AND k.expires_at > now();
 
 -- name: get_entry_from
 -- The same read for a caller that names the secret it wants ($4: a `sources` containment pattern): a row holding
 -- another secret under this name (a global name repointed by another execution) is not served.
-UPDATE keychain k
-SET accessed_at = now(), access_count = k.access_count + 1, reads_since_write = k.reads_since_write + 1
+SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at
+FROM keychain k
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
-  AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb
-RETURNING k.key_id, k.data, k.write_id, CASE WHEN k.reads_since_write = 1 THEN k.updated_at END AS first_read_of;
+  AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb;
+
+-- name: count_reads
+-- The hits one process served since its last count, one element per row ordered by id (every process locks rows in
+-- one order): `access_count` and `accessed_at` as the seed kept them (the last read's moment, given as its age so
+-- that no two clocks are compared), and `reads_since_write` for reads of the value the row still holds (a row
+-- written again meanwhile counts only the reads of its new write).
+UPDATE keychain k
+SET access_count = k.access_count + r.reads,
+    accessed_at = greatest(k.accessed_at, now() - make_interval(secs => r.age_seconds)),
+    reads_since_write = k.reads_since_write
+        + CASE WHEN k.write_id IS NOT DISTINCT FROM r.write_id THEN r.reads_of_write ELSE 0 END
+FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::float8[])
+     AS r(id, write_id, reads_of_write, reads, age_seconds)
+WHERE k.id = r.id;
 
 -- name: why_not_served
 -- Only after a read found nothing to serve: was it absent, expired, invalidated, or a remembered refusal?
