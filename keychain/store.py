@@ -111,7 +111,7 @@ class Keychain:
     async def get(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
     ) -> Lookup:
-        """Read one entry in one statement (hit bookkeeping included). Raises CachedFailure for a remembered refusal."""
+        """Read one entry in one statement, hit or miss. Raises CachedFailure for a remembered refusal."""
         identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
         return await self._lookup(identity)
 
@@ -122,8 +122,8 @@ class Keychain:
         return await self._reads.flush()
 
     async def _lookup(self, identity: RowIdentity, ref: SecretRef | None = None) -> Lookup:
-        """One read; with `ref`, only a value that came from that reference is served. A hit is counted in memory
-        (keychain/reads.py)."""
+        """One read, one round trip, hit or not; with `ref`, only a value that came from that reference is served. A
+        hit is counted in memory (keychain/reads.py)."""
         started = time.perf_counter()
         pool = self.pool
         if ref is None:
@@ -131,17 +131,20 @@ class Keychain:
         else:
             row = await pool.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
-        if row is not None:
-            row_id, key_id, data, write_id, reads_since_write, written_at = row
-            try:
-                lookup = Lookup("hit", self.keyring.open(identity, key_id, data, write_id))
-            except DecryptionError:
-                metrics.READS.labels("error").inc()
-                raise
-            if self._reads.counted(pool, row_id, write_id, reads_since_write):
-                metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - written_at.timestamp()))
+        if row is None:
+            lookup = Lookup("miss")
         else:
-            lookup = self._why_not(await pool.fetchrow(self._q["why_not_served"], *identity_args(identity)))
+            row_id, key_id, data, write_id, reads_since_write, written_at, refused, error_code = row
+            if refused is not None:  # expired, stale, failed, or other_source (holding another secret than asked for)
+                lookup = Lookup(refused, error_code=error_code)
+            else:
+                try:
+                    lookup = Lookup("hit", self.keyring.open(identity, key_id, data, write_id))
+                except DecryptionError:
+                    metrics.READS.labels("error").inc()
+                    raise
+                if self._reads.counted(pool, row_id, write_id, reads_since_write):
+                    metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - written_at.timestamp()))
         metrics.READ_OUTCOMES[lookup.outcome].inc()
         # A hit is the common case, thousands a second: DEBUG. Anything else is worth a line at INFO.
         log.log(logging.DEBUG if lookup.outcome == "hit" else logging.INFO, "keychain %s credential=%s scope=%s id=%s",
@@ -149,18 +152,6 @@ class Keychain:
         if lookup.outcome == "failed":
             raise CachedFailure(identity.credential_name, lookup.error_code or "ERROR")
         return lookup
-
-    @staticmethod
-    def _why_not(row: asyncpg.Record | None) -> Lookup:
-        if row is None:
-            return Lookup("miss")
-        if not row["live"]:
-            return Lookup("expired")
-        if row["state"] == "failed":
-            return Lookup("failed", error_code=row["error_code"])
-        if row["state"] == "ready":  # live and ready, but holding another secret than the one asked for
-            return Lookup("other_source")
-        return Lookup("stale")
 
     # --- read-through -------------------------------------------------------------------------------------------
     async def get_or_fetch(
@@ -220,21 +211,34 @@ class Keychain:
         is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
         next reads get CachedFailure) and raised."""
         for _ in range(3):
-            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
-            if failure is not None:
-                raise CachedFailure(identity.credential_name, failure["error_code"])
-            try:
-                secret, generation = await self.fetch_shared(ref)
-            except SecretSourceError as exc:
-                if exc.permanent:
-                    await self.record_failure(str(ref), exc.code)
-                raise
+            fetched = await self._fetch_for_reads(ref)
+            if isinstance(fetched, str):
+                raise CachedFailure(identity.credential_name, fetched)
+            secret, generation = fetched
             entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
                           sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
                           fences=((ref.secret, generation),))
             if await self._write_together(entry):
                 return Lookup("hit", entry.value)
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
+
+    async def _fetch_for_reads(self, ref: SecretRef) -> tuple[SecretValue, int] | str:
+        """The reference's remembered refusal (its error code), else its value and generation from the shared fetch:
+        checked and fetched once for every read-through of this process that needs it at this moment. A permanent
+        refusal is remembered and raised."""
+
+        async def check_then_fetch() -> tuple[SecretValue, int] | str:
+            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
+            if failure is not None:
+                return failure["error_code"]
+            try:
+                return await self.fetch_shared(ref)
+            except SecretSourceError as exc:
+                if exc.permanent:
+                    await self.record_failure(str(ref), exc.code)
+                raise
+
+        return await self._single_flight(("", "read-through", str(ref)), check_then_fetch)
 
     async def _write_together(self, entry: Entry) -> bool:
         """A read-through's row, written with those of the other read-throughs of this moment in one transaction

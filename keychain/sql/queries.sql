@@ -2,21 +2,25 @@
 -- Statements run with search_path = the keychain schema.
 
 -- name: get_entry
--- The worker read, one plain statement (no row lock, no new row version): a ready, unexpired row, with what its hit
--- bookkeeping needs. The hit is counted in memory and written by count_reads (keychain/reads.py). A row invalidated
--- by a transaction that committed before this read began is not served.
-SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at
+-- The worker read, one plain statement (no row lock, no new row version), hit or not: the row of this identity with
+-- what its hit bookkeeping needs, and why it may not be served (`refused`: expired, stale, failed with its error_code;
+-- NULL for a hit), so that a miss needs no second round trip to say why. The hit is counted in memory and written by count_reads (keychain/reads.py). A row invalidated by a
+-- transaction that committed before this read began is not served.
+SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at,
+       CASE WHEN k.expires_at <= now() THEN 'expired' WHEN k.state = 'ready' THEN NULL ELSE k.state END AS refused,
+       k.error_code
 FROM keychain k
-WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
-  AND k.state = 'ready' AND k.expires_at > now();
+WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3;
 
 -- name: get_entry_from
 -- The same read for a caller that names the secret it wants ($4: a `sources` containment pattern): a row holding
 -- another secret under this name (a global name repointed by another execution) is not served.
-SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at
+SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at,
+       CASE WHEN k.expires_at <= now() THEN 'expired' WHEN k.state <> 'ready' THEN k.state
+            WHEN NOT k.sources @> $4::jsonb THEN 'other_source' END AS refused,
+       k.error_code
 FROM keychain k
-WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3
-  AND k.state = 'ready' AND k.expires_at > now() AND k.sources @> $4::jsonb;
+WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3;
 
 -- name: count_reads
 -- The hits one process served since its last count, one element per row ordered by id (every process locks rows in
@@ -31,11 +35,6 @@ SET access_count = k.access_count + r.reads,
 FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::float8[])
      AS r(id, write_id, reads_of_write, reads, age_seconds)
 WHERE k.id = r.id;
-
--- name: why_not_served
--- Only after a read found nothing to serve: was it absent, expired, invalidated, or a remembered refusal?
-SELECT state, error_code, expires_at > now() AS live
-FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 
 -- name: durable_commit
 -- Every write's transaction: this commit is flushed to disk (the pool commits asynchronously for read bookkeeping).
