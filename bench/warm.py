@@ -72,6 +72,11 @@ def start_message(mode: str, execution_id: int, wanted: list[str]) -> tuple[byte
                        "playbook": INLINE_PLAYBOOK})
 
 
+def worker_cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
     process = psutil.Process(pid)
     while not stop.is_set():
@@ -163,6 +168,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
             await producer.start()
             readers = []
+            cpu_before = worker_cpu_seconds(worker.pid)
             for n in range(events):
                 execution_id = first_id + n
                 wanted = [refs[(n * 7 + k) % POOL] for k in range(SECRETS_PER_EVENT)]
@@ -178,6 +184,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
                 if time.monotonic() > deadline:
                     raise TimeoutError("the worker did not warm every event in time")
                 await asyncio.sleep(0.05)
+            worker_cpu = worker_cpu_seconds(worker.pid) - cpu_before
             await asyncio.gather(*readers)
             stop.set()
             await sampler
@@ -199,6 +206,10 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
         "sm_p50_ms": median_ms(sm_samples),
         "sm_p99_ms": ms(percentile(sm_samples, 99)),
         "worker_rss_mb": round(peak[0], 1),
+        # The worker's CPU time (every thread) over the burst, per event, and as a share of the burst's span: near 1,
+        # one core busy the whole time (the GIL's bound for one process; replicas on their own cores add throughput).
+        "worker_cpu_ms_per_event": round(worker_cpu / events * 1000, 3),
+        "worker_cpu_share_of_span": round(worker_cpu / span, 3),
     }
 
 

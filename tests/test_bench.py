@@ -16,10 +16,11 @@ ROOT = Path(__file__).parent.parent
 KEYS = {
     "hit_latency": {"get_p50_ms", "get_p99_ms", "select1_p50_ms", "sm_p50_ms", "ratio_vs_select1", "speedup_vs_sm",
                     "get_per_s", "select1_per_s", "ratio_vs_select1_min", "ratio_vs_select1_max",
-                    "update_floor_vs_select1"},
+                    "update_floor_vs_select1", "statement_floor_vs_select1"},
     "warm": {"events_per_s", "ready_p50_ms", "ready_p99_ms", "sm_calls_per_event", "first_use_hit_ratio",
              "worker_rss_mb", "catalog_events_per_s", "catalog_first_use_hit_ratio", "catalog_sm_calls_per_event",
-             "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms",
+             "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms", "worker_cpu_ms_per_event",
+             "worker_cpu_share_of_span",
              *(f"{key}_{delay}{suffix}" for delay in (0, 50, 100, 250, 500, 1000)
                for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
