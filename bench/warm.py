@@ -16,6 +16,10 @@ p50/p99 (`first_read_D_ms_p50`, `first_read_D_ms_p99`) and the Secret Manager ca
 (`extra_sm_calls_D`: reads that raced the warm and called on their own). `ready_p99_minus_sm_p99_ms` is the warm's
 own share of the event -> rows-ready p99.
 
+Last, executions starting one at a time (`steady_*`): an event every STEADY_INTERVAL_MS, each naming secrets nobody
+fetched yet, so that each pays one Secret Manager call; `steady_ready_p99_minus_sm_p99_ms` is the warm's own share
+of the p99 when the worker is not busy (an event that queued behind the previous one's call shows here).
+
     python -m bench.warm [--quick]
 """
 
@@ -43,6 +47,7 @@ POOL = 20
 FIRST_READ_AFTER_S = 1.0
 FIRST_READ_DELAYS_MS = (0, 50, 100, 250, 500, 1000)
 CURVE_POOL = 10  # fresh secrets per delay
+STEADY_INTERVAL_MS = 100
 CATALOG_ID = 42
 # Three steps, each authenticating with a secret the workload names, written as NoETL writes templates (bare).
 PLAYBOOK = """\
@@ -99,6 +104,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         runs[mode].append(await burst(stack, quick, mode, refs, len(runs[mode])))
     inline, catalog = (mean_of(runs[mode]) for mode in ("inline", "catalog"))
     curve = await first_read_curve(stack, quick)
+    steady_figures = await steady(stack, quick)
     return {
         **inline,
         "ready_p99_minus_sm_p99_ms": round(inline["ready_p99_ms"] - inline["sm_p99_ms"], 3),
@@ -106,6 +112,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
            if k not in ("events", "sm_p50_ms", "sm_p99_ms", "first_read_after_ms")},
         "catalog_vs_inline_events_per_s": round(catalog["events_per_s"] / inline["events_per_s"], 3),
         **curve,
+        **steady_figures,
     }
 
 
@@ -275,6 +282,66 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
         finally:
             worker.stop()
     return figures
+
+
+async def steady(stack: LocalStack, quick: bool) -> dict:
+    """Executions starting one at a time, STEADY_INTERVAL_MS apart (less than a Secret Manager call), each naming
+    secrets nobody fetched yet: every event pays one call, so event -> rows ready minus that call is the warm's own
+    share when the worker is not busy, and shows an event waiting behind the previous one's call."""
+    events = 20 if quick else 60
+    settings, env = await own_worker(stack, "bench-warm-steady")
+    server = stack.secret_manager
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    first_id = 40_000_000
+    server.create_secret("steady-sample")
+    server.add_version("steady-sample", "sample")
+    async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
+        await kc.migrate()
+        sm_samples = []
+        for _ in range(10):
+            started = time.perf_counter()
+            await kc.source.access(SecretRef.parse("projects/test-project/secrets/steady-sample/versions/latest"))
+            sm_samples.append(time.perf_counter() - started)
+        worker = WorkerProcess(env).start()
+        try:
+            await consuming(kc, bootstrap, settings)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+            await producer.start()
+            sent_at: dict[int, float] = {}
+            try:
+                for n in range(events):
+                    wanted = []
+                    for k in range(SECRETS_PER_EVENT):
+                        secret_id = f"steady-{n}-{k}"
+                        server.create_secret(secret_id)
+                        server.add_version(secret_id, f"value-{secret_id}")
+                        wanted.append(f"projects/test-project/secrets/{secret_id}/versions/latest")
+                    key, value = start_message("inline", first_id + n, wanted)
+                    await producer.send_and_wait(settings.events_topic, value, key=key)
+                    sent_at[first_id + n] = time.time()
+                    await asyncio.sleep(STEADY_INTERVAL_MS / 1000)
+            finally:
+                await producer.stop()
+            expected = events * SECRETS_PER_EVENT
+            deadline = time.monotonic() + 120
+            while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready' AND execution_id "
+                                         ">= $1", first_id) < expected:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the worker did not warm every event in time")
+                await asyncio.sleep(0.05)
+            ready_rows = await kc.pool.fetch(
+                "SELECT execution_id, extract(epoch FROM max(created_at))::float8 AS ready FROM keychain "
+                "WHERE execution_id >= $1 GROUP BY 1", first_id)
+        finally:
+            worker.stop()
+    latencies = [row["ready"] - sent_at[row["execution_id"]] for row in ready_rows]
+    return {
+        "steady_events": events,
+        "steady_interval_ms": STEADY_INTERVAL_MS,
+        "steady_ready_p50_ms": ms(percentile(latencies, 50)),
+        "steady_ready_p99_ms": ms(percentile(latencies, 99)),
+        "steady_ready_p99_minus_sm_p99_ms": round(ms(percentile(latencies, 99)) - ms(percentile(sm_samples, 99)), 3),
+    }
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timezone
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from aiokafka.admin import AIOKafkaAdminClient
 from mode import Service
@@ -21,39 +21,77 @@ log = logging.getLogger(__name__)
 
 
 async def consume_durably(
-    stream, what: str, handle: Callable[[list[Record]], Awaitable[Handled]], within: float
-) -> AsyncIterator[Handled]:
+    stream,
+    what: str,
+    handle: Callable[[list[Record], Callable[[], None]], Awaitable[Handled]],
+    within: float,
+    in_flight: int = 1,
+) -> None:
     """The one way a batch is consumed: handled (held through database outages), its dead letters sent and
-    acknowledged by the broker, and only then its offsets acknowledged; yields each batch's result. `within`: the
-    longest wait to fill a batch (faust checks the buffer at that period)."""
+    acknowledged by the broker, and only then its offsets acknowledged. `within`: the longest wait to fill a batch
+    (faust checks the buffer at that period).
+
+    `in_flight`: batches handled at once. The next batch starts once the earlier ones are done or waiting on
+    something other than this process (the handler calls its second argument when it starts waiting for Secret
+    Manager): events that arrive during a fetch are warmed meanwhile instead of queueing behind it, and a burst that
+    keeps the process busy is still handled a full batch at a time. Offsets acknowledged out of order are committed
+    only up to the first one still in flight (faust keeps the gaps); every handler is idempotent and fenced, so a
+    batch handled beside an earlier one loses nothing and writes nothing stale."""
     await runtime.ready()
-    async for events in stream.noack_take(settings.warm_batch_size, within=within):
-        records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
-                   for e in events]
-        result = await handle_batch(records, handle)
-        for dead in result.dead:
-            await send_dead_letter(dead.record.key, dead.record.value, dead.reason, dead.detail,
-                                   {"source": dead.record.source})
-        for event in events:  # rows written durably, dead letters taken by the broker: offsets may commit
-            await stream.ack(event)
-        log.info("batch: %d %s, %s", len(records), what, result.summary())
-        yield result
+    slots = asyncio.Semaphore(in_flight)
+    free = asyncio.Event()  # no batch is keeping this process busy: the next one may start
+    free.set()
+    running: set[asyncio.Future[None]] = set()
+    failed: list[BaseException] = []
+
+    async def consume(events: list) -> None:
+        try:
+            records = [Record(e.message.key, e.message.value, e.message.topic, e.message.partition, e.message.offset)
+                       for e in events]
+            result = await handle_batch(records, lambda batch: handle(batch, free.set))
+            for dead in result.dead:
+                await send_dead_letter(dead.record.key, dead.record.value, dead.reason, dead.detail,
+                                       {"source": dead.record.source})
+            for event in events:  # rows written durably, dead letters taken by the broker: offsets may commit
+                await stream.ack(event)
+            log.info("batch: %d %s, %s", len(records), what, result.summary())
+        finally:
+            free.set()
+            slots.release()
+
+    def done(task: asyncio.Future[None]) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failed.append(task.exception())
+
+    try:
+        async for events in stream.noack_take(settings.warm_batch_size, within=within):
+            await slots.acquire()
+            await free.wait()
+            free.clear()
+            if failed:  # a batch failed past its own handling (not the database, not bad input): the agent stops
+                raise failed[0]
+            task = asyncio.ensure_future(consume(events))
+            running.add(task)
+            task.add_done_callback(done)
+    finally:  # stopping: batches not finished are not acknowledged, and come again to whoever consumes next
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 @app.agent(execution_events)
 async def executions(stream):
     """Warm on start, purge on finish."""
-    async for _ in consume_durably(stream, "events", lambda records: runtime.warmer.handle(records),
-                                   settings.warm_batch_seconds):
-        pass
+    await consume_durably(stream, "events", lambda records, waiting: runtime.warmer.handle(records, waiting),
+                          settings.warm_batch_seconds, settings.warm_batches_in_flight)
 
 
 @app.agent(rotations)
 async def invalidations(stream):
     """Stop serving what a rotation notice makes wrong, then refresh running executions' rows."""
-    async for _ in consume_durably(stream, "notices", lambda records: runtime.invalidator.handle(records),
-                                   settings.notice_batch_seconds):
-        pass
+    await consume_durably(stream, "notices", lambda records, _: runtime.invalidator.handle(records),
+                          settings.notice_batch_seconds)
 
 
 @app.task

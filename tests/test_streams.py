@@ -39,6 +39,32 @@ async def test_many_executions_one_secret_manager_call(streams, keychain, sm, se
     assert (await keychain.get(REF.format(secret_id), execution_id=execution_id + 199)).value == value
 
 
+async def test_an_execution_starting_during_a_fetch_is_not_held_behind_it(streams, keychain, sm, unique,
+                                                                           execution_id):
+    """Batches run side by side while one waits for Secret Manager: an execution whose secret is at hand is warmed
+    while an earlier execution's call is still in flight (KEYCHAIN_WARM_BATCHES_IN_FLIGHT), and the earlier one is
+    warmed once its call returns."""
+    slow, quick = f"slow-{unique}", f"quick-{unique}"
+    for secret_id in (slow, quick):
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-of-{secret_id}")
+    sm.hold(slow)
+    streams.start_worker()
+    await streams.send(start_event(execution_id, [REF.format(slow)]))
+    await wait_for(lambda: _async(sm.holding[slow] == 1), what="the slow secret's call in flight")
+    await streams.send(start_event(execution_id + 1, [REF.format(quick)]))
+    await wait_for(lambda: streams.rows(execution_id + 1), what="the second execution warmed")
+    assert sm.holding[slow] == 1 and await streams.rows(execution_id) == 0  # the first still waits for its call
+    sm.release(slow)
+    await wait_for(lambda: streams.rows(execution_id), what="the first execution warmed")
+    assert (await keychain.get(REF.format(slow), execution_id=execution_id)).value == f"value-of-{slow}"
+    assert sm.access_count(slow) == 1 and sm.access_count(quick) == 1
+
+
+async def _async(value):
+    return value
+
+
 async def _equals(coroutine, expected):
     return await coroutine == expected
 
@@ -127,7 +153,8 @@ async def test_leader_sweeps_expired_rows(streams, keychain, execution_id):
     await keychain.pool.execute("UPDATE keychain SET expires_at = now() WHERE credential_name IN ('c1', 'c2', 'c3')")
     streams.start_worker(KEYCHAIN_SWEEP_INTERVAL_SECONDS="0.5")
     await wait_for(lambda: _equals(streams.rows(), 7), what="the sweep")
-    assert "sweep: 3 expired rows deleted" in streams.worker.output
+    # The line is printed just after the sweep commits, and read from the worker's output by a thread.
+    await wait_for(lambda: _async("sweep: 3 expired rows deleted" in streams.worker.output), what="the sweep's line")
 
 
 async def test_one_bad_event_never_takes_its_batch_with_it(streams, keychain, sm, secret, execution_id):

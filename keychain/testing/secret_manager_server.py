@@ -85,6 +85,8 @@ class SecretManagerTestServer:
         self.calls: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, resource name asked for, status code name), in order
         self.issued: list[bytes] = []  # every payload ever stored, so tests can look for plaintext leaks
+        self._held: dict[str, threading.Event] = {}  # secret id -> released (see hold)
+        self.holding: Counter[str] = Counter()  # access calls of each secret waiting on a hold now
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
         self._publisher = None
@@ -152,8 +154,23 @@ class SecretManagerTestServer:
     def clear_faults(self) -> None:
         with self._lock:
             self.faults.clear()
+            held, self._held = list(self._held.values()), {}
+        for gate in held:
+            gate.set()
         self.corrupt_crc32c = False
         self.delay_seconds = 0.0
+
+    def hold(self, secret_id: str) -> None:
+        """Access calls of this secret wait (counted in `holding`) until `release`: a call in flight for as long as a
+        test needs."""
+        with self._lock:
+            self._held[secret_id] = threading.Event()
+
+    def release(self, secret_id: str) -> None:
+        with self._lock:
+            gate = self._held.pop(secret_id, None)
+        if gate is not None:
+            gate.set()
 
     def access_count(self, secret_id: str | None = None, code: str | None = "OK") -> int:
         """AccessSecretVersion calls (of one secret; with one outcome, `None` = any outcome)."""
@@ -299,6 +316,16 @@ class SecretManagerTestServer:
     async def _access(self, request: types.AccessSecretVersionRequest) -> types.AccessSecretVersionResponse:
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
+        secret_id, _ = self._parse(request.name, version=True)
+        with self._lock:
+            gate = self._held.get(secret_id)
+        if gate is not None:
+            self.holding[secret_id] += 1
+            try:
+                while not gate.is_set():
+                    await asyncio.sleep(0.01)
+            finally:
+                self.holding[secret_id] -= 1
         with self._lock:
             secret, version = self._get_version(request.name)
             name = f"{self._secret_name(secret.secret_id)}/versions/{version.number}"
