@@ -83,7 +83,7 @@ async def consume_durably(
 @app.agent(execution_events)
 async def executions(stream):
     """Warm on start, purge on finish."""
-    await consume_durably(stream, "events", lambda records, waiting: runtime.warmer.handle(records, waiting),
+    await consume_durably(stream, "events", lambda records, on_wait: runtime.warmer.handle(records, on_wait),
                           settings.warm_batch_seconds, settings.warm_batches_in_flight)
 
 

@@ -90,9 +90,9 @@ class Warmer:
         self.forget({ref for ref in self._recent if SecretRef.parse(ref).secret == secret_id})
 
     # --- events -----------------------------------------------------------------------------------------------------
-    async def handle(self, records: list[Record], waiting: Callable[[], None] | None = None) -> BatchResult:
+    async def handle(self, records: list[Record], on_wait: Callable[[], None] | None = None) -> BatchResult:
         """One batch. Bad input, and an unexpected error, dead-letter their own event only; a database that is down
-        raises (the caller holds the batch and retries it whole: every step is idempotent). `waiting` is called
+        raises (the caller holds the batch and retries it whole: every step is idempotent). `on_wait` is called
         whenever the batch starts waiting for Secret Manager (the caller may start the next batch meanwhile)."""
         result = BatchResult()
         planning = time.perf_counter()
@@ -123,14 +123,14 @@ class Warmer:
         refused: dict[Want, str] = {}
         try:
             refused, result.rows_written = await self.warm([w for _, wants in planned for w in wants],
-                                                           waiting=waiting)
+                                                           on_wait=on_wait)
         except DATABASE_DOWN:
             raise
         except Exception:  # one event's rows broke the batch's statement: write event by event to find it
             log.exception("a batch write failed; writing its %d events one by one", len(planned))
             for record, wants in list(planned):
                 try:
-                    one, written = await self.warm(wants, waiting=waiting)
+                    one, written = await self.warm(wants, on_wait=on_wait)
                 except Exception as exc:
                     result.dead.append(self._dead_letter(record, exc))
                     planned.remove((record, wants))
@@ -155,10 +155,10 @@ class Warmer:
     # --- warming ----------------------------------------------------------------------------------------------------
     async def warm(
         self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False,
-        waiting: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> tuple[dict[Want, str], int]:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
-        `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `waiting`: called before each wait for
+        `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`: called before each wait for
         Secret Manager. Returns (error code of each want not written as ready, rows written)."""
         if skip_ready:
             with _timed("check"):
@@ -173,8 +173,8 @@ class Warmer:
         delay = self.settings.secret_manager_retry_initial_seconds
         while True:
             pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
-            if pending and waiting is not None:
-                waiting()
+            if pending and on_wait is not None:
+                on_wait()
             with _timed("fetch"):
                 await self._fetch_round(pending, values, errors, fresh)
             entries, waiting = {}, []
@@ -206,8 +206,8 @@ class Warmer:
                     refused[want] = "UNAVAILABLE"
                 return refused, written
             log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(todo), delay)
-            if waiting is not None:
-                waiting()
+            if on_wait is not None:
+                on_wait()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
             for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
