@@ -93,7 +93,7 @@ class WorkerSettings(Settings):
     warm_batches_in_flight: int = env(
         "KEYCHAIN_WARM_BATCHES_IN_FLIGHT", default=8, ge=1,
         description="Batches of execution events handled at once: the next starts while the earlier ones wait for "
-        "Secret Manager, so events that arrive during a fetch do not queue behind it.",
+        "Secret Manager or their write, so events that arrive during a fetch do not queue behind it.",
     )
     notice_batch_seconds: float = env(
         "KEYCHAIN_NOTICE_BATCH_SECONDS", default=0.005, gt=0,

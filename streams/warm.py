@@ -93,7 +93,8 @@ class Warmer:
     async def handle(self, records: list[Record], on_wait: Callable[[], None] | None = None) -> BatchResult:
         """One batch. Bad input, and an unexpected error, dead-letter their own event only; a database that is down
         raises (the caller holds the batch and retries it whole: every step is idempotent). `on_wait` is called
-        whenever the batch starts waiting for Secret Manager (the caller may start the next batch meanwhile)."""
+        whenever the batch starts waiting for Secret Manager or for its write (the caller may start the next batch
+        meanwhile)."""
         result = BatchResult()
         planning = time.perf_counter()
         starts: list[tuple[Record, ExecutionEvent]] = []
@@ -159,7 +160,7 @@ class Warmer:
     ) -> tuple[dict[Want, str], int]:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
         `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`: called before each wait for
-        Secret Manager. Returns (error code of each want not written as ready, rows written)."""
+        Secret Manager or for the write. Returns (error code of each want not written as ready, rows written)."""
         if skip_ready:
             with _timed("check"):
                 wants = await self._not_yet_warm(wants)
@@ -189,6 +190,8 @@ class Warmer:
                     waiting.append(want)
                 else:
                     entries[want] = self._entry(want, values)
+            if entries and on_wait is not None:  # the database works on the statement: this process is free
+                on_wait()
             with _timed("write"):
                 fenced = await self.keychain.put_many(list(entries.values()))
             written += len(entries) - len(fenced)
