@@ -211,7 +211,7 @@ class Keychain:
         is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
         next reads get CachedFailure) and raised."""
         for _ in range(3):
-            fetched = await self._fetch_for_reads(ref)
+            fetched = await self.fetch_checked(ref)
             if isinstance(fetched, str):
                 raise CachedFailure(identity.credential_name, fetched)
             secret, generation = fetched
@@ -221,24 +221,6 @@ class Keychain:
             if await self._write_together(entry):
                 return Lookup("hit", entry.value)
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
-
-    async def _fetch_for_reads(self, ref: SecretRef) -> tuple[SecretValue, int] | str:
-        """The reference's remembered refusal (its error code), else its value and generation from the shared fetch:
-        checked and fetched once for every read-through of this process that needs it at this moment. A permanent
-        refusal is remembered and raised."""
-
-        async def check_then_fetch() -> tuple[SecretValue, int] | str:
-            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
-            if failure is not None:
-                return failure["error_code"]
-            try:
-                return await self.fetch_shared(ref)
-            except SecretSourceError as exc:
-                if exc.permanent:
-                    await self.record_failure(str(ref), exc.code)
-                raise
-
-        return await self._single_flight(("", "read-through", str(ref)), check_then_fetch)
 
     async def _write_together(self, entry: Entry) -> bool:
         """A read-through's row, written with those of the other read-throughs of this moment in one transaction
@@ -288,6 +270,26 @@ class Keychain:
         # Callers in this process wait for the one fetch in flight; other processes wait for it through the
         # database (keychain/shared.py).
         return await self._single_flight(("", "fetch", str(ref)), lambda: self._shared.fetch(ref))
+
+    @reports_outage
+    async def fetch_checked(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int] | str:
+        """The reference's remembered refusal (its error code), else its value and generation from the shared fetch
+        (fetch_shared). Checked and fetched once for every caller of this process that needs the reference at that
+        moment (read-throughs, warm batches running side by side), so a refusal one of them has just recorded is seen
+        by the next instead of asked again. A permanent refusal is recorded, then raised."""
+
+        async def check_then_fetch() -> tuple[SecretValue, int] | str:
+            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
+            if failure is not None:
+                return failure["error_code"]
+            try:
+                return await self.fetch_shared(ref, reuse=reuse)
+            except SecretSourceError as exc:
+                if exc.permanent:
+                    await self.record_failure(str(ref), exc.code)
+                raise
+
+        return await self._single_flight(("", "checked" if reuse else "checked anew", str(ref)), check_then_fetch)
 
     @reports_outage
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:

@@ -167,7 +167,7 @@ class Warmer:
         todo = list(dict.fromkeys(wants))
         refs = {str(ref) for w in todo for ref in w.refs}
         values = {} if fresh else self._from_window(refs)
-        errors = await self.keychain.active_failures(refs - values.keys())
+        errors: dict[str, str] = {}
         refused: dict[Want, str] = {}
         written = 0
         deadline = time.monotonic() + self.settings.warm_deadline_seconds
@@ -264,8 +264,9 @@ class Warmer:
 
     async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str],
                            fresh: bool = False) -> None:
-        """At most one call per reference, concurrently, shared with every other process (Keychain.fetch_shared);
-        fills `values` and `errors` (permanent refusals are remembered)."""
+        """At most one call per reference, concurrently, shared with every other process and batch
+        (Keychain.fetch_checked: the negative cache first, permanent refusals remembered); fills `values` and
+        `errors` (error codes)."""
         if not refs:
             return
         ordered = sorted(refs)
@@ -275,13 +276,12 @@ class Warmer:
                 values[ref] = outcome
                 self._recent[ref] = (time.monotonic(), values[ref])
             else:
-                errors[ref] = outcome.code
-                if outcome.permanent:
-                    await self.keychain.record_failure(ref, outcome.code)
+                errors[ref] = outcome
 
-    async def _fetch(self, ref: str, fresh: bool = False) -> Fetched | SecretSourceError:
+    async def _fetch(self, ref: str, fresh: bool = False) -> Fetched | str:
         async with self._concurrency:
             try:
-                return Fetched(*await self.keychain.fetch_shared(SecretRef.parse(ref), reuse=not fresh))
+                fetched = await self.keychain.fetch_checked(SecretRef.parse(ref), reuse=not fresh)
             except SecretSourceError as exc:
-                return exc
+                return exc.code
+        return fetched if isinstance(fetched, str) else Fetched(*fetched)
