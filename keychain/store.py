@@ -168,7 +168,7 @@ class Keychain:
 
         Misses of one secret call Secret Manager once, whichever rows they are for: they join the fetch of it in
         flight or just done, in this process (a shared future) or in any other, the warmer's included (the
-        reference's advisory lock and the shared table, see fetch_shared).
+        reference's advisory lock and the shared table, see fetch_checked).
         """
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         identity = entry_scope.identity(name)
@@ -259,31 +259,23 @@ class Keychain:
             await self.source.connect()
 
     @reports_outage
-    async def fetch_shared(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int]:
-        """One Secret Manager call per reference per KEYCHAIN_SHARED_FETCH_SECONDS across every process: a version
-        another process fetched meanwhile (and the secret not invalidated since) is taken from the shared table; a
-        process that needs a reference being fetched waits for that fetch. Returns the value and the secret's
-        generation read before it was fetched (a write of it is fenced on that). `reuse=False` (keep-warm: a value
-        about to expire is fetched anew) still shares what it fetches."""
-        if not reuse:
-            return await self._shared.fetch(ref, reuse=False)
-        # Callers in this process wait for the one fetch in flight; other processes wait for it through the
-        # database (keychain/shared.py).
-        return await self._single_flight(("", "fetch", str(ref)), lambda: self._shared.fetch(ref))
-
-    @reports_outage
     async def fetch_checked(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int] | str:
-        """The reference's remembered refusal (its error code), else its value and generation from the shared fetch
-        (fetch_shared). Checked and fetched once for every caller of this process that needs the reference at that
-        moment (read-throughs, warm batches running side by side), so a refusal one of them has just recorded is seen
-        by the next instead of asked again. A permanent refusal is recorded, then raised."""
+        """The reference's remembered refusal (its error code), else its value and the secret's generation read
+        before it was fetched (a write of it is fenced on that). Checked and fetched once for every caller of this
+        process that needs the reference at that moment (read-throughs, warm batches running side by side), so a
+        refusal one of them has just recorded is seen by the next instead of asked again; a permanent refusal is
+        recorded, then raised. Across processes, one Secret Manager call per reference per
+        KEYCHAIN_SHARED_FETCH_SECONDS (keychain/shared.py): a version another process fetched meanwhile (and the
+        secret not invalidated since) is taken from the shared table, and a process that needs a reference being
+        fetched waits for that fetch. `reuse=False` (keep-warm: a value about to expire) fetches anew, and still
+        shares what it fetches."""
 
         async def check_then_fetch() -> tuple[SecretValue, int] | str:
             failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
             if failure is not None:
                 return failure["error_code"]
             try:
-                return await self.fetch_shared(ref, reuse=reuse)
+                return await self._shared.fetch(ref, reuse=reuse)
             except SecretSourceError as exc:
                 if exc.permanent:
                     await self.record_failure(str(ref), exc.code)

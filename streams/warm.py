@@ -3,7 +3,7 @@
 Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing); other
 event types are counted and ignored; then every start's plan (its playbook from the event or NoETL's catalog, looked
 up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret
-version is fetched ONCE per burst (an in-memory window shared by consecutive batches, and Keychain.fetch_shared
+version is fetched ONCE per burst (an in-memory window shared by consecutive batches, and Keychain.fetch_checked
 across processes), with bounded concurrency and the calls-per-minute budget all processes share. Rows are
 written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
 UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
@@ -70,7 +70,7 @@ def _timed(step: str) -> Iterator[None]:
 
 class Warmer:
     def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None):
-        """`keychain` fetches through its Secret Manager source (Keychain.fetch_shared: once across processes)."""
+        """`keychain` fetches through its Secret Manager source (Keychain.fetch_checked: once across processes)."""
         self.settings = settings
         self.keychain = keychain
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook

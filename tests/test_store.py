@@ -165,13 +165,13 @@ async def test_the_secret_manager_budget_is_shared_by_every_process(stack, setti
     async with Keychain(budget, source=SecretManagerSource(budget)) as a, \
             Keychain(budget, source=SecretManagerSource(budget)) as b:
         assert (await a.get_or_fetch("n", ref_of(secret_ids[0]), execution_id=execution_id)).value == f"value-{secret_ids[0]}"
-        await b.fetch_shared(SecretRef.parse(ref_of(secret_ids[1])))
+        await b.fetch_checked(SecretRef.parse(ref_of(secret_ids[1])))
         assert 0.9 < await tokens() < 1.5  # two calls taken (a token refills every 20 s)
-        await b.fetch_shared(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
+        await b.fetch_checked(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
         await a.get_or_fetch("m", ref_of(secret_ids[1]), execution_id=execution_id)  # the same
         assert 0.9 < await tokens() < 1.5
-        await a.fetch_shared(SecretRef.parse(ref_of(secret_ids[2])))
-        waiting = asyncio.create_task(b.fetch_shared(SecretRef.parse(ref_of(secret_ids[3]))))
+        await a.fetch_checked(SecretRef.parse(ref_of(secret_ids[2])))
+        waiting = asyncio.create_task(b.fetch_checked(SecretRef.parse(ref_of(secret_ids[3]))))
         await asyncio.sleep(0.5)
         assert not waiting.done() and sm.access_count(secret_ids[3], code=None) == 0  # the budget is spent
         assert await tokens() < -0.5  # b waits its turn
@@ -487,9 +487,9 @@ async def test_a_fetch_waits_for_the_process_holding_its_reference_and_no_longer
     impatient = make_settings(stack, settings.schema_name, key_spec, fetch_lock_timeout_seconds=0.5)
     async with Keychain(impatient, source=SecretManagerSource(impatient)) as other:
         with pytest.raises(SecretUnavailable):
-            await other.fetch_shared(ref)
+            await other.fetch_checked(ref)
         assert sm.access_count(secret_id) == 0
-        waiting = asyncio.create_task(keychain.fetch_shared(ref))
+        waiting = asyncio.create_task(keychain.fetch_checked(ref))
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await holder.close()  # the fetching process dies
