@@ -34,9 +34,10 @@ async def consume_durably(
     `in_flight`: batches handled at once. The next batch starts once the earlier ones are done or waiting on
     something other than this process (the handler calls its second argument when it starts waiting for Secret
     Manager or for its write): events that arrive during a fetch are warmed meanwhile instead of queueing behind it,
-    a burst's next batch is planned while the database writes the previous one, and a burst that keeps the process busy is still handled a full batch at a time. Offsets acknowledged out of order are committed
-    only up to the first one still in flight (faust keeps the gaps); every handler is idempotent and fenced, so a
-    batch handled beside an earlier one loses nothing and writes nothing stale."""
+    a burst's next batch is planned while the database writes the previous one, and a burst that keeps the process
+    busy is still handled a full batch at a time. Offsets acknowledged out of order are committed only up to the
+    first one still in flight (faust keeps the gaps); every handler is idempotent and fenced, so a batch handled
+    beside an earlier one loses nothing and writes nothing stale."""
     await runtime.ready()
     slots = asyncio.Semaphore(in_flight)
     free = asyncio.Event()  # no batch is keeping this process busy: the next one may start

@@ -90,7 +90,7 @@ class Warmer:
         self.forget({ref for ref in self._recent if SecretRef.parse(ref).secret == secret_id})
 
     # --- events -----------------------------------------------------------------------------------------------------
-    async def handle(self, records: list[Record], on_wait: Callable[[], None] | None = None) -> BatchResult:
+    async def handle(self, records: list[Record], on_wait: Callable[[], None] = lambda: None) -> BatchResult:
         """One batch. Bad input, and an unexpected error, dead-letter their own event only; a database that is down
         raises (the caller holds the batch and retries it whole: every step is idempotent). `on_wait` is called
         whenever the batch starts waiting for Secret Manager or for its write (the caller may start the next batch
@@ -156,7 +156,7 @@ class Warmer:
     # --- warming ----------------------------------------------------------------------------------------------------
     async def warm(
         self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False,
-        on_wait: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] = lambda: None,
     ) -> tuple[dict[Want, str], int]:
         """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
         `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`: called before each wait for
@@ -174,7 +174,7 @@ class Warmer:
         delay = self.settings.secret_manager_retry_initial_seconds
         while True:
             pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
-            if pending and on_wait is not None:
+            if pending:
                 on_wait()
             with _timed("fetch"):
                 await self._fetch_round(pending, values, errors, fresh)
@@ -190,7 +190,7 @@ class Warmer:
                     waiting.append(want)
                 else:
                     entries[want] = self._entry(want, values)
-            if entries and on_wait is not None:  # the database works on the statement: this process is free
+            if entries:  # the database works on the statement: this process is free
                 on_wait()
             with _timed("write"):
                 fenced = await self.keychain.put_many(list(entries.values()))
@@ -209,8 +209,7 @@ class Warmer:
                     refused[want] = "UNAVAILABLE"
                 return refused, written
             log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(todo), delay)
-            if on_wait is not None:
-                on_wait()
+            on_wait()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
             for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
