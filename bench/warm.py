@@ -141,6 +141,33 @@ async def consuming(kc: Keychain, bootstrap: str, settings: WorkerSettings) -> N
         await asyncio.sleep(0.05)
 
 
+async def sm_latencies(kc: Keychain, ref: str, count: int) -> list[float]:
+    """Secret Manager accesses through the official client, measured in this run (what a first use costs unwarmed)."""
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await kc.source.access(SecretRef.parse(ref))
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def warmed(kc: Keychain, first_id: int, events: int, timeout: float = 120) -> None:
+    """Until the executions first_id ... first_id + events - 1 have all their rows ready."""
+    deadline = time.monotonic() + timeout
+    while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready' AND execution_id BETWEEN $1 AND "
+                                 "$2", first_id, first_id + events - 1) < events * SECRETS_PER_EVENT:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the worker did not warm every event in time")
+        await asyncio.sleep(0.05)
+
+
+async def ready_moments(kc: Keychain, first_id: int, events: int) -> dict[int, float]:
+    """When each execution's last row was written (epoch seconds), by execution id."""
+    rows = await kc.pool.fetch("SELECT execution_id, extract(epoch FROM max(created_at))::float8 FROM keychain "
+                               "WHERE execution_id BETWEEN $1 AND $2 GROUP BY 1", first_id, first_id + events - 1)
+    return dict(rows)
+
+
 async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], index: int) -> dict:
     events = 300 if quick else 2000
     settings, env = await own_worker(stack, f"bench-warm-{mode}-{index}")
@@ -151,11 +178,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
         if mode == "catalog":
             async with kc.pool.acquire() as conn:
                 await register(conn, settings.schema_name, CATALOG_ID, "bench/warm", PLAYBOOK)
-        sm_samples = []
-        for _ in range(4 if quick else 10):
-            started = time.perf_counter()
-            await kc.source.access(SecretRef.parse(refs[0]))
-            sm_samples.append(time.perf_counter() - started)
+        sm_samples = await sm_latencies(kc, refs[0], 4 if quick else 10)
         calls_before = server.access_count()
         worker = WorkerProcess(env).start()
         try:
@@ -185,22 +208,16 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
                 readers.append(asyncio.create_task(first_read(execution_id, wanted[0])))
             await producer.flush()
             await producer.stop()
-            expected = events * SECRETS_PER_EVENT
-            deadline = time.monotonic() + 300
-            while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready'") < expected:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the worker did not warm every event in time")
-                await asyncio.sleep(0.05)
+            await warmed(kc, first_id, events, timeout=300)
             worker_cpu = worker_cpu_seconds(worker.pid) - cpu_before
             await asyncio.gather(*readers)
             stop.set()
             await sampler
-            ready_rows = await kc.pool.fetch(
-                "SELECT execution_id, extract(epoch FROM max(created_at))::float8 AS ready FROM keychain GROUP BY 1")
+            ready = await ready_moments(kc, first_id, events)
         finally:
             worker.stop()
-    latencies = [row["ready"] - sent_at[row["execution_id"]] for row in ready_rows]
-    span = max(row["ready"] for row in ready_rows) - min(sent_at.values())
+    latencies = [moment - sent_at[execution_id] for execution_id, moment in ready.items()]
+    span = max(ready.values()) - min(sent_at.values())
     hits = [hit for hit, _ in first_reads if hit]
     return {
         "events": events,
@@ -269,13 +286,7 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
                 await producer.flush()
                 await producer.stop()
                 await asyncio.gather(*readers)
-                expected = events * SECRETS_PER_EVENT
-                deadline = time.monotonic() + 120
-                while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready' AND execution_id "
-                                             "BETWEEN $1 AND $2", first_id, first_id + events) < expected:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the worker did not warm every event in time")
-                    await asyncio.sleep(0.05)
+                await warmed(kc, first_id, events)
                 figures[f"first_read_{delay_ms}_ms_p50"] = ms(percentile(reads, 50))
                 figures[f"first_read_{delay_ms}_ms_p99"] = ms(percentile(reads, 99))
                 figures[f"extra_sm_calls_{delay_ms}"] = server.access_count() - calls_before - CURVE_POOL
@@ -297,11 +308,7 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
     server.add_version("steady-sample", "sample")
     async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
         await kc.migrate()
-        sm_samples = []
-        for _ in range(10):
-            started = time.perf_counter()
-            await kc.source.access(SecretRef.parse("projects/test-project/secrets/steady-sample/versions/latest"))
-            sm_samples.append(time.perf_counter() - started)
+        sm_samples = await sm_latencies(kc, "projects/test-project/secrets/steady-sample/versions/latest", 10)
         worker = WorkerProcess(env).start()
         try:
             await consuming(kc, bootstrap, settings)
@@ -322,19 +329,11 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
                     await asyncio.sleep(STEADY_INTERVAL_MS / 1000)
             finally:
                 await producer.stop()
-            expected = events * SECRETS_PER_EVENT
-            deadline = time.monotonic() + 120
-            while await kc.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready' AND execution_id "
-                                         ">= $1", first_id) < expected:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the worker did not warm every event in time")
-                await asyncio.sleep(0.05)
-            ready_rows = await kc.pool.fetch(
-                "SELECT execution_id, extract(epoch FROM max(created_at))::float8 AS ready FROM keychain "
-                "WHERE execution_id >= $1 GROUP BY 1", first_id)
+            await warmed(kc, first_id, events)
+            ready = await ready_moments(kc, first_id, events)
         finally:
             worker.stop()
-    latencies = [row["ready"] - sent_at[row["execution_id"]] for row in ready_rows]
+    latencies = [moment - sent_at[execution_id] for execution_id, moment in ready.items()]
     return {
         "steady_events": events,
         "steady_interval_ms": STEADY_INTERVAL_MS,
