@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    import asyncpg
+    from .store import Keychain
 
 log = logging.getLogger("keychain")
 
@@ -32,17 +32,16 @@ class _Counted:
 
 
 class ReadCounts:
-    """Owned by a Keychain: `counted` on every hit, written by a task that runs once per interval while reads come."""
+    """Owned by a Keychain (its statements, settings and pool): `counted` on every hit, written by a task that runs
+    once per KEYCHAIN_READ_FLUSH_SECONDS while reads come."""
 
-    def __init__(self, statement: str, interval_seconds: float):
-        self._statement = statement
-        self._interval = interval_seconds
+    def __init__(self, keychain: Keychain):
+        self._kc = keychain
         self._pending: dict[int, _Counted] = {}  # row id -> its reads not yet written
         self._flusher: asyncio.Future[None] | None = None
         self._sleeping = False  # the flusher is waiting for its moment (not writing): close may cancel it
-        self._pool: asyncpg.Pool | None = None
 
-    def counted(self, pool: asyncpg.Pool, row_id: int, write_id: int | None, reads_since_write: int) -> bool:
+    def counted(self, row_id: int, write_id: int | None, reads_since_write: int) -> bool:
         """Count one hit of a row; True when it is the first read of the value the row holds (across processes: as
         far as the row tells, plus this process's reads not yet written)."""
         now = time.monotonic()
@@ -61,28 +60,28 @@ class ReadCounts:
             counted.last_read = now
             first = False
         if self._flusher is None or self._flusher.done():
-            self._pool = pool
             self._flusher = asyncio.ensure_future(self._flush_later())
         return first
 
     async def _flush_later(self) -> None:
         self._sleeping = True
         try:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self._kc.settings.read_flush_seconds)
         finally:
             self._sleeping = False
         await self.flush()
 
     async def flush(self) -> int:
         """Write every count held now; returns the rows updated. A failure keeps the counts for the next flush."""
-        if not self._pending or self._pool is None:
+        pool = self._kc._pool
+        if not self._pending or pool is None:
             return 0
         pending, self._pending = self._pending, {}
         ids = sorted(pending)  # rows locked in one order by every process
         now = time.monotonic()
         try:
-            result = await self._pool.execute(
-                self._statement, ids, [pending[i].write_id for i in ids], [pending[i].reads_of_write for i in ids],
+            result = await pool.execute(
+                self._kc._q["count_reads"], ids, [pending[i].write_id for i in ids], [pending[i].reads_of_write for i in ids],
                 [pending[i].reads for i in ids], [now - pending[i].last_read for i in ids],
             )
         except Exception as exc:

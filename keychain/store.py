@@ -57,7 +57,7 @@ class Keychain:
         self._q = queries()
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._shared = SharedFetches(self)
-        self._reads = ReadCounts(self._q["count_reads"], settings.read_flush_seconds)
+        self._reads = ReadCounts(self)
         self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
         self._writer: asyncio.Future[None] | None = None
 
@@ -125,11 +125,10 @@ class Keychain:
         """One read, one round trip, hit or not; with `ref`, only a value that came from that reference is served. A
         hit is counted in memory (keychain/reads.py)."""
         started = time.perf_counter()
-        pool = self.pool
         if ref is None:
-            row = await pool.fetchrow(self._q["get_entry"], *identity_args(identity))
+            row = await self.pool.fetchrow(self._q["get_entry"], *identity_args(identity))
         else:
-            row = await pool.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
+            row = await self.pool.fetchrow(self._q["get_entry_from"], *identity_args(identity), source_pattern(ref))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
         if row is None:
             lookup = Lookup("miss")
@@ -143,7 +142,7 @@ class Keychain:
                 except DecryptionError:
                     metrics.READS.labels("error").inc()
                     raise
-                if self._reads.counted(pool, row_id, write_id, reads_since_write):
+                if self._reads.counted(row_id, write_id, reads_since_write):
                     metrics.WARM_LEAD_SECONDS.observe(max(0.0, time.time() - written_at.timestamp()))
         metrics.READ_OUTCOMES[lookup.outcome].inc()
         # A hit is the common case, thousands a second: DEBUG. Anything else is worth a line at INFO.
