@@ -20,6 +20,9 @@ Last, executions starting one at a time (`steady_*`): an event every STEADY_INTE
 fetched yet, so that each pays one Secret Manager call; `steady_ready_p99_minus_sm_p99_ms` is the warm's own share
 of the p99 when the worker is not busy (an event that queued behind the previous one's call shows here).
 
+And the consumer's own floor (`ignored_*`): a burst of NoETL's step records, which the warmer reads and ignores: the
+worker's events/s and CPU per event when an event needs no work.
+
     python -m bench.warm [--quick]
 """
 
@@ -37,7 +40,7 @@ from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
 from devtools.stack import LocalStack
 from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
-from devtools.noetl_samples import as_message, register, rust_playbook_started
+from devtools.noetl_samples import as_message, finish_record, register, rust_playbook_started, step_records
 from streams.settings import WorkerSettings
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
@@ -105,6 +108,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     inline, catalog = (mean_of(runs[mode]) for mode in ("inline", "catalog"))
     curve = await first_read_curve(stack, quick)
     steady_figures = await steady(stack, quick)
+    floor = await step_records_burst(stack, quick)
     return {
         **inline,
         "ready_p99_minus_sm_p99_ms": round(inline["ready_p99_ms"] - inline["sm_p99_ms"], 3),
@@ -113,6 +117,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         "catalog_vs_inline_events_per_s": round(catalog["events_per_s"] / inline["events_per_s"], 3),
         **curve,
         **steady_figures,
+        **floor,
     }
 
 
@@ -340,6 +345,54 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
         "steady_ready_p50_ms": ms(percentile(latencies, 50)),
         "steady_ready_p99_ms": ms(percentile(latencies, 99)),
         "steady_ready_p99_minus_sm_p99_ms": round(ms(percentile(latencies, 99)) - ms(percentile(sm_samples, 99)), 3),
+    }
+
+
+async def step_records_burst(stack: LocalStack, quick: bool) -> dict:
+    """A burst of what NoETL writes between an execution's start and finish (a dozen record types per step, which
+    the warmer reads and ignores): the worker's own cost per event when an event needs no work at all (reading it
+    from the broker, parsing it, acknowledging it), a floor under `worker_cpu_ms_per_event`, and what a deployment
+    that streams NoETL's whole event table pays for every record that is not a start or a finish."""
+    executions = 40 if quick else 250  # x 12 record types, 4 steps
+    settings, env = await own_worker(stack, "bench-warm-ignored")
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    first_id = 50_000_000
+    async with Keychain(settings) as kc:
+        await kc.migrate()
+        worker = WorkerProcess(env).start()
+        try:
+            await consuming(kc, bootstrap, settings)
+            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+            await producer.start()
+            last_on_partition: dict[int, int] = {}
+            try:
+                cpu_before, started = worker_cpu_seconds(worker.pid), time.time()
+                sending = []
+                for n in range(executions):
+                    for step in ("extract", "transform", "load", "notify"):
+                        for row in step_records(first_id + n, CATALOG_ID, step):
+                            key, value = as_message(row)
+                            sending.append((first_id + n, await producer.send(settings.events_topic, value, key=key)))
+                for execution_id, sent in sending:
+                    last_on_partition[(await sent).partition] = execution_id
+                # Each partition's last execution finishes after its records: when all those are fenced, all is read.
+                for execution_id in last_on_partition.values():
+                    key, value = as_message(finish_record(execution_id, CATALOG_ID))
+                    await producer.send(settings.events_topic, value, key=key)
+                await producer.flush()
+            finally:
+                await producer.stop()
+            while await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = ANY($1)",
+                                         list(last_on_partition.values())) < len(last_on_partition):
+                await asyncio.sleep(0.02)
+            span, cpu = time.time() - started, worker_cpu_seconds(worker.pid) - cpu_before
+        finally:
+            worker.stop()
+    events = len(sending) + len(last_on_partition)
+    return {
+        "ignored_events": events,
+        "ignored_events_per_s": round(events / span, 1),
+        "ignored_worker_cpu_ms_per_event": round(cpu / events * 1000, 3),
     }
 
 

@@ -7,7 +7,8 @@ Floating entries go stale when a version is added; pinned ones only when their o
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .errors import InvalidReference
 
@@ -23,25 +24,24 @@ class SecretRef:
     project: str
     secret: str
     version: str = "latest"
+    # Its full name, made once: a burst renders, compares and stores the same few references thousands of times.
+    version_name: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "version_name", f"projects/{self.project}/secrets/{self.secret}/versions/{self.version}")
+
+    def __hash__(self) -> int:
+        return hash(self.version_name)
 
     @classmethod
     def parse(cls, text: str) -> "SecretRef":
-        match = _REF.match(text.strip()) if isinstance(text, str) else None
-        if match is None:
-            shown = text if isinstance(text, str) and len(text) <= 200 else "<reference>"
-            raise InvalidReference(
-                f"not a Secret Manager reference: {shown!r} "
-                "(expected projects/P/secrets/S or projects/P/secrets/S/versions/N|latest|ALIAS)"
-            )
-        return cls(match["project"], match["secret"], match["version"] or "latest")
+        if not isinstance(text, str):
+            raise _invalid("<reference>")
+        return _parse(text)
 
     @property
     def secret_name(self) -> str:
         return f"projects/{self.project}/secrets/{self.secret}"
-
-    @property
-    def version_name(self) -> str:
-        return f"{self.secret_name}/versions/{self.version}"
 
     @property
     def pinned(self) -> bool:
@@ -52,3 +52,17 @@ class SecretRef:
 
     def __str__(self) -> str:
         return self.version_name
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> SecretRef:
+    """A burst parses the same few references thousands of times (a reference is immutable, so shared)."""
+    match = _REF.match(text.strip())
+    if match is None:
+        raise _invalid(text if len(text) <= 200 else "<reference>")
+    return SecretRef(match["project"], match["secret"], match["version"] or "latest")
+
+
+def _invalid(shown: str) -> InvalidReference:
+    return InvalidReference(f"not a Secret Manager reference: {shown!r} "
+                            "(expected projects/P/secrets/S or projects/P/secrets/S/versions/N|latest|ALIAS)")

@@ -97,10 +97,25 @@ class Catalog:
         """The event's own playbook document, else the catalog's; None when the event names none (or needs none)."""
         if not self.needed_for(event):
             return event.playbook if isinstance(event.playbook, dict) else None
+        return await self._lookup(self._key(event))
+
+    async def playbooks_for(self, events: list[ExecutionEvent]) -> list[dict[str, Any] | None | BaseException]:
+        """playbook_for of each event of a batch: one lookup per distinct catalog row however many events name it
+        (a burst of one playbook's executions costs one dictionary lookup, not one task per event). Where an
+        event's playbook cannot be had, its exception (BadEvent, or a database outage) is in its place."""
+        keys = [self._key(e) if self.needed_for(e) else None for e in events]
+        distinct = list(dict.fromkeys(k for k in keys if k is not None))
+        found = dict(zip(distinct, await asyncio.gather(*(self._lookup(k) for k in distinct), return_exceptions=True)))
+        return [found[k] if k is not None else e.playbook if isinstance(e.playbook, dict) else None
+                for e, k in zip(events, keys)]
+
+    @staticmethod
+    def _key(event: ExecutionEvent) -> tuple:
         if event.catalog_id is not None:
-            key: tuple = ("id", event.catalog_id)
-        else:
-            key = ("path", event.playbook_path, event.playbook_version)
+            return ("id", event.catalog_id)
+        return ("path", event.playbook_path, event.playbook_version)
+
+    async def _lookup(self, key: tuple) -> dict[str, Any]:
         if key[0] == "id" and key[1] in self._cache:
             return self._cached(key[1])
         if key not in self._inflight:  # one query per row, however many events of a burst ask at once

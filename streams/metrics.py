@@ -6,6 +6,7 @@ from prometheus_client import Counter, Histogram
 from keychain.metrics import LATENCY_BUCKETS, LEAD_BUCKETS
 
 EVENTS = Counter("keychain_events_total", "Execution events processed, by kind (start, finish, ignored)", ["kind"])
+EVENTS_OF_KIND = {kind: EVENTS.labels(kind) for kind in ("start", "finish", "ignored")}  # bound once: one per event
 SKIPPED_DECLARATIONS = Counter(
     "keychain_skipped_declarations_total", "Credential declarations of started executions not warmed, by reason",
     ["reason"],

@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 async def plan_start(event: ExecutionEvent, catalog: Catalog | None, settings: WorkerSettings) -> Plan:
     """Resolve a start event against its playbook: the event's own, or the catalog's. BadEvent when it is bad."""
-    playbook = await catalog.playbook_for(event) if catalog is not None else None
+    return plan_of(event, await catalog.playbook_for(event) if catalog is not None else None, settings)
+
+
+def plan_of(event: ExecutionEvent, playbook: dict[str, Any] | None, settings: WorkerSettings) -> Plan:
+    """plan_start, its playbook in hand (a batch looks its playbooks up at once: Catalog.playbooks_for)."""
     try:
         plan = resolve(event, playbook, project=settings.google_cloud_project)
     except RecursionError:

@@ -31,7 +31,7 @@ from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from keychain.errors import InvalidReference
-from keychain.model import MAX_NAME_BYTES, Scope, storable_text
+from keychain.model import MAX_NAME_BYTES, RowIdentity, Scope, storable_text
 from keychain.refs import SecretRef
 
 from .events import BadEvent, ExecutionEvent
@@ -89,9 +89,15 @@ class Want:
     scope: Scope
     fields: tuple[tuple[str | None, SecretRef], ...]
 
-    @property
-    def refs(self) -> list[SecretRef]:
-        return [ref for _, ref in self.fields]
+    # Made once each: a batch asks them of every want several times.
+    refs: tuple[SecretRef, ...] = field(init=False, repr=False, compare=False)
+    secrets: frozenset[str] = field(init=False, repr=False, compare=False)  # short ids
+    identity: RowIdentity = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "refs", tuple(ref for _, ref in self.fields))
+        object.__setattr__(self, "secrets", frozenset(ref.secret for ref in self.refs))
+        object.__setattr__(self, "identity", self.scope.identity(self.credential_name))
 
     @classmethod
     def from_sources(cls, credential_name: str, scope: Scope, sources: str) -> "Want":

@@ -87,7 +87,7 @@ class WorkerSettings(Settings):
         "KEYCHAIN_WARM_BATCH_SIZE", default=500, ge=1, description="Most events handled (and written) at once."
     )
     warm_batch_seconds: float = env(
-        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.05, gt=0,
+        "KEYCHAIN_WARM_BATCH_SECONDS", default=0.02, gt=0,
         description="Longest wait to fill a batch of execution events (shorter: smaller batches, fewer events/s).",
     )
     warm_batches_in_flight: int = env(

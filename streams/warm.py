@@ -29,7 +29,7 @@ from . import metrics
 from .batches import DATABASE_DOWN, DeadLetter, Record
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
-from .plan import plan_start
+from .plan import plan_of
 from .resolve import Want
 from .settings import WorkerSettings
 
@@ -101,7 +101,7 @@ class Warmer:
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
-                metrics.EVENTS.labels(event.kind).inc()
+                metrics.EVENTS_OF_KIND[event.kind].inc()
                 if event.kind == "finish":
                     result.rows_purged += await self.keychain.finish_execution(event.execution_id)
                     result.finished += 1
@@ -112,14 +112,20 @@ class Warmer:
             except Exception as exc:
                 result.dead.append(self._dead_letter(record, exc))
         planned: list[tuple[Record, list[Want]]] = []
-        for (record, event), outcome in zip(starts, await asyncio.gather(
-                *(plan_start(event, self.catalog, self.settings) for _, event in starts), return_exceptions=True)):
-            if isinstance(outcome, BaseException):
-                result.dead.append(self._dead_letter(record, outcome))
+        events = [event for _, event in starts]
+        playbooks = (await self.catalog.playbooks_for(events) if self.catalog is not None
+                     else [None] * len(events))  # None: the event's own
+        for (record, event), playbook in zip(starts, playbooks):
+            try:
+                if isinstance(playbook, BaseException):
+                    raise playbook
+                plan = plan_of(event, playbook, self.settings)
+            except BaseException as exc:
+                result.dead.append(self._dead_letter(record, exc))
             else:
                 result.started += 1
-                result.skipped += len(outcome.skipped)
-                planned.append((record, outcome.wants))
+                result.skipped += len(plan.skipped)
+                planned.append((record, plan.wants))
         metrics.WARM_STEP["plan"].observe(time.perf_counter() - planning)
         refused: dict[Want, str] = {}
         try:
@@ -219,13 +225,11 @@ class Warmer:
         """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, or a global
         credential already shared). A global name that holds other secrets is written over: logged and counted, as
         two playbooks disagreeing on what one global name means is worth an operator's look."""
-        existing = await self.keychain.existing_rows(
-            (w.scope.identity(w.credential_name) for w in wants), self.settings.ttl_seconds / 2
-        )
+        existing = await self.keychain.existing_rows((w.identity for w in wants), self.settings.ttl_seconds / 2)
         todo = []
         for want in wants:
-            found = existing.get(want.scope.identity(want.credential_name))
-            secrets = frozenset(ref.secret for ref in want.refs)
+            found = existing.get(want.identity)
+            secrets = want.secrets
             if found is not None and found[1] and found[1] != secrets and want.scope.type == "global":
                 log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
                             ", ".join(sorted(found[1])), ", ".join(sorted(secrets)))

@@ -21,6 +21,7 @@ KEYS = {
              "worker_rss_mb", "catalog_events_per_s", "catalog_first_use_hit_ratio", "catalog_sm_calls_per_event",
              "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms", "worker_cpu_ms_per_event",
              "worker_cpu_share_of_span", "steady_ready_p50_ms", "steady_ready_p99_ms", "steady_ready_p99_minus_sm_p99_ms",
+             "ignored_events_per_s", "ignored_worker_cpu_ms_per_event",
              *(f"{key}_{delay}{suffix}" for delay in (0, 50, 100, 250, 500, 1000)
                for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},

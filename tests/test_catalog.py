@@ -86,3 +86,25 @@ async def test_a_catalog_in_another_database_has_its_own_pool(catalog_settings, 
         assert await catalog.playbook_for(start(execution_id, execution_id)) == {"workload": {"own": True}}
     finally:
         await catalog.close()
+
+
+async def test_a_batch_looks_each_row_up_once(catalog_settings, keychain, db, execution_id):
+    await register(db, catalog_settings.schema_name, execution_id, "test/cache_simple", CACHE_SIMPLE)
+    catalog = Catalog(catalog_settings, keychain.pool)
+    loads = []
+    real_load = catalog._load
+
+    async def counted_load(key):
+        loads.append(key)
+        return await real_load(key)
+
+    catalog._load = counted_load
+    inline = parse_event(None, json.dumps({"event_type": "playbook.initialized", "execution_id": 7, "workload": {},
+                                           "playbook": {"workload": {"inline": True}}}).encode(), max_bytes=10**6)
+    events = [start(execution_id + i, execution_id) for i in range(50)]
+    events += [inline, start(execution_id, execution_id + 99)]
+    found = await catalog.playbooks_for(events)
+    assert sorted(loads) == [("id", execution_id), ("id", execution_id + 99)]  # one per row, not one per event
+    assert all(p is found[0] for p in found[:50]) and found[0]["metadata"]["path"] == "test/cache_simple"
+    assert found[50] == {"workload": {"inline": True}}  # an event's own playbook is its own
+    assert isinstance(found[51], BadEvent) and found[51].reason == "playbook_not_found"  # in its place, not raised
