@@ -96,8 +96,10 @@ async def invalidations(stream):
 
 
 @app.task
-async def report_partitions() -> None:
-    """At start: the events topic's partition count bounds the replicas that get work; say so when it is low."""
+async def report_at_start() -> None:
+    """At start: the event loop the worker runs on (uvloop unless F_LOOP says otherwise), and the events topic's
+    partition count, which bounds the replicas that get work (a warning when it is low)."""
+    log.info("event loop: %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers.split(","))
     try:
         await admin.start()
