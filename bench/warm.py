@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import psutil
 import yaml
@@ -139,11 +141,18 @@ async def own_worker(stack: LocalStack, name: str) -> tuple[WorkerSettings, dict
     return settings, env
 
 
-async def consuming(kc: Keychain, bootstrap: str, settings: WorkerSettings) -> None:
-    """Once the worker has handled an event sent to it (the finish of execution 1 is fenced), it is consuming."""
-    await produce(bootstrap, settings.events_topic, [finish_event(1)])
-    while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
-        await asyncio.sleep(0.05)
+@asynccontextmanager
+async def consuming_worker(kc: Keychain, bootstrap: str, settings: WorkerSettings,
+                           env: dict[str, str]) -> AsyncIterator[WorkerProcess]:
+    """A worker, yielded once it has handled an event sent to it (the finish of execution 1 is fenced); stopped after."""
+    worker = WorkerProcess(env).start()
+    try:
+        await produce(bootstrap, settings.events_topic, [finish_event(1)])
+        while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
+            await asyncio.sleep(0.05)
+        yield worker
+    finally:
+        worker.stop()
 
 
 async def sm_latencies(kc: Keychain, ref: str, count: int) -> list[float]:
@@ -185,9 +194,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
                 await register(conn, settings.schema_name, CATALOG_ID, "bench/warm", PLAYBOOK)
         sm_samples = await sm_latencies(kc, refs[0], 4 if quick else 10)
         calls_before = server.access_count()
-        worker = WorkerProcess(env).start()
-        try:
-            await consuming(kc, bootstrap, settings)
+        async with consuming_worker(kc, bootstrap, settings, env) as worker:
             peak, stop = [0.0], asyncio.Event()
             sampler = asyncio.create_task(sample_rss(worker.pid, peak, stop))
             first_id = 10_000_000
@@ -219,8 +226,6 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
             stop.set()
             await sampler
             ready = await ready_moments(kc, first_id, events)
-        finally:
-            worker.stop()
     latencies = [moment - sent_at[execution_id] for execution_id, moment in ready.items()]
     span = max(ready.values()) - min(sent_at.values())
     hits = [hit for hit, _ in first_reads if hit]
@@ -259,9 +264,7 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
         for round_ in range(20):
             await asyncio.gather(*(kc.get_or_fetch(warm_up, warm_up, execution_id=1_000 + round_ * 100 + i)
                                    for i in range(settings.pool_max_size)))
-        worker = WorkerProcess(env).start()
-        try:
-            await consuming(kc, bootstrap, settings)
+        async with consuming_worker(kc, bootstrap, settings, env):
             for d, delay_ms in enumerate(FIRST_READ_DELAYS_MS):
                 refs = []
                 for i in range(CURVE_POOL):
@@ -295,8 +298,6 @@ async def first_read_curve(stack: LocalStack, quick: bool) -> dict:
                 figures[f"first_read_{delay_ms}_ms_p50"] = ms(percentile(reads, 50))
                 figures[f"first_read_{delay_ms}_ms_p99"] = ms(percentile(reads, 99))
                 figures[f"extra_sm_calls_{delay_ms}"] = server.access_count() - calls_before - CURVE_POOL
-        finally:
-            worker.stop()
     return figures
 
 
@@ -314,9 +315,7 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
     async with Keychain(settings, source=SecretManagerSource(settings)) as kc:
         await kc.migrate()
         sm_samples = await sm_latencies(kc, "projects/test-project/secrets/steady-sample/versions/latest", 10)
-        worker = WorkerProcess(env).start()
-        try:
-            await consuming(kc, bootstrap, settings)
+        async with consuming_worker(kc, bootstrap, settings, env):
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
             await producer.start()
             sent_at: dict[int, float] = {}
@@ -336,8 +335,6 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
                 await producer.stop()
             await warmed(kc, first_id, events)
             ready = await ready_moments(kc, first_id, events)
-        finally:
-            worker.stop()
     latencies = [moment - sent_at[execution_id] for execution_id, moment in ready.items()]
     return {
         "steady_events": events,
@@ -359,9 +356,7 @@ async def step_records_burst(stack: LocalStack, quick: bool) -> dict:
     first_id = 50_000_000
     async with Keychain(settings) as kc:
         await kc.migrate()
-        worker = WorkerProcess(env).start()
-        try:
-            await consuming(kc, bootstrap, settings)
+        async with consuming_worker(kc, bootstrap, settings, env) as worker:
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
             await producer.start()
             last_on_partition: dict[int, int] = {}
@@ -386,8 +381,6 @@ async def step_records_burst(stack: LocalStack, quick: bool) -> dict:
                                          list(last_on_partition.values())) < len(last_on_partition):
                 await asyncio.sleep(0.02)
             span, cpu = time.time() - started, worker_cpu_seconds(worker.pid) - cpu_before
-        finally:
-            worker.stop()
     events = len(sending) + len(last_on_partition)
     return {
         "ignored_events": events,

@@ -44,21 +44,18 @@ class ReadCounts:
     def counted(self, row_id: int, write_id: int | None, reads_since_write: int) -> bool:
         """Count one hit of a row; True when it is the first read of the value the row holds (across processes: as
         far as the row tells, plus this process's reads not yet written)."""
-        now = time.monotonic()
         counted = self._pending.get(row_id)
         if counted is None:
-            self._pending[row_id] = _Counted(write_id, 1, 1, now)
+            counted = self._pending[row_id] = _Counted(write_id, 0, 0, 0.0)
             first = reads_since_write == 0
         elif counted.write_id != write_id:  # the row was written again since this process last read it
-            counted.write_id, counted.reads_of_write = write_id, 1
-            counted.reads += 1
-            counted.last_read = now
+            counted.write_id, counted.reads_of_write = write_id, 0
             first = reads_since_write == 0
         else:
-            counted.reads_of_write += 1
-            counted.reads += 1
-            counted.last_read = now
             first = False
+        counted.reads_of_write += 1
+        counted.reads += 1
+        counted.last_read = time.monotonic()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_later())
         return first

@@ -96,7 +96,7 @@ class Catalog:
     async def playbook_for(self, event: ExecutionEvent) -> dict[str, Any] | None:
         """The event's own playbook document, else the catalog's; None when the event names none (or needs none)."""
         if not self.needed_for(event):
-            return event.playbook if isinstance(event.playbook, dict) else None
+            return self._own(event)
         return await self._lookup(self._key(event))
 
     async def playbooks_for(self, events: list[ExecutionEvent]) -> list[dict[str, Any] | None | BaseException]:
@@ -106,8 +106,11 @@ class Catalog:
         keys = [self._key(e) if self.needed_for(e) else None for e in events]
         distinct = list(dict.fromkeys(k for k in keys if k is not None))
         found = dict(zip(distinct, await asyncio.gather(*(self._lookup(k) for k in distinct), return_exceptions=True)))
-        return [found[k] if k is not None else e.playbook if isinstance(e.playbook, dict) else None
-                for e, k in zip(events, keys)]
+        return [found[k] if k is not None else self._own(e) for e, k in zip(events, keys)]
+
+    @staticmethod
+    def _own(event: ExecutionEvent) -> dict[str, Any] | None:
+        return event.playbook if isinstance(event.playbook, dict) else None
 
     @staticmethod
     def _key(event: ExecutionEvent) -> tuple:

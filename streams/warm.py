@@ -229,12 +229,11 @@ class Warmer:
         todo = []
         for want in wants:
             found = existing.get(want.identity)
-            secrets = want.secrets
-            if found is not None and found[1] and found[1] != secrets and want.scope.type == "global":
+            if found is not None and found[1] and found[1] != want.secrets and want.scope.type == "global":
                 log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
-                            ", ".join(sorted(found[1])), ", ".join(sorted(secrets)))
+                            ", ".join(sorted(found[1])), ", ".join(sorted(want.secrets)))
                 metrics.GLOBAL_REPOINTS.inc()
-            if found is None or not found[0] or found[1] != secrets:
+            if found is None or not found[0] or found[1] != want.secrets:
                 todo.append(want)
         return todo
 
