@@ -23,6 +23,10 @@ of the p99 when the worker is not busy (an event that queued behind the previous
 And the consumer's own floor (`ignored_*`): a burst of NoETL's step records, which the warmer reads and ignores: the
 worker's events/s and CPU per event when an event needs no work.
 
+And the noetl target (`noetl_*`, bench/warm_noetl.py): NoETL's own keychain warmed for its unmodified server, Secret
+Manager calls per execution against NoETL alone (one per alias field per execution), and the first-read hit ratio of
+NoETL's server's read.
+
     python -m bench.warm [--quick]
 """
 
@@ -46,6 +50,7 @@ from devtools.noetl_samples import as_message, finish_record, register, rust_pla
 from streams.settings import WorkerSettings
 
 from .common import arguments, median_ms, ms, percentile, report, settings_for
+from .warm_noetl import noetl_burst
 
 SECRETS_PER_EVENT = 3
 POOL = 20
@@ -111,6 +116,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     curve = await first_read_curve(stack, quick)
     steady_figures = await steady(stack, quick)
     floor = await step_records_burst(stack, quick)
+    noetl = await noetl_burst(stack, quick, FIRST_READ_AFTER_S)
     return {
         **inline,
         "ready_p99_minus_sm_p99_ms": round(inline["ready_p99_ms"] - inline["sm_p99_ms"], 3),
@@ -120,6 +126,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         **curve,
         **steady_figures,
         **floor,
+        **noetl,
     }
 
 

@@ -1,23 +1,29 @@
 """`python -m devtools demo` (`make demo`): the whole system on embedded defaults, with nothing else running.
 
 Starts PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator (when installed) and the Secret Manager test
-server (250 ms access latency, the seed's figure); migrates; registers the seed's playbook `test/cache_simple` in a
-`noetl.catalog` table as NoETL stores it (YAML text, bare templates); starts the worker with its rotation bridge; then
-plays NoETL as it is: for each execution, NoETL's own event records (the Rust server's `playbook_started` with the
-catalog id and the workload, `workflow.initialized`, the records of every step, `playbook.completed`), with the two
-steps reading the same secret; a rotation (AddSecretVersion -> notification -> invalidation and refresh), executions
-finishing (purge) and a sweep.
+server (250 ms access latency, the seed's figure); migrates our tables into their own schema (`keychain_warmer`);
+creates NoETL's own tables in `noetl` from NoETL's published columns (devtools/noetl_schema.py) and registers two
+playbooks in its catalog as NoETL stores them (YAML text, bare templates): the seed's `test/cache_simple` and a
+`kind: secrets` playbook; starts the worker with both targets (KEYCHAIN_TARGET=both: our table and NoETL's own
+keychain) and its rotation bridge; then plays NoETL as it is: for each execution, NoETL's own event records (the
+Rust server's `playbook_started` with the catalog id and the workload, written to NoETL's event table and on Kafka,
+`workflow.initialized`, the records of every step, `playbook.completed`). The seed's executions read our table with
+the keychain library; the `kind: secrets` executions are read the way NoETL's server reads its own keychain
+(devtools/noetl_server.py: its cache key, its expiry check, its envelope). Then a rotation (AddSecretVersion ->
+notification -> invalidation and refresh, in both tables), executions finishing (purge) and a sweep.
 Stops everything it started. The last line is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import statistics
 import time
 
+import asyncpg
 import grpc
 from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
@@ -29,13 +35,40 @@ from keychain.sources import SecretManagerSource
 from streams.settings import WorkerSettings
 
 from .local import WorkerProcess, consume, create_topics, local_worker_env, produce
-from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, register, rust_playbook_started, \
+from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, rust_playbook_started, \
     rust_workflow_initialized, step_records
+from .noetl_schema import create_noetl_tables, record_event, register_playbook
+from .noetl_server import NoetlServerReads
 from .stack import LocalStack
 
 EXECUTIONS = [507861119290048685 + i for i in range(3)]
 CATALOG_ID = 507861000000000001  # NoETL's catalog row of test/cache_simple
 PATH = "test/cache_simple"
+NOETL_EXECUTIONS = [507861119290049685 + i for i in range(3)]
+NOETL_CATALOG_ID = 507861000000000002  # a playbook whose steps ask NoETL's server for `keychain.openai_token`
+NOETL_PATH = "demo/openai_keychain"
+NOETL_PLAYBOOK = """\
+apiVersion: noetl.io/v2
+kind: Playbook
+metadata:
+  name: openai_keychain
+  path: demo/openai_keychain
+workload:
+  openai_secret_path: projects/{project}/secrets/openai-api-key
+keychain:
+  - name: openai_token
+    kind: secrets
+    provider: gcp
+    map:
+      api_key: '{{{{ openai_secret_path }}}}'
+workflow:
+  - step: start
+    tool:
+      kind: http
+      url: https://api.openai.com/v1/models
+      headers:
+        Authorization: 'Bearer {{{{ keychain.openai_token.api_key }}}}'
+"""
 SECRET_ID = "openai-api-key"
 TOPIC = "secret-manager-events"
 SUBSCRIPTION = "keychain-warmer"
@@ -56,12 +89,15 @@ async def play(stack: LocalStack) -> dict:
     server = stack.secret_manager
     project = env["GOOGLE_CLOUD_PROJECT"]
     pubsub = "PUBSUB_EMULATOR_HOST" in env
+    noetl_key = base64.b64encode(os.urandom(32)).decode()  # NoETL's NOETL_ENCRYPTION_KEY
     settings = WorkerSettings(dsn=env["KEYCHAIN_DSN"], keys=env["KEYCHAIN_KEYS"],
-                        secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"])
+                              secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"], target="both",
+                              noetl_encryption_key=noetl_key)
     await create_topics(env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
                         settings.rotations_topic)
     worker_env = local_worker_env({**os.environ, **env}, "keychain-warmer-demo", KEYCHAIN_SWEEP_INTERVAL_SECONDS="1",
-                                  KEYCHAIN_RECONCILE_INTERVAL_SECONDS="2", KEYCHAIN_LOG_LEVEL="INFO")
+                                  KEYCHAIN_RECONCILE_INTERVAL_SECONDS="2", KEYCHAIN_LOG_LEVEL="INFO",
+                                  KEYCHAIN_TARGET="both", NOETL_ENCRYPTION_KEY=noetl_key)
     topic = f"projects/{project}/topics/{TOPIC}"
     if pubsub:
         from google.cloud import pubsub_v1
@@ -84,19 +120,32 @@ async def play(stack: LocalStack) -> dict:
 
     async with Keychain(settings, source=SecretManagerSource(settings)) as keychain:
         migrated = await keychain.migrate() or "up to date"
-        async with keychain.pool.acquire() as conn:  # what NoETL's `catalog register` leaves behind
-            await register(conn, settings.catalog_schema, CATALOG_ID, PATH, CACHE_SIMPLE)
-        say(f"[4/7] migrated: {migrated}; {PATH} registered in {settings.catalog_schema}.catalog as catalog_id "
-            f"{CATALOG_ID} (YAML, bare templates); starting the worker ...")
+        noetl = settings.catalog_schema
+        async with keychain.pool.acquire() as conn:  # NoETL's installation, and what its `catalog register` writes
+            await create_noetl_tables(conn, noetl)
+            await register_playbook(conn, noetl, CATALOG_ID, PATH, CACHE_SIMPLE)
+            await register_playbook(conn, noetl, NOETL_CATALOG_ID, NOETL_PATH, NOETL_PLAYBOOK.format(project=project))
+        say(f"[4/7] migrated {settings.schema_name}: {migrated}; NoETL's tables in {noetl}; {PATH} and {NOETL_PATH} "
+            f"registered in {noetl}.catalog (YAML, bare templates); starting the worker (KEYCHAIN_TARGET=both) ...")
         worker = WorkerProcess(worker_env).start()
+        reads = await asyncpg.connect(env["KEYCHAIN_DSN"])
+        noetl_server = NoetlServerReads(reads, noetl, encryption_key=noetl_key,
+                                        secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"], project=project)
         try:
-            return await scenario(keychain, server, secrets, secret.name, ref, env, pubsub)
+            return await scenario(keychain, noetl_server, server, secrets, secret.name, ref, env, pubsub)
         finally:
+            await reads.close()
             worker.stop()
             channel.close()
 
 
-async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> dict:
+async def noetl_started(noetl_server: NoetlServerReads, row: dict) -> dict:
+    """NoETL's server starting an execution: its start record in its own event table (then on Kafka)."""
+    await record_event(noetl_server.conn, noetl_server.schema, row)
+    return row
+
+
+async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, env, pubsub) -> dict:
     bootstrap, events_topic = env["KAFKA_BOOTSTRAP_SERVERS"], keychain.settings.events_topic
     # The worker is consuming once a probe's finish event has fenced its execution id.
     probe = 1
@@ -124,6 +173,23 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
             figures[f"{prefix}_reads"] += 1
             figures[f"{prefix}_hits"] += outcome == "hit"
             say(f"      execution {execution_id}  {step:<19} {outcome.upper():<4} {elapsed:8.2f} ms")
+    say(f"      {len(NOETL_EXECUTIONS)} executions of {NOETL_PATH}: its step asks NoETL's server for "
+        "keychain.openai_token, which reads NoETL's own keychain")
+    noetl_figures = {"noetl_first_use_hits": 0, "noetl_first_use_reads": 0}
+    for execution_id in NOETL_EXECUTIONS:
+        start = await noetl_started(noetl_server, rust_playbook_started(execution_id, NOETL_CATALOG_ID, NOETL_PATH,
+                                                                  {"openai_secret_path": ref}))
+        await produce(bootstrap, events_topic, records(start, rust_workflow_initialized(execution_id, NOETL_CATALOG_ID),
+                                                       *step_records(execution_id, NOETL_CATALOG_ID, "start")))
+        await asyncio.sleep(STEP_GAP_SECONDS)
+        started_at = time.perf_counter()
+        answer = await noetl_server.get_credential("openai_token", execution_id)
+        elapsed = (time.perf_counter() - started_at) * 1000
+        noetl_figures["noetl_first_use_reads"] += 1
+        noetl_figures["noetl_first_use_hits"] += answer.source == "keychain"
+        outcome = "HIT" if answer.source == "keychain" else "MISS (NoETL's server called Secret Manager)"
+        say(f"      execution {execution_id}  NoETL server, cache key openai_token:{NOETL_CATALOG_ID}:{execution_id} "
+            f"{outcome} {elapsed:8.2f} ms")
 
     say("[6/7] rotation: AddSecretVersion on Secret Manager -> " + ("Pub/Sub -> bridge -> invalidation"
                                                                   if pubsub else "reconciliation"))
@@ -147,6 +213,12 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
             stale_reads += bool(lookup) and lookup.value == old
     say(f"      rows refreshed with the new version {lag_ms:.0f} ms after AddSecretVersion; "
         f"{stale_reads} reads of the old version after it was invalidated")
+    noetl_stale = 0
+    for execution_id in NOETL_EXECUTIONS:  # and so does NoETL's server, from its own keychain
+        answer = await noetl_server.get_credential("openai_token", execution_id)
+        noetl_stale += answer.value["api_key"] == old
+    say(f"      NoETL's server reads the new version for all {len(NOETL_EXECUTIONS)} of its executions "
+        f"({noetl_stale} reads of the old one)")
 
     say("[7/7] two executions finish (purge); the third's finish event is lost, its rows expire (sweep)")
     count = "SELECT count(*) FROM keychain WHERE execution_id = ANY($1::bigint[])"
@@ -160,6 +232,16 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
     rows_after = await keychain.pool.fetchval(count, EXECUTIONS)
     say(f"      rows of these executions: {rows_before} before, {purged} purged on finish, {swept} swept, "
         f"{rows_after} left")
+    noetl_count = f"SELECT count(*) FROM {noetl_server.schema}.keychain WHERE execution_id = ANY($1::bigint[])"
+    noetl_before = await keychain.pool.fetchval(noetl_count, NOETL_EXECUTIONS)
+    await produce(bootstrap, events_topic, records(*[finish_record(e, NOETL_CATALOG_ID) for e in NOETL_EXECUTIONS[:2]]))
+    await wait(lambda: _rows(keychain, noetl_count, NOETL_EXECUTIONS[:2]), 0)
+    noetl_purged = noetl_before - await keychain.pool.fetchval(noetl_count, NOETL_EXECUTIONS)
+    await keychain.pool.execute(f"UPDATE {noetl_server.schema}.keychain SET expires_at = now() - interval '1 s' "
+                                "WHERE execution_id = $1", NOETL_EXECUTIONS[2])
+    await wait(lambda: _rows(keychain, noetl_count, NOETL_EXECUTIONS), 0)
+    say(f"      NoETL's keychain: {noetl_before} rows, {noetl_purged} purged on finish, "
+        f"{noetl_before - noetl_purged} swept")
     dead = await consume(bootstrap, keychain.settings.dlq_topic, 1, timeout=2)
     say(f"      dead letters: {len(dead)} (NoETL's step records are ignored, not dead-lettered)")
     return {
@@ -169,6 +251,11 @@ async def scenario(keychain, server, secrets, secret_name, ref, env, pubsub) -> 
         "hit_read_ms_p50": round(statistics.median(read_ms["hit"]), 3) if read_ms["hit"] else None,
         "miss_read_ms_p50": round(statistics.median(read_ms["miss"]), 3) if read_ms["miss"] else None,
         "sm_calls": server.access_count(),
+        **noetl_figures,
+        "noetl_server_sm_calls": noetl_server.provider_fetches,
+        "noetl_stale_reads_after_rotation": noetl_stale,
+        "noetl_rows_purged": noetl_purged,
+        "noetl_rows_swept": noetl_before - noetl_purged,
         "stale_reads_after_rotation": stale_reads,
         "rotation_lag_ms": round(lag_ms, 1),
         "rotation_via": "pubsub" if pubsub else "reconciliation",

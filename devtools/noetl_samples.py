@@ -214,9 +214,11 @@ def as_message(row: dict[str, Any]) -> tuple[bytes, bytes]:
     return str(row["execution_id"]).encode(), json.dumps(row).encode()
 
 
-def debezium(row: dict[str, Any], *, op: str = "c", wrapped: bool = True) -> tuple[bytes, bytes]:
+def debezium(row: dict[str, Any], *, op: str = "c", wrapped: bool = True,
+             key_columns: tuple[str, ...] = ("execution_id", "event_id")) -> tuple[bytes, bytes]:
     """A Debezium change event of a `noetl.event` row: jsonb columns as JSON strings, timestamps as epoch
-    microseconds, the key `(execution_id, event_id)`; with the JSON converter's schema/payload wrapper or without."""
+    microseconds, the key the table's primary key `(execution_id, event_id)` (or `message.key.columns`'); with the
+    JSON converter's schema/payload wrapper or without."""
     after = dict(row)
     for column in ("context", "result", "meta"):
         if after[column] is not None:
@@ -224,7 +226,7 @@ def debezium(row: dict[str, Any], *, op: str = "c", wrapped: bool = True) -> tup
     after["created_at"] = int(time.time() * 1_000_000)
     change = {"before": None, "after": after, "op": op, "ts_ms": int(time.time() * 1000),
               "source": {"connector": "postgresql", "schema": "noetl", "table": "event"}}
-    key = {"execution_id": row["execution_id"], "event_id": row["event_id"]}
+    key = {column: row[column] for column in key_columns}
     if wrapped:
         change = {"schema": {"type": "struct", "name": "noetl.noetl.event.Envelope"}, "payload": change}
         key = {"schema": {"type": "struct", "name": "noetl.noetl.event.Key"}, "payload": key}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -16,7 +17,7 @@ from .errors import ConfigurationError, InvalidReference, KeychainError
 from .logs import configure_logging
 from .model import storable_text
 from .refs import SecretRef
-from .settings import load_settings
+from .settings import extension_variable_names, load_settings, unknown_variables
 from .sources import SecretManagerSource
 from .store import Keychain
 
@@ -89,6 +90,8 @@ def main(verbose: bool) -> None:
     configure_logging(settings)
     if not verbose:
         logging.getLogger().setLevel(logging.WARNING)
+    for message in unknown_variables(os.environ, also_known=extension_variable_names()):  # a typo is not silent
+        click.echo(f"warning: {message}", err=True)
 
 
 @main.command()

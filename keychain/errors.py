@@ -14,6 +14,21 @@ class KeychainUnavailable(KeychainError):
     `get_or_fetch` serves straight from Secret Manager meanwhile."""
 
 
+class KeychainConflict(KeychainError):
+    """A write kept being rolled back by PostgreSQL for a concurrent transaction (a deadlock or a serialization
+    failure) after the library's own retries (keychain_database_retries_total). Nothing was written; every write is
+    idempotent, so the caller may run it again."""
+
+
+class KeychainDatabaseError(KeychainError):
+    """The database refused an operation for another reason than an outage or a conflict (a missing table, a
+    privilege, a constraint, a trigger). The message names the error's class and SQLSTATE only."""
+
+
+class InvalidArgument(KeychainError, ValueError):
+    """An argument the keychain cannot take (a scope without its id, an unknown scope, two invalidation targets)."""
+
+
 class ConfigurationError(KeychainError):
     """A setting is missing or malformed (bad DSN, bad key ring, ...)."""
 

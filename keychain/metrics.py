@@ -31,6 +31,15 @@ BUDGET_WAIT_SECONDS = Counter(
     "keychain_secret_manager_budget_wait_seconds_total",
     "Time callers waited for the shared Secret Manager call budget (SECRET_MANAGER_MAX_CALLS_PER_MINUTE)",
 )
-ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through")
-SWEPT_ROWS = Counter("keychain_swept_rows_total", "Expired rows deleted by the sweep")
-PURGED_ROWS = Counter("keychain_purged_rows_total", "Rows deleted because their execution finished")
+# `target`: the store the rows are in, a closed set: `keychain` (this library's table) or a worker target's name.
+ROWS_WRITTEN = Counter("keychain_rows_written_total", "Rows written by warm, re-warm and read-through, by target",
+                       ["target"])
+SWEPT_ROWS = Counter("keychain_swept_rows_total", "Expired rows deleted by the sweep, by target", ["target"])
+PURGED_ROWS = Counter("keychain_purged_rows_total", "Rows deleted because their execution finished, by target",
+                      ["target"])
+DATABASE_RETRIES = Counter(
+    "keychain_database_retries_total",
+    "Transactions and statements run again because PostgreSQL rolled them back for a concurrent one (reason: "
+    "deadlock, serialization)",
+    ["reason"],
+)

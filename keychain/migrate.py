@@ -6,6 +6,7 @@ import logging
 
 import asyncpg
 
+from .errors import ConfigurationError
 from .queries import migrations
 
 log = logging.getLogger(__name__)
@@ -18,11 +19,21 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# Tables of NoETL's own schema (noetl/noetl `schema_ddl.sql`): a schema that holds one is NoETL's, and this project
+# creates nothing there. NoETL's `keychain` has the same name as ours: with ours in its schema, NoETL could not be
+# installed (its `CREATE TABLE IF NOT EXISTS` keeps ours, then its indexes fail).
+NOETL_TABLES = ("keychain", "catalog", "event", "credential")
+
+
 async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
-    """Bring `schema` up to date; returns the versions this call applied."""
+    """Bring `schema` up to date; returns the versions this call applied. Refuses (ConfigurationError, before it
+    creates anything) a schema that holds another program's `keychain` table or NoETL's tables."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
     try:
+        refusal = await foreign_schema(conn, schema)
+        if refusal is not None:
+            raise ConfigurationError(refusal)
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
         await conn.execute(f"SET search_path TO {quote_ident(schema)}")
         await conn.execute(
@@ -48,3 +59,23 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
         await conn.execute("RESET search_path")
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     return applied_now
+
+
+async def foreign_schema(conn: asyncpg.Connection, schema: str) -> str | None:
+    """Why this project must not create its tables in `schema` (one line saying what to set), or None. A schema
+    where these migrations already ran is ours."""
+    found = {row["table_name"]: row["columns"] for row in await conn.fetch(
+        "SELECT c.relname AS table_name, array_agg(a.attname::text) AS columns FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+        "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname = ANY($2::text[]) GROUP BY c.relname",
+        schema, [*NOETL_TABLES, "keychain_schema_migrations"])}
+    if "keychain_schema_migrations" in found:
+        return None
+    if "cache_key" in found.get("keychain", ()) or found.keys() & {"catalog", "event", "credential"}:
+        return (f"schema {schema!r} holds NoETL's own tables (its keychain has the same name as ours); nothing was "
+                "created: set KEYCHAIN_SCHEMA to a schema of this project's own (for example keychain_warmer), and "
+                "KEYCHAIN_CATALOG_SCHEMA to NoETL's")
+    if "keychain" in found:
+        return (f"schema {schema!r} holds a keychain table this project did not create; nothing was created: set "
+                "KEYCHAIN_SCHEMA to a schema of its own")
+    return None

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from .errors import InvalidArgument
 from .refs import SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
@@ -85,17 +86,17 @@ class Scope:
     ) -> "Scope":
         """Scope from keyword arguments: an execution id means execution scope, a session id session scope."""
         if execution_id is not None and session_id is not None:
-            raise ValueError("give an execution id or a session id, not both")
+            raise InvalidArgument("give an execution id or a session id, not both")
         inferred = "execution" if execution_id is not None else "session" if session_id is not None else "global"
         chosen = scope or inferred
         if chosen == "local":  # NoETL's playbook word for execution scope
             chosen = "execution"
         if chosen not in _SCOPE_NEEDS:
-            raise ValueError(f"unknown scope {chosen!r}: execution (or local), session or global")
+            raise InvalidArgument(f"unknown scope {str(chosen)[:40]!r}: execution (or local), session or global")
         if chosen != inferred:
-            raise ValueError(f"scope {chosen!r} needs {_SCOPE_NEEDS[chosen]}")
+            raise InvalidArgument(f"scope {chosen!r} needs {_SCOPE_NEEDS[chosen]}")
         if execution_id is not None and not isinstance(execution_id, int):
-            raise ValueError("execution id must be an integer")
+            raise InvalidArgument("execution id must be an integer")
         return cls(chosen, execution_id, session_id)  # type: ignore[arg-type]
 
     @property

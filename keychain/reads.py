@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .database import retrying
+
 if TYPE_CHECKING:
     from .store import Keychain
 
@@ -74,13 +76,14 @@ class ReadCounts:
         if not self._pending or pool is None:
             return 0
         pending, self._pending = self._pending, {}
-        ids = sorted(pending)  # rows locked in one order by every process
+        ids = list(pending)  # the statement locks them in the lock order (sql/queries.sql)
         now = time.monotonic()
         try:
-            result = await pool.execute(
-                self._kc._q["count_reads"], ids, [pending[i].write_id for i in ids], [pending[i].reads_of_write for i in ids],
-                [pending[i].reads for i in ids], [now - pending[i].last_read for i in ids],
-            )
+            result = await retrying("count_reads", lambda: pool.execute(
+                self._kc._q["count_reads"], ids, [pending[i].write_id for i in ids],
+                [pending[i].reads_of_write for i in ids], [pending[i].reads for i in ids],
+                [now - pending[i].last_read for i in ids],
+            ))
         except Exception as exc:
             log.warning("read counts of %d rows not written yet (%s); kept for the next flush", len(ids),
                         type(exc).__name__)

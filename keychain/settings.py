@@ -9,6 +9,7 @@ an environment that are not settings (a typo is otherwise silent).
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import logging
 import os
 from functools import lru_cache
@@ -38,9 +39,10 @@ class Settings(BaseSettings):
     )
     schema_name: str = env(
         "KEYCHAIN_SCHEMA",
-        default="noetl",
+        default="keychain_warmer",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="Schema of the keychain table (NoETL's is `noetl`).",
+        description="Schema of this project's tables (its keychain, fences, shared fetches). Not NoETL's `noetl`, "
+        "whose own `keychain` table has the same name.",
     )
     keys: SecretStr = env(
         "KEYCHAIN_KEYS",
@@ -135,12 +137,30 @@ def variable_names(settings_class: type[Settings] = Settings) -> set[str]:
     return {field.validation_alias.choices[0] for field in settings_class.model_fields.values()}
 
 
-def unknown_variables(environ: Mapping[str, str], settings_class: type[Settings] = Settings) -> list[str]:
-    """One message for each KEYCHAIN_* variable that is not a setting, with the closest known name."""
+def extension_variable_names() -> set[str]:
+    """The variables of every settings class that extends the library's and registered itself under the
+    `keychain.settings` entry point group (the stream worker's does): in an environment they share (one ConfigMap),
+    the worker's variables are not typos of the library's."""
+    names: set[str] = set()
+    for entry in importlib.metadata.entry_points(group="keychain.settings"):
+        try:
+            extension = entry.load()
+        except Exception as exc:  # an extension that cannot load names nothing
+            log.debug("settings extension %s not loaded: %s", entry.name, type(exc).__name__)
+            continue
+        if isinstance(extension, type) and issubclass(extension, Settings):
+            names |= variable_names(extension)
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], settings_class: type[Settings] = Settings,
+                      also_known: set[str] = frozenset()) -> list[str]:
+    """One message for each KEYCHAIN_* variable that is neither a setting nor in `also_known`, with the closest
+    setting's name."""
     known = variable_names(settings_class)
     suffixes = sorted(n.removeprefix("KEYCHAIN_") for n in known if n.startswith("KEYCHAIN_"))  # the prefix is shared
     messages = []
-    for name in sorted(n for n in environ if n.startswith("KEYCHAIN_") and n not in known):
+    for name in sorted(n for n in environ if n.startswith("KEYCHAIN_") and n not in known | also_known):
         close = difflib.get_close_matches(name.removeprefix("KEYCHAIN_"), suffixes, n=1)
         messages.append(f"{name} is not a setting" + (f" (did you mean KEYCHAIN_{close[0]}?)" if close else ""))
     return messages

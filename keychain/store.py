@@ -1,27 +1,24 @@
-"""The Keychain: every database operation on `noetl.keychain`, with encryption, read-through and single flight."""
+"""The Keychain: every database operation on this project's tables (KEYCHAIN_SCHEMA), with encryption, fences and
+the read-through (readthrough.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import logging
 import time
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 import asyncpg
 
 from . import metrics
 from .crypto import KeyRing, new_write_id
-from .errors import (
-    CONNECTION_ERRORS, CachedFailure, ConfigurationError, DecryptionError, KeychainError, KeychainUnavailable,
-    SecretSourceError,
-)
+from .database import affected, connect_pool, in_durable_transaction, retrying, typed_errors
+from .errors import CachedFailure, DecryptionError, InvalidArgument, KeychainError
 from .migrate import migrate
-from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json, value_from_payload
+from .model import Entry, Lookup, Provenance, RowIdentity, RowToWrite, Scope, sources_json
 from .queries import queries
 from .reads import ReadCounts
+from .readthrough import ReadThrough
 from .refs import SecretRef
 from .settings import Settings
 from .shared import SharedFetches
@@ -31,24 +28,14 @@ log = logging.getLogger("keychain")
 
 
 T = TypeVar("T")
+# What a worker target does in its own store inside one of the library's transactions; returns its rows changed.
+Beside = Callable[[asyncpg.Connection], Awaitable[int]]
 
 
-def reports_outage(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Every operation raises KeychainUnavailable, not the driver's errors, while the database cannot be reached."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except CONNECTION_ERRORS as exc:
-            raise KeychainUnavailable(f"the keychain database cannot be reached ({type(exc).__name__})") from None
-
-    return wrapper
-
-
-# What a batch of writes runs (Keychain._write, existing_rows), with empty arguments (Keychain.prepare_fetching).
+# What a batch of writes runs (put_many, write_fenced, existing_rows), with empty arguments (Keychain.prepare_fetching).
 _WRITE_STATEMENTS = (("ensure_secret_states", ([],)), ("lock_secret_states", ([],)),
-                     ("lock_executions_shared", ([],)), ("existing_rows", ([], [], [], 0.0)), ("put_entries", ([],) * 13))
+                     ("lock_executions_shared", ([],)), ("finished_among", ([],)), ("existing_rows", ([], [], [], 0.0)),
+                     ("put_entries", ([],) * 13))
 
 
 class Keychain:
@@ -60,25 +47,20 @@ class Keychain:
         self.source = source
         self._pool: asyncpg.Pool | None = None
         self._q = queries()
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._shared = SharedFetches(self)
         self._reads = ReadCounts(self)
-        self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
-        self._writer: asyncio.Future[None] | None = None
+        self._read_through = ReadThrough(self)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def open(self) -> "Keychain":
         if self._pool is None:
             self._pool = await connect_pool(self.settings)
         return self
 
+    @typed_errors
     async def close(self) -> None:
-        # Fetches still in flight (their callers gone) stop, and rows being written are written, while the pool is open.
-        pending = [future for future in self._inflight.values() if not future.done()]
-        for future in pending:
-            future.cancel()
-        await asyncio.gather(*pending, *([self._writer] if self._writer else []), return_exceptions=True)
+        await self._read_through.close()
         await self._shared.close()
         await self._reads.close()
         if self._pool is not None:
@@ -99,20 +81,22 @@ class Keychain:
             raise KeychainError("the keychain is not open: call `await keychain.open()` first")
         return self._pool
 
-    @reports_outage
+    @typed_errors
     async def migrate(self) -> list[int]:
         async with self.pool.acquire() as conn:
             return await migrate(conn, self.settings.schema_name)
 
-    @asynccontextmanager
-    async def _durable(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction whose commit is flushed to disk (the pool commits asynchronously for read bookkeeping)."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(self._q["durable_commit"])
-            yield conn
+    async def _transaction(self, what: str, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`work` in a durable transaction (its commit flushed to disk), run again whole if PostgreSQL rolls it back
+        for a deadlock or a serialization failure (keychain/database.py)."""
+        return await in_durable_transaction(self.pool, what, work)
+
+    async def _statement(self, what: str, name: str, *args: Any) -> str:
+        """One statement on its own (autocommit), run again if PostgreSQL rolls it back for a concurrent one."""
+        return await retrying(what, lambda: self.pool.execute(self._q[name], *args))
 
     # --- read -----------------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def get(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
     ) -> Lookup:
@@ -120,7 +104,7 @@ class Keychain:
         identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
         return await self._lookup(identity)
 
-    @reports_outage
+    @typed_errors
     async def flush_reads(self) -> int:
         """Write the hit counts held in memory now (done every KEYCHAIN_READ_FLUSH_SECONDS and at close); returns the
         rows updated."""
@@ -158,6 +142,7 @@ class Keychain:
         return lookup
 
     # --- read-through -------------------------------------------------------------------------------------------
+    @typed_errors
     async def get_or_fetch(
         self,
         name: str,
@@ -172,89 +157,16 @@ class Keychain:
 
         Misses of one secret call Secret Manager once, whichever rows they are for: they join the fetch of it in
         flight or just done, in this process (a shared future) or in any other, the warmer's included (the
-        reference's advisory lock and the shared table, see fetch_checked).
+        reference's advisory lock and the shared table, see fetch_checked). The cache only ever makes a read slower,
+        never fail it: while the database cannot be reached the value comes straight from Secret Manager, and a
+        value fetched whose row cannot be written is returned all the same (`direct`, logged).
         """
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
-        identity = entry_scope.identity(name)
         secret_ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
-        try:
-            lookup = await self._lookup(identity, secret_ref)
-            if lookup:
-                return lookup
-            return await self._single_flight(
-                (identity.credential_name, identity.scope_type, identity.scope_id),
-                lambda: self._read_through(identity, entry_scope, secret_ref, ttl_seconds),
-            )
-        except (KeychainUnavailable, *CONNECTION_ERRORS):
-            # The cache is down: the execution must only get slower, not fail. Nothing is written.
-            return await self._single_flight(("", "direct", str(secret_ref)), lambda: self._fetch_direct(secret_ref))
-
-    async def _fetch_direct(self, ref: SecretRef) -> Lookup:
-        if self.source is None:
-            raise KeychainUnavailable("the keychain database cannot be reached, and there is no Secret Manager source")
-        secret = await self.source.access(ref)
-        metrics.READ_OUTCOMES["direct"].inc()
-        log.warning("keychain unavailable: served %s straight from Secret Manager", ref.secret_name)
-        return Lookup("direct", value_from_payload(secret.payload))
-
-    async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[T]]) -> T:
-        """One call of `make` per key in flight in this process; every caller awaits it (a caller that gives up
-        leaves it running for the others)."""
-        future = self._inflight.get(key)
-        if future is None:
-            future = asyncio.ensure_future(make())
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(future)
-
-    async def _read_through(self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
-                            ) -> Lookup:
-        """Fetch the reference, shared with every fetch of it in flight or just done (in this process and in any
-        other: the warmer's, another reader's), then write the row in a short transaction, fenced by the secret's
-        generation: fetched again (three times at most) only if the secret was invalidated meanwhile. No connection
-        is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
-        next reads get CachedFailure) and raised."""
-        for _ in range(3):
-            fetched = await self.fetch_checked(ref)
-            if isinstance(fetched, str):
-                raise CachedFailure(identity.credential_name, fetched)
-            secret, generation = fetched
-            entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
-                          sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
-                          fences=((ref.secret, generation),))
-            if await self._write_together(entry):
-                return Lookup("hit", entry.value)
-        raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
-
-    async def _write_together(self, entry: Entry) -> bool:
-        """A read-through's row, written with those of the other read-throughs of this moment in one transaction
-        (a burst of first reads would otherwise queue a transaction each on the pool). True when written, False when
-        fenced (the secret was invalidated after its generation was read)."""
-        written = asyncio.get_running_loop().create_future()
-        self._to_write.append((entry, written))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._write_pending())
-        return await asyncio.shield(written)
-
-    async def _write_pending(self) -> None:
-        await asyncio.sleep(0)  # the read-throughs that are ready in this loop iteration join the first batch
-        while self._to_write:
-            batch = [(e.scope.identity(e.credential_name), e, written) for e, written in self._to_write]
-            self._to_write = []
-            latest = {identity: e for identity, e, _ in batch}  # a statement writes a row once
-            try:
-                fenced = await self.put_many(list(latest.values()))
-            except Exception as exc:
-                for _, _, written in batch:
-                    if not written.done():
-                        written.set_exception(exc)
-                continue
-            for identity, _, written in batch:
-                if not written.done():
-                    written.set_result(latest[identity] not in fenced)
+        return await self._read_through.get_or_fetch(entry_scope.identity(name), entry_scope, secret_ref, ttl_seconds)
 
     # --- shared fetches -------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def prepare_fetching(self) -> None:
         """For a process that fetches and writes in bursts (the warmer): connect what a first fetch would otherwise
         connect on its way (the lock connection, the Secret Manager channel), and prepare the write's statements on
@@ -272,7 +184,7 @@ class Keychain:
             for conn in connections:
                 await self.pool.release(conn)
 
-    @reports_outage
+    @typed_errors
     async def fetch_checked(self, ref: SecretRef, *, reuse: bool = True) -> tuple[SecretValue, int] | str:
         """The reference's remembered refusal (its error code), else its value and the secret's generation read
         before it was fetched (a write of it is fenced on that). Checked and fetched once for every caller of this
@@ -283,21 +195,9 @@ class Keychain:
         secret not invalidated since) is taken from the shared table, and a process that needs a reference being
         fetched waits for that fetch. `reuse=False` (keep-warm: a value about to expire) fetches anew, and still
         shares what it fetches."""
+        return await self._read_through.fetch_checked(ref, reuse)
 
-        async def check_then_fetch() -> tuple[SecretValue, int] | str:
-            failure = await self.pool.fetchrow(self._q["active_failures"], [str(ref)])
-            if failure is not None:
-                return failure["error_code"]
-            try:
-                return await self._shared.fetch(ref, reuse=reuse)
-            except SecretSourceError as exc:
-                if exc.permanent:
-                    await self.record_failure(str(ref), exc.code)
-                raise
-
-        return await self._single_flight(("", "checked" if reuse else "checked anew", str(ref)), check_then_fetch)
-
-    @reports_outage
+    @typed_errors
     async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
         """The rotation generation of each secret (0 when never invalidated)."""
         ids = list(secret_ids)
@@ -305,7 +205,7 @@ class Keychain:
         return {secret_id: found.get(secret_id, 0) for secret_id in ids}
 
     # --- write ----------------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def put(
         self,
         name: str,
@@ -320,32 +220,76 @@ class Keychain:
         entry_scope = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope)
         await self.put_many([Entry(name, entry_scope, value, tuple(sources), ttl_seconds)])
 
-    @reports_outage
+    @typed_errors
     async def put_many(self, entries: list[Entry]) -> list[Entry]:
-        """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome).
-        Returns the entries NOT written because a secret they hold was invalidated after its generation was read."""
+        """Store entries in one durable statement; idempotent (a repeat overwrites with the same outcome). Of two
+        entries for one row, the later is written. Returns the entries NOT written because a secret they hold was
+        invalidated after its generation was read."""
         if not entries:
             return []
-        async with self._durable() as conn:
-            return await self._write(conn, entries)
+        # One entry per row (a statement writes a row once), each sealed before any lock is taken.
+        latest = {e.scope.identity(e.credential_name): e for e in entries}
+        sealed = [(e, self._row(e)) for e in latest.values()]
 
-    async def _write(self, conn: asyncpg.Connection, entries: list[Entry]) -> list[Entry]:
-        """Inside a transaction: hold the rotation and execution fences, then upsert the entries in one statement."""
-        fenced_ids = sorted({secret_id for e in entries for secret_id, _ in e.fences})
-        stale: list[Entry] = []
+        async def write(conn: asyncpg.Connection) -> list[Entry]:
+            stale, fresh, _ = await self._hold_fences(conn, sealed, lambda item: item[0].fences,
+                                                       lambda item: item[0].scope.execution_id)
+            if fresh:  # put_entries leaves out finished executions' rows itself
+                await conn.execute(self._q["put_entries"], *(list(column) for column in zip(*(r for _, r in fresh))))
+                metrics.ROWS_WRITTEN.labels("keychain").inc(len(fresh))
+            return [e for e, _ in stale]
+
+        return await self._transaction("put_many", write)
+
+    @typed_errors
+    async def write_fenced(
+        self,
+        items: Sequence[T],
+        *,
+        fences: Callable[[T], Iterable[tuple[str, int]]],
+        execution_id: Callable[[T], int | None],
+        write: Callable[[asyncpg.Connection, list[T]], Awaitable[None]],
+    ) -> list[T]:
+        """Write values of secrets somewhere else than this table (a worker target's store) with the same fences
+        as put_many: in one durable transaction, in the lock order (sql/queries.sql), hold the rotation fence of each
+        item's secrets (`fences`: (secret id, generation read before the fetch)) and the fence of its execution; then
+        `write(conn, items)` the items whose secrets were not invalidated meanwhile and whose execution has not
+        finished (the target writes its rows and records them as copies, keychain/copies.py, on `conn` or inside
+        it). Run again whole on a deadlock or serialization failure. Returns the items NOT written because a secret
+        they hold was invalidated after its generation was read."""
+        if not items:
+            return []
+
+        async def fenced(conn: asyncpg.Connection) -> list[T]:
+            stale, fresh, finished = await self._hold_fences(conn, list(items), fences, execution_id)
+            fresh = [item for item in fresh if execution_id(item) not in finished]
+            if fresh:
+                await write(conn, fresh)
+            return stale
+
+        return await self._transaction("write_fenced", fenced)
+
+    async def _hold_fences(self, conn: asyncpg.Connection, items: list[T],
+                           fences: Callable[[T], Iterable[tuple[str, int]]],
+                           execution_id: Callable[[T], int | None]) -> tuple[list[T], list[T], set[int]]:
+        """Inside a writer's transaction, in the lock order: the secrets' state rows FOR SHARE (an invalidation
+        waits for this transaction, then sees what it wrote), then the executions' fence locks shared (a finish
+        waits). Returns (items whose secret was invalidated after its generation was read, the others, the finished
+        executions among the others')."""
+        fenced_ids = sorted({secret_id for item in items for secret_id, _ in fences(item)})
+        stale: list[T] = []
         if fenced_ids:
             await conn.execute(self._q["ensure_secret_states"], fenced_ids)
             current = dict(await conn.fetch(self._q["lock_secret_states"], fenced_ids))
-            stale = [e for e in entries if any(current[sid] != gen for sid, gen in e.fences)]
-            entries = [e for e in entries if e not in stale]
-        rows = [self._row(e) for e in entries]
-        execution_ids = [e.scope.execution_id for e in entries if e.scope.execution_id is not None]
+            stale = [item for item in items if any(current[sid] != gen for sid, gen in fences(item))]
+            stale_ids = {id(item) for item in stale}
+            items = [item for item in items if id(item) not in stale_ids]
+        execution_ids = sorted({e for e in map(execution_id, items) if e is not None})
+        finished: set[int] = set()
         if execution_ids:
             await conn.execute(self._q["lock_executions_shared"], execution_ids)
-        if entries:
-            await conn.execute(self._q["put_entries"], *(list(column) for column in zip(*rows)))
-            metrics.ROWS_WRITTEN.inc(len(entries))
-        return stale
+            finished = {r["execution_id"] for r in await conn.fetch(self._q["finished_among"], execution_ids)}
+        return stale, items, finished
 
     def _row(self, e: Entry) -> RowToWrite:
         """An entry as its row: sealed for this write, or a refusal."""
@@ -359,7 +303,7 @@ class Keychain:
         return RowToWrite(e.credential_name, e.credential_type, e.scope.type, e.cache_type, e.scope.execution_id,
                           e.scope.session_id, state, e.error_code, kid, data, write_id, sources_json(e.sources), ttl)
 
-    @reports_outage
+    @typed_errors
     async def existing_rows(
         self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0
     ) -> dict[RowIdentity, tuple[bool, frozenset[str]]]:
@@ -375,7 +319,7 @@ class Keychain:
             for r in rows
         }
 
-    @reports_outage
+    @typed_errors
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
         """Global rows read since written that expire within `within_seconds` (this process's reads counted first;
         other processes' within their KEYCHAIN_READ_FLUSH_SECONDS)."""
@@ -383,43 +327,51 @@ class Keychain:
         return await self.pool.fetch(self._q["globals_to_refresh"], float(within_seconds), limit)
 
     # --- negative cache -------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def active_failures(self, refs: Iterable[str]) -> dict[str, str]:
         """Refusals still remembered, by reference: {ref: error code}."""
         rows = await self.pool.fetch(self._q["active_failures"], list(refs))
         return {row["secret_ref"]: row["error_code"] for row in rows}
 
-    @reports_outage
+    @typed_errors
     async def record_failure(self, ref: str, code: str) -> None:
-        async with self._durable() as conn:
-            await conn.execute(self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds))
+        await self._transaction("record_failure", lambda conn: conn.execute(
+            self._q["record_failure"], ref, code, float(self.settings.negative_ttl_seconds)))
 
-    @reports_outage
+    @typed_errors
     async def delete(
         self, name: str, *, execution_id: int | None = None, session_id: str | None = None, scope: str | None = None
     ) -> int:
         identity = Scope.of(execution_id=execution_id, session_id=session_id, scope=scope).identity(name)
-        async with self._durable() as conn:
-            return affected(await conn.execute(self._q["delete_entry"], *identity_args(identity)))
+        return affected(await self._transaction(
+            "delete", lambda conn: conn.execute(self._q["delete_entry"], *identity_args(identity))))
 
-    @reports_outage
+    @typed_errors
     async def purge_execution(self, execution_id: int) -> int:
         """Delete an execution's rows now; later writes for it are still allowed (see finish_execution)."""
-        async with self._durable() as conn:
-            return affected(await conn.execute(self._q["purge_execution"], execution_id))
+        return affected(await self._transaction(
+            "purge_execution", lambda conn: conn.execute(self._q["purge_execution"], execution_id)))
 
-    @reports_outage
-    async def finish_execution(self, execution_id: int) -> int:
+    @typed_errors
+    async def finish_execution(self, execution_id: int, *, beside: Beside | None = None) -> int:
         """The execution ended: delete its rows and fence it, so no warm or read-through still in flight, nor a
-        redelivered start event, can write rows for it afterwards. Idempotent. Returns rows deleted."""
-        async with self._durable() as conn:
+        redelivered start event, can write rows for it afterwards (nor any `write_fenced`). Idempotent. `beside`:
+        what a worker target deletes from its own store, in the same transaction (it returns its rows deleted).
+        Returns rows deleted (this table's, and beside's)."""
+        purged: list[int] = []
+
+        async def finish(conn: asyncpg.Connection) -> int:
             await conn.execute(self._q["lock_execution"], execution_id)
-            purged = await conn.fetchval(self._q["finish_execution"], execution_id)
-        metrics.PURGED_ROWS.inc(purged)
+            purged[:] = [await conn.fetchval(self._q["finish_execution"], execution_id)]
+            return purged[0] + (await beside(conn) if beside is not None else 0)
+
+        total = await self._transaction("finish_execution", finish)
+        metrics.PURGED_ROWS.labels("keychain").inc(purged[0])
+        return total
         return purged
 
     # --- invalidation ---------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def invalidate(
         self,
         *,
@@ -431,7 +383,7 @@ class Keychain:
         """Stop serving entries (they stay, marked stale, until refreshed, purged or swept). Returns rows changed."""
         chosen = [x for x in (credential, execution_id, secret) if x is not None] + ([True] if everything else [])
         if len(chosen) != 1:
-            raise ValueError("invalidate exactly one of: credential, execution_id, secret, everything")
+            raise InvalidArgument("invalidate exactly one of: credential, execution_id, secret, everything")
         if secret is not None:
             return await self.invalidate_secret(secret) or 0
         if credential is not None:
@@ -440,12 +392,15 @@ class Keychain:
             statement, args = "invalidate_execution", (execution_id,)
         else:
             statement, args = "invalidate_all", ()
-        async with self._durable() as conn:
+
+        async def invalidate(conn: asyncpg.Connection) -> int:
             if everything:
                 await conn.execute(self._q["bump_all_generations"])
             return affected(await conn.execute(self._q[statement], *args))
 
-    @reports_outage
+        return await self._transaction("invalidate", invalidate)
+
+    @typed_errors
     async def invalidate_secret(
         self, secret: str | SecretRef, version: str | None = None, *, notice_id: str | None = None, drop: bool = False
     ) -> int | None:
@@ -456,63 +411,73 @@ class Keychain:
         ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
         return await self.invalidate_matching(ref.secret, secret_match(ref, version), notice_id=notice_id, drop=drop)
 
-    @reports_outage
+    @typed_errors
     async def stale_secret_ids(self, limit: int = 100) -> list[str]:
         """Secrets that still have rows not served (invalidated, not yet refreshed)."""
         return [row["secret_id"] for row in await self.pool.fetch(self._q["stale_secret_ids"], limit)]
 
-    @reports_outage
+    @typed_errors
     async def invalidate_matching(
-        self, secret_id: str, match: dict[str, Any], *, notice_id: str | None = None, drop: bool = False
+        self, secret_id: str, match: dict[str, Any], *, notice_id: str | None = None, drop: bool = False,
+        beside: Beside | None = None,
     ) -> int | None:
         """Apply one rotation notice, atomically: bump the secret's generation (fencing in-flight fetches), then
         mark stale (or delete) every row whose sources contain `match`, and forget remembered refusals of the
-        secret. Returns rows changed, or None when `notice_id` was applied before (a duplicate)."""
-        async with self._durable() as conn:
+        secret. `beside`: what a worker target stops serving in its own store, in the same transaction (it returns
+        its rows changed). Returns rows changed (this table's and beside's), or None when `notice_id` was applied
+        before (a duplicate)."""
+        async def invalidate(conn: asyncpg.Connection) -> int | None:  # in the lock order (sql/queries.sql)
             if notice_id is not None and await conn.fetchval(self._q["record_notice"], notice_id) is None:
                 return None
             await conn.fetchval(self._q["bump_generation"], secret_id)
             statement = "delete_matching" if drop else "mark_stale_matching"
-            changed = affected(await conn.execute(self._q[statement], json.dumps([{"secret_id": secret_id, **match}])))
+            pattern = json.dumps([{"secret_id": secret_id, **match}])
+            changed = affected(await conn.execute(self._q[statement], pattern))
+            if beside is not None:  # a target's rows in its own store: lock order 4, as ours
+                changed += await beside(conn)
+            await conn.execute(self._q["mark_every_copy_stale_matching"], pattern)  # copies.py
             await conn.execute(self._q["clear_failures_of_secret"], secret_id)
             await conn.execute(self._q["forget_fetches_of_secret"], secret_id)
             if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`
                 await conn.execute(self._q["forget_latest_held"], secret_id, match.get("version"))
             return changed
 
-    @reports_outage
+        return await self._transaction("invalidate", invalidate)
+
+    @typed_errors
     async def stale_rows(self, secret_id: str, match: dict[str, Any], limit: int = 10_000) -> list[asyncpg.Record]:
         document = json.dumps([{"secret_id": secret_id, **match}])
         return await self.pool.fetch(self._q["stale_rows_matching"], document, limit)
 
-    @reports_outage
+    @typed_errors
     async def latest_secrets_to_check(self, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(self._q["latest_secrets_to_check"], limit)
 
-    @reports_outage
+    @typed_errors
     async def mark_checked(self, secret_id: str) -> None:
-        await self.pool.execute(self._q["mark_checked"], secret_id)
+        await self._statement("mark_checked", "mark_checked", secret_id)
 
     # --- maintenance ----------------------------------------------------------------------------------------------
-    @reports_outage
+    @typed_errors
     async def sweep(self, batch_size: int | None = None) -> int:
         """Delete expired rows in bounded batches; returns how many."""
         batch = batch_size or self.settings.sweep_batch_size
         total = 0
         while True:
-            deleted = affected(await self.pool.execute(self._q["sweep_expired"], batch))
+            deleted = affected(await self._statement("sweep", "sweep_expired", batch))
             total += deleted
-            metrics.SWEPT_ROWS.inc(deleted)
+            metrics.SWEPT_ROWS.labels("keychain").inc(deleted)
             if deleted < batch:
                 break
-        await self.pool.execute(self._q["sweep_failures"])
-        await self.pool.execute(self._q["sweep_latest_held"])
-        await self.pool.execute(self._q["sweep_shared_fetches"], float(self.settings.shared_fetch_seconds) * 2)
-        await self.pool.execute(self._q["sweep_fences"], float(self.settings.fence_retention_seconds))
-        await self.pool.execute(self._q["sweep_notices"], float(self.settings.fence_retention_seconds))
+        await self._statement("sweep", "sweep_failures")
+        await self._statement("sweep", "sweep_latest_held")
+        await self._statement("sweep", "sweep_shared_fetches", float(self.settings.shared_fetch_seconds) * 2)
+        await self._statement("sweep", "sweep_fences", float(self.settings.fence_retention_seconds))
+        await self._statement("sweep", "sweep_notices", float(self.settings.fence_retention_seconds))
+        await self._statement("sweep", "sweep_copies", float(self.settings.fence_retention_seconds), batch)
         return total
 
-    @reports_outage
+    @typed_errors
     async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:
         """Re-encrypt every row under the active key, online. Returns (rows rekeyed, rows that failed to decrypt)."""
         batch = batch_size or self.settings.rekey_batch_size
@@ -537,41 +502,15 @@ class Keychain:
                                         (row["id"], kid, data, write_id, row["data"])):
                     column.append(item)
             if ids:
-                async with self._durable() as conn:
-                    done += affected(await conn.execute(self._q["rekey_rows"], ids, kids, datas, write_ids, olds))
+                done += affected(await self._transaction("rekey", lambda conn: conn.execute(
+                    self._q["rekey_rows"], ids, kids, datas, write_ids, olds)))
             last_id = rows[-1]["id"]
 
-    @reports_outage
+    @typed_errors
     async def stats(self) -> list[dict[str, Any]]:
         await self._reads.flush()  # this process's hits included
         return [dict(row) for row in await self.pool.fetch(self._q["stats"])]
 
-
-async def connect_pool(settings: Settings) -> asyncpg.Pool:
-    try:
-        return await asyncpg.create_pool(
-            settings.dsn,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            server_settings={
-                "search_path": settings.schema_name,
-                # Hit bookkeeping is statistics: not worth an fsync per read. Writes turn it back on (_durable).
-                "synchronous_commit": "off",
-                "application_name": "keychain",
-            },
-            # asyncpg resets every connection it takes back (RESET ALL, UNLISTEN, ...): a second round trip per
-            # read. Nothing here leaves session state behind (transactions close, locks and SETs are LOCAL).
-            reset=_keep_session,
-        )
-    except ValueError:
-        # The parser's message may quote the DSN, password included.
-        raise ConfigurationError("KEYCHAIN_DSN is not a valid PostgreSQL DSN") from None
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ConfigurationError(f"cannot connect to KEYCHAIN_DSN: {type(exc).__name__}: {exc}") from None
-
-
-async def _keep_session(_: asyncpg.Connection) -> None:
-    return None
 
 
 def secret_match(ref: SecretRef, version: str | None = None) -> dict[str, Any]:
@@ -593,8 +532,3 @@ def source_pattern(ref: SecretRef) -> str:
 
 def identity_args(identity: RowIdentity) -> tuple[str, str, str]:
     return identity.credential_name, identity.scope_type, identity.scope_id
-
-
-def affected(status: str) -> int:
-    """Row count from a command status such as 'DELETE 3' or 'UPDATE 0'."""
-    return int(status.rsplit(" ", 1)[-1])

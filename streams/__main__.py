@@ -24,6 +24,10 @@ def main() -> None:
             from .worker import app
 
             KeyRing.parse(settings.keys.get_secret_value())
+            if "noetl" in settings.targets:
+                from .targets import noetl_kek
+
+                noetl_kek(settings)  # NoETL's key-encryption key, as NoETL's own variables name it
         except ConfigurationError as exc:
             sys.exit(f"error: {exc}")
 

@@ -121,9 +121,10 @@ async def report_at_start() -> None:
 async def maintain() -> None:
     """Leader only: delete expired rows, and fetch again the global credentials in use that are about to expire."""
     await runtime.ready()
-    swept = await runtime.keychain.sweep()
-    runtime.last_sweep = {"at": datetime.now(timezone.utc).isoformat(), "rows": swept}
-    log.info("sweep: %d expired rows deleted", swept)
+    swept = await runtime.sweep()
+    runtime.last_sweep = {"at": datetime.now(timezone.utc).isoformat(), "rows": sum(swept.values()), "by_target": swept}
+    log.info("sweep: %d expired rows deleted (%s)", sum(swept.values()),
+             ", ".join(f"{target} {rows}" for target, rows in swept.items()))
     refreshed = await runtime.warmer.refresh_globals()
     if refreshed:
         log.info("keep-warm: %d global rows refreshed", refreshed)

@@ -1,4 +1,4 @@
-"""The faust app and the runtime it shares with its agents (keychain pool, Secret Manager source, warmer)."""
+"""The faust app and the runtime it shares with its agents (keychain pool, Secret Manager source, targets, warmer)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from keychain.store import Keychain
 from .catalog import Catalog
 from .invalidate import Invalidator
 from .settings import WorkerSettings, worker_settings_from_env
+from .targets import Target, open_targets
+from .targets.keychain import KeychainTarget
 from .warm import Warmer
 
 
@@ -60,6 +62,7 @@ class Runtime:
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
         self.keychain: Keychain | None = None
+        self.targets: list[Target] = []
         self.catalog: Catalog | None = None
         self.warmer: Warmer | None = None
         self.invalidator: Invalidator | None = None
@@ -77,16 +80,28 @@ class Runtime:
                 await keychain.migrate()
                 await keychain.prepare_fetching()
                 self.catalog = await Catalog.open(self.settings, keychain.pool)
-                self.keychain, self.warmer = keychain, Warmer(self.settings, keychain, self.catalog)
+                self.targets = await open_targets(self.settings, keychain)
+                self.keychain = keychain
+                self.warmer = Warmer(self.settings, keychain, self.catalog, self.targets)
                 self.invalidator = Invalidator(self.settings, keychain, self.warmer, source)
         return self
+
+    async def sweep(self) -> dict[str, int]:
+        """The leader's sweep of every target's store (with the library's own bookkeeping: fences, shared fetches,
+        negative cache, which every target relies on). Rows deleted, by target."""
+        if not any(isinstance(t, KeychainTarget) for t in self.targets):
+            await self.keychain.sweep()  # our table is empty, the bookkeeping is not
+        return {target.name: await target.sweep() for target in self.targets}
 
     async def close(self) -> None:
         async with self._lock:
             if self.keychain is not None:
                 await self.catalog.close()
+                for target in self.targets:
+                    await target.close()
                 await self.keychain.close()
                 self.keychain = self.warmer = self.invalidator = self.catalog = None
+                self.targets = []
 
 
 settings = worker_settings_from_env()

@@ -9,13 +9,14 @@ from typing import Awaitable, Callable, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from keychain.errors import CONNECTION_ERRORS, KeychainUnavailable
+from keychain.errors import CONNECTION_ERRORS, KeychainConflict, KeychainUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A database that is down or restarting: the batch is held and retried, in order, until it is back.
-DATABASE_DOWN = (KeychainUnavailable, *CONNECTION_ERRORS)
+# A database that is down or restarting (or, rarely, kept rolling a write back for concurrent ones past the
+# library's own retries): the batch is held and retried, in order, until it is taken.
+DATABASE_DOWN = (KeychainUnavailable, KeychainConflict, *CONNECTION_ERRORS)
 
 
 @dataclass

@@ -79,6 +79,8 @@ class ExecutionEvent(BaseModel):
         default=None, description="The playbook's catalog path, or the playbook document (NoETL's form)"
     )
     catalog_id: int | None = Field(default=None, gt=0, lt=2**63, description="The playbook's row in NoETL's catalog")
+    parent_execution_id: int | None = Field(
+        default=None, gt=0, lt=2**63, description="The execution that started this one (NoETL's sub-playbooks)")
     playbook_version: int | None = Field(default=None, ge=0, lt=2**31, description="With a path: this version")
 
     @property
@@ -171,6 +173,8 @@ def _flatten(record: dict[str, Any]) -> dict[str, Any]:
         "event_type": record.get("event_type"),
         "execution_id": record.get("execution_id"),
         "catalog_id": _nonzero(record.get("catalog_id")) or _nonzero(context.get("catalog_id")),
+        "parent_execution_id": (_nonzero(record.get("parent_execution_id"))
+                                or _nonzero(context.get("parent_execution_id"))),
         "occurred_at": _timestamp(record.get("created_at")),
         # Rust server: context.workload; Python engine: context.result.workload. A record with none (the Rust
         # server's workflow.initialized) has nothing to resolve: the execution's other start record carries it.

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from keychain.errors import SecretSourceError
-from keychain.model import Scope
 from keychain.refs import SecretRef
 from keychain.sources import SecretManagerSource
 from keychain.store import Keychain, secret_match
@@ -16,7 +15,6 @@ from . import metrics
 from .batches import DATABASE_DOWN, DeadLetter, Record
 from .events import BadEvent
 from .notices import RotationNotice, notice_from_kafka
-from .resolve import Want
 from .settings import WorkerSettings
 from .warm import Warmer
 
@@ -41,8 +39,9 @@ class Applied:
 
 class Invalidator:
     """Every invalidation the worker makes goes through `_invalidate`: fenced and marked stale (or dropped) in one
-    transaction by the library, the burst window forgotten, running executions' rows refreshed. Its doors: rotation
-    notices (`apply`, by event type), the operator (`invalidate_secret`, POST /invalidate; the CLI calls the library's
+    transaction by the library, every target's rows with it (the noetl target's in NoETL's table), the burst window
+    forgotten, running executions' rows refreshed in every target. Its doors: rotation notices (`apply`, by event
+    type), the operator (`invalidate_secret`, POST /invalidate; the CLI calls the library's
     `Keychain.invalidate_secret`, whose stale rows `refresh_stale` picks up), and reconciliation."""
 
     def __init__(self, settings: WorkerSettings, keychain: Keychain, warmer: Warmer, source: SecretManagerSource):
@@ -89,7 +88,13 @@ class Invalidator:
     async def _invalidate(self, secret_id: str, match: dict, *, cause: str, notice_id: str | None = None,
                           occurred_at: datetime | None = None) -> Applied:
         drop = self.settings.rewarm_mode == "drop"
-        changed = await self.keychain.invalidate_matching(secret_id, match, notice_id=notice_id, drop=drop)
+        besides = [b for b in (t.stop_serving(secret_id, match, drop=drop) for t in self.warmer.targets) if b]
+
+        async def beside(conn) -> int:
+            return sum([await stop(conn) for stop in besides])
+
+        changed = await self.keychain.invalidate_matching(secret_id, match, notice_id=notice_id, drop=drop,
+                                                          beside=beside if besides else None)
         lag_ms = (datetime.now(timezone.utc) - (occurred_at or datetime.now(timezone.utc))).total_seconds() * 1000
         metrics.INVALIDATIONS.labels(cause).inc()
         if changed:
@@ -105,22 +110,16 @@ class Invalidator:
 
     async def refresh_stale(self, limit: int = 100) -> int:
         """Refresh rows invalidated elsewhere (the CLI, another process) and not refreshed yet."""
-        return sum([await self.refresh(secret_id, {}) for secret_id in await self.keychain.stale_secret_ids(limit)])
+        secret_ids = {s for target in self.warmer.targets for s in await target.stale_secret_ids(limit)}
+        return sum([await self.refresh(secret_id, {}) for secret_id in sorted(secret_ids)])
 
     async def refresh(self, secret_id: str, match: dict) -> int:
-        """Re-warm the stale rows of a secret (each secret fetched once); finished executions have none left."""
-        rows = await self.keychain.stale_rows(secret_id, match)
-        wants = [
-            Want.from_sources(
-                row["credential_name"],
-                Scope.of(execution_id=row["execution_id"], session_id=row["session_id"], scope=row["scope_type"]),
-                row["sources"],
-            )
-            for row in rows
-        ]
-        if not wants:
-            return 0
-        _, written = await self.warmer.warm(wants, skip_ready=False)
+        """Re-warm the stale rows of a secret in every target (each secret fetched once for all of them); finished
+        executions have none left."""
+        written = 0
+        for target in self.warmer.targets:
+            wants = await target.stale_wants(secret_id, match)
+            written += (await self.warmer.warm(wants, target=target, skip_ready=False))[1]
         return written
 
     async def reconcile(self) -> int:

@@ -34,3 +34,26 @@ WARM_STEP_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 WARM_STEP = {step: WARM_STEP_SECONDS.labels(step) for step in ("plan", "check", "fetch", "write")}
+
+# --- the noetl target (streams/targets/noetl/) ---------------------------------------------------------------------
+NOETL_SKIPPED_ALIASES = Counter(
+    "keychain_noetl_skipped_aliases_total",
+    "Keychain aliases of started executions not warmed into NoETL's keychain, by reason (closed set: "
+    "streams/targets/noetl/aliases.py)", ["reason"],
+)
+NOETL_ROWS_SEEN = Counter(
+    "keychain_noetl_rows_total",
+    "Rows leaving NoETL's keychain (purged or swept), by outcome: warmed_read (the warmer wrote it and NoETL's server "
+    "then read it: a first use served from the cache), warmed_unread (nobody read it), server_written (NoETL's server "
+    "wrote it itself, under a key the warmer did not warm: a miss the warmer could not prevent)", ["outcome"],
+)
+NOETL_ROWS = {outcome: NOETL_ROWS_SEEN.labels(outcome) for outcome in ("warmed_read", "warmed_unread",
+                                                                      "server_written")}
+NOETL_CALLS_SAVED = Counter(
+    "keychain_noetl_calls_saved_total",
+    "Secret Manager calls NoETL's server did not make: the values held by warmed rows it read (one call per value on "
+    "its own first use)",
+)
+NOETL_NOT_SEALED = Counter(
+    "keychain_noetl_rows_not_sealed_total", "Rows not warmed into NoETL's keychain because no data key could be wrapped"
+)

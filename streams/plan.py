@@ -1,13 +1,16 @@
-"""What a start event asks for, and `python -m streams plan [FILE|-]`: the dry run that answers an operator's
-"why was my secret not warm?".
+"""What a start event asks of each target, and `python -m streams plan [FILE|-]`: the dry run that answers an
+operator's "why was my secret not warm?".
 
 The command reads one message value (any envelope the worker accepts), looks the playbook up in NoETL's catalog when
 the event carries none (it needs KEYCHAIN_DSN, or KEYCHAIN_CATALOG_DSN, only then), and prints ONE JSON object:
   {"event": "start"|"finish"|"ignored", "execution_id": N,
    "rows": [{"name": NAME, "scope": "execution"|"global"|"session", "refs": {FIELD: REF}}],
-   "skipped": [{"where": WHERE, "reason": REASON}]}
-A single-valued row's only field is "". Exit 0; a message the worker would dead-letter prints
-{"dead_letter": REASON, "detail": DETAIL} and exits 1.
+   "skipped": [{"where": WHERE, "reason": REASON}],
+   "noetl": {"rows": [{"cache_key": KEY, "alias": ALIAS, "refs": {FIELD: REF}}], "skipped": [...]}}
+`rows` and `skipped` are the keychain target's (when KEYCHAIN_TARGET is keychain or both), `noetl` the noetl
+target's (noetl or both: the cache keys NoETL's server will look under; an alias that `noetl.credential` shadows is
+skipped `credential_shadowed`, which needs NoETL's database). A single-valued row's only field is "". Exit 0; a
+message the worker would dead-letter prints {"dead_letter": REASON, "detail": DETAIL} and exits 1.
 """
 
 from __future__ import annotations
@@ -20,51 +23,67 @@ from typing import Any
 
 import asyncpg
 
-from . import metrics
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
-from .resolve import Plan, resolve
+from .resolve import Skip, resolve
 from .settings import WorkerSettings
+from .targets import Target, TargetPlan
 
 log = logging.getLogger(__name__)
 
 
-async def plan_start(event: ExecutionEvent, catalog: Catalog | None, settings: WorkerSettings) -> Plan:
-    """Resolve a start event against its playbook: the event's own, or the catalog's. BadEvent when it is bad."""
-    return plan_of(event, await catalog.playbook_for(event) if catalog is not None else None, settings)
-
-
-def plan_of(event: ExecutionEvent, playbook: dict[str, Any] | None, settings: WorkerSettings) -> Plan:
-    """plan_start, its playbook in hand (a batch looks its playbooks up at once: Catalog.playbooks_for)."""
+def plans_of(event: ExecutionEvent, playbook: dict[str, Any] | None, targets: list[Target]) -> list[TargetPlan]:
+    """Each target's plan of a start event, its playbook in hand (the event's own, or the catalog's). BadEvent when
+    the event is bad."""
     try:
-        plan = resolve(event, playbook, project=settings.google_cloud_project)
+        plans = [target.plan(event, playbook) for target in targets]
     except RecursionError:
         raise BadEvent("invalid_event", "the playbook is nested too deeply") from None
-    for skip in plan.skipped:
-        metrics.SKIPPED_DECLARATIONS.labels(skip.reason).inc()
-    if plan.skipped:
-        log.info("execution %d: %d declaration(s) not warmed (%s)", event.execution_id, len(plan.skipped),
-                 ", ".join(sorted({s.reason for s in plan.skipped})))
-    return plan
+    reasons = sorted({s.reason for plan in plans for s in plan.skipped})
+    if reasons:
+        log.info("execution %d: %d declaration(s) not warmed (%s)", event.execution_id,
+                 sum(len(plan.skipped) for plan in plans), ", ".join(reasons))
+    return plans
 
 
 async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
-    """The plan of one message value, as the command prints it. Raises BadEvent for a dead letter."""
+    """The plans of one message value, as the command prints them. Raises BadEvent for a dead letter."""
+    from .targets.noetl.aliases import noetl_plan
+    from .targets.noetl.table import noetl_statements, shadowed_aliases
+
     event = parse_event(None, value, max_bytes=settings.max_event_bytes)
-    answer: dict[str, Any] = {"event": event.kind, "execution_id": event.execution_id, "rows": [], "skipped": []}
+    answer: dict[str, Any] = {"event": event.kind, "execution_id": event.execution_id}
+    if "keychain" in settings.targets:
+        answer.update(rows=[], skipped=[])
+    if "noetl" in settings.targets:
+        answer["noetl"] = {"rows": [], "skipped": []}
     if event.kind != "start":
         return answer
-    catalog = None
-    if Catalog.needed_for(event):
+    pool = None
+    if Catalog.needed_for(event) or "noetl" in settings.targets:
         pool = await asyncpg.create_pool(settings.catalog_dsn or settings.dsn, min_size=0, max_size=1)
-        catalog = Catalog(settings, pool, owns_pool=True)
     try:
-        plan = await plan_start(event, catalog, settings)
+        playbook = None
+        if Catalog.needed_for(event):
+            playbook = await Catalog(settings, pool).playbook_for(event)
+        try:
+            playbook = playbook if playbook is not None else (event.playbook if isinstance(event.playbook, dict)
+                                                              else None)
+            if "keychain" in settings.targets:
+                plan = resolve(event, playbook, project=settings.google_cloud_project)
+                answer.update(rows=[w.as_json() for w in plan.wants], skipped=[s.as_json() for s in plan.skipped])
+            if "noetl" in settings.targets:
+                plan = noetl_plan(event, playbook, project=settings.google_cloud_project)
+                shadowed = await shadowed_aliases(pool, noetl_statements(settings.catalog_schema),
+                                                  {w.alias for w in plan.wants})
+                plan.skipped += [Skip(w.alias, "credential_shadowed") for w in plan.wants if w.alias in shadowed]
+                answer["noetl"] = {"rows": [w.as_json() for w in plan.wants if w.alias not in shadowed],
+                                   "skipped": [s.as_json() for s in plan.skipped]}
+        except RecursionError:
+            raise BadEvent("invalid_event", "the playbook is nested too deeply") from None
     finally:
-        if catalog is not None:
-            await catalog.close()
-    answer["rows"] = [want.as_json() for want in plan.wants]
-    answer["skipped"] = [skip.as_json() for skip in plan.skipped]
+        if pool is not None:
+            await pool.close()
     return answer
 
 
@@ -81,7 +100,7 @@ def main(argv: list[str], settings: WorkerSettings) -> int:
         print(json.dumps({"dead_letter": bad.reason, "detail": bad.detail}))
         return 1
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"error: cannot read NoETL's catalog: {type(exc).__name__}", file=sys.stderr)
+        print(f"error: cannot read NoETL's tables: {type(exc).__name__}", file=sys.stderr)
         return 2
     print(json.dumps(answer))
     return 0

@@ -67,6 +67,7 @@ _ALLOWED_NODES = (nodes.Template, nodes.Output, nodes.TemplateData, nodes.Const,
                   nodes.Operand, nodes.And, nodes.Or, nodes.Not, nodes.Test, nodes.Keyword)
 _ALLOWED_FILTERS = frozenset({"default", "d", "lower", "upper", "trim", "string"})
 _jinja = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+_SECRET_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")  # Secret Manager's own rule for a secret id
 _BARE_NAME = re.compile(r"\{\{\s*([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\}\}")
 
 
@@ -127,8 +128,8 @@ class Plan:
     skipped: list[Skip] = field(default_factory=list)
 
 
-class _Unusable(Exception):
-    """One declaration cannot be warmed; `reason` is in SKIP_REASONS."""
+class Unusable(Exception):
+    """One declaration cannot be warmed; `reason` is in SKIP_REASONS (or the noetl target's own)."""
 
     def __init__(self, reason: str):
         self.reason = reason
@@ -153,7 +154,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
         where = f"credentials[{index}]"
         try:
             ref = _ref(spec.ref, context)
-        except _Unusable as unusable:  # the producer named exactly this secret: the event itself is wrong
+        except Unusable as unusable:  # the producer named exactly this secret: the event itself is wrong
             reason = "bad_reference" if unusable.reason == "bad_reference" else "bad_template"
             raise BadEvent(reason, f"{where}: {reason.replace('_', ' ')}") from None
         add(spec.name or str(ref), Scope.of() if spec.scope == "global" else execution, ((None, ref),))
@@ -162,7 +163,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
         where = _entry_name(entry) or f"keychain[{index}]"
         try:
             name, scope_type, fields = _keychain_entry(entry, context, project)
-        except _Unusable as unusable:
+        except Unusable as unusable:
             plan.skipped.append(Skip(where, unusable.reason))
             continue
         add(name, execution if scope_type == "execution" else Scope.of(), fields)
@@ -170,7 +171,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
     for where, auth in _auth_entries({k: playbook.get(k) for k in ("workflow", "workbook")}):
         try:
             refs = _auth_refs(auth, context)
-        except _Unusable as unusable:
+        except Unusable as unusable:
             plan.skipped.append(Skip(where, unusable.reason))
             continue
         for ref in refs:
@@ -182,23 +183,37 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
 # --- keychain entries -------------------------------------------------------------------------------------------
 def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
     if not isinstance(entry, dict):
-        raise _Unusable("invalid_declaration")
+        raise Unusable("invalid_declaration")
     kind, provider = entry.get("kind"), entry.get("provider")
     if kind == "secrets" and not (isinstance(provider, str) and provider in SECRET_MANAGER_PROVIDERS):
-        raise _Unusable("other_provider")
+        raise Unusable("other_provider")
     if kind not in ("secret_manager", "secrets"):
-        raise _Unusable(_kind_reason(kind))
+        raise Unusable(kind_reason(kind))
     name, mapping = entry.get("name"), entry.get("map")
     scope_type = _SCOPES.get(entry.get("scope")) if isinstance(entry.get("scope"), (str, type(None))) else None
-    if not _storable(name) or scope_type is None:
-        raise _Unusable("invalid_declaration")
-    if mapping is None:  # the single secret named by the entry's name, in the deployment's project
-        if not project:
-            raise _Unusable("no_project")
-        return name, scope_type, ((None, _parse(f"projects/{project}/secrets/{name}/versions/latest")),)
-    if not isinstance(mapping, dict) or not mapping or not all(_storable(f, 256) for f in mapping):
-        raise _Unusable("invalid_declaration")
-    return name, scope_type, tuple((f, _ref(template, context)) for f, template in mapping.items())
+    if not storable(name) or scope_type is None:
+        raise Unusable("invalid_declaration")
+    if mapping is None:  # the single secret named by the entry's name
+        return name, scope_type, ((None, secret_manager_name(name, project)),)
+    if not isinstance(mapping, dict) or not mapping or not all(storable(f, 256) for f in mapping):
+        raise Unusable("invalid_declaration")
+    return name, scope_type, tuple((f, secret_manager_name(render_text(template, context), project))
+                                   for f, template in mapping.items())
+
+
+def secret_manager_name(name: str, project: str | None) -> SecretRef:
+    """A keychain entry's secret as NoETL's gcp provider names it (its `build_access_url`): a full
+    `projects/P/secrets/S/versions/V` as written, a full `projects/P/secrets/S` at `latest`, a bare `S` in the
+    deployment's project (GOOGLE_CLOUD_PROJECT) at `latest`."""
+    if name.startswith("projects/"):
+        text = name if "/versions/" in name else f"{name}/versions/latest"
+    elif not _SECRET_ID.fullmatch(name):
+        raise Unusable("bad_reference")
+    elif not project:
+        raise Unusable("no_project")
+    else:
+        text = f"projects/{project}/secrets/{name}/versions/latest"
+    return _parse(text)
 
 
 def _entry_name(entry: Any) -> str | None:
@@ -206,7 +221,7 @@ def _entry_name(entry: Any) -> str | None:
     return name[:200] if isinstance(name, str) and name else None
 
 
-def _kind_reason(kind: Any) -> str:
+def kind_reason(kind: Any) -> str:
     if kind in ("google_id_token", "oauth2", "bearer", "static"):
         return kind
     return "credential_table" if kind == "credential" else "unknown_kind"
@@ -245,32 +260,37 @@ def _is_single_auth(auth: dict[str, Any]) -> bool:
 
 def _auth_refs(entry: Any, context: dict[str, Any]) -> list[SecretRef]:
     if not isinstance(entry, dict):  # auth: NAME or auth: "{{ pg_auth }}": a row of NoETL's credential table
-        raise _Unusable("credential_table")
+        raise Unusable("credential_table")
     provider = entry.get("provider")
     if provider == "secret_manager":
         refs = [_ref(entry[f], context) for f in _AUTH_REFERENCE_FIELDS if f in entry]
         if not refs:
-            raise _Unusable("invalid_declaration")
+            raise Unusable("invalid_declaration")
         return refs
     if provider is not None:
-        raise _Unusable("other_provider")
+        raise Unusable("other_provider")
     if entry.get("source") == "credential" or "credential" in entry:
-        raise _Unusable("credential_table")
+        raise Unusable("credential_table")
     kind = entry.get("type", entry.get("kind"))
-    raise _Unusable(_kind_reason(kind) if kind is not None else "credential_table")
+    raise Unusable(kind_reason(kind) if kind is not None else "credential_table")
 
 
 # --- templates --------------------------------------------------------------------------------------------------
 def _ref(template: Any, context: dict[str, Any]) -> SecretRef:
+    return _parse(render_text(template, context))
+
+
+def render_text(template: Any, context: dict[str, Any]) -> str:
+    """A declaration's template rendered against `context`, in the sandbox; Unusable with the reason otherwise (a
+    name not known at start is `unresolved`)."""
     if not isinstance(template, str) or not template or len(template) > MAX_RENDERED:
-        raise _Unusable("invalid_declaration")
+        raise Unusable("invalid_declaration")
     try:
-        rendered = _render(template, context) if "{" in template else template
+        return _render(template, context) if "{" in template else template
     except UndefinedError:
-        raise _Unusable("unresolved") from None
+        raise Unusable("unresolved") from None
     except Exception:  # whatever a template does wrong (syntax, sandbox, 1/0, types) is bad input
-        raise _Unusable("bad_template") from None
-    return _parse(rendered)
+        raise Unusable("bad_template") from None
 
 
 def _render(template: str, context: dict[str, Any]) -> str:
@@ -293,10 +313,10 @@ def _parse(text: str) -> SecretRef:
     try:
         return SecretRef.parse(text)
     except InvalidReference:
-        raise _Unusable("bad_reference") from None
+        raise Unusable("bad_reference") from None
 
 
-def _storable(value: Any, max_bytes: int = MAX_NAME_BYTES) -> bool:
+def storable(value: Any, max_bytes: int = MAX_NAME_BYTES) -> bool:
     try:
         return isinstance(value, str) and bool(value) and storable_text(value, max_bytes) == value
     except ValueError:

@@ -124,13 +124,59 @@ class WorkerSettings(Settings):
     catalog_dsn: str | None = env(
         "KEYCHAIN_CATALOG_DSN",
         default=None,
-        description="DSN of NoETL's database, when its catalog is not in the keychain's database (read only).",
+        description="DSN of NoETL's database, when its tables are not in the keychain's database (its catalog is "
+        "read; with the noetl target, its keychain written).",
     )
     catalog_schema: str = env(
         "KEYCHAIN_CATALOG_SCHEMA",
         default="noetl",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="Schema of NoETL's `catalog` table, where start events that carry no playbook find it.",
+        description="Schema of NoETL's tables: `catalog` (start events that carry no playbook find it there), "
+        "`credential` and, with the noetl target, `keychain`.",
+    )
+
+    # --- where the warm writes (streams/targets/) ---------------------------------------------------------------
+    target: str = env(
+        "KEYCHAIN_TARGET",
+        default="keychain",
+        pattern="^(keychain|noetl|both)$",
+        description="Where the worker warms, purges, invalidates and sweeps: `keychain` (this project's table, read "
+        "with the keychain library), `noetl` (NoETL's own `keychain` table, read by NoETL's server) or `both`.",
+    )
+    noetl_ttl_seconds: int = env(
+        "KEYCHAIN_NOETL_TTL_SECONDS",
+        default=600,
+        gt=0,
+        description="Lifetime of a row written to NoETL's keychain (NoETL's server writes its own with 600 s).",
+    )
+    noetl_kms_provider: str = env(
+        "NOETL_KMS_PROVIDER",
+        default="local",
+        description="NoETL's key-encryption key provider, as NoETL's server reads it: `local` (NOETL_ENCRYPTION_KEY) or "
+        "`gcp-kms` (NOETL_GCP_KMS_KEY).",
+    )
+    noetl_encryption_key: SecretStr | None = env(
+        "NOETL_ENCRYPTION_KEY",
+        default=None,
+        description="NoETL's local key-encryption key (base64 of 32 bytes), the same as NoETL's server's.",
+    )
+    noetl_gcp_kms_key: str | None = env(
+        "NOETL_GCP_KMS_KEY",
+        default=None,
+        description="NoETL's Cloud KMS CryptoKey (projects/P/locations/L/keyRings/R/cryptoKeys/K), the same as NoETL's "
+        "server's.",
+    )
+    kms_endpoint: str | None = env(
+        "KMS_ENDPOINT",
+        default=None,
+        description="`host:port` of a local Cloud KMS gRPC server (plain, no TLS); unset = the real service.",
+    )
+    noetl_data_keys_ahead: int = env(
+        "KEYCHAIN_NOETL_DATA_KEYS_AHEAD",
+        default=256,
+        ge=0,
+        description="With Cloud KMS: data keys wrapped ahead of need (each used once), so a burst does not wait for "
+        "Encrypt calls.",
     )
     catalog_cache_size: int = env(
         "KEYCHAIN_CATALOG_CACHE_SIZE", default=1000, ge=1, description="Parsed playbooks kept, by catalog id."
@@ -176,6 +222,11 @@ class WorkerSettings(Settings):
         le=600,
         description="Lease per notification; what a crashed bridge held is redelivered after it.",
     )
+
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ("keychain", "noetl") if self.target == "both" else (self.target,)
 
 
 @lru_cache(maxsize=1)

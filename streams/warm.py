@@ -1,13 +1,13 @@
-"""Execution events -> keychain rows: warm on start, purge and fence on finish.
+"""Execution events -> rows in every target (streams/targets/): warm on start, purge and fence on finish.
 
-Per batch: finishes first (fence + purge, so a start in the same batch or redelivered later writes nothing); other
-event types are counted and ignored; then every start's plan (its playbook from the event or NoETL's catalog, looked
-up concurrently, resolved by streams/resolve.py) and its wanted rows, minus those already warm. Each distinct secret
-version is fetched ONCE per burst (an in-memory window shared by consecutive batches, and Keychain.fetch_checked
-across processes), with bounded concurrency and the calls-per-minute budget all processes share. Rows are
-written as soon as their secrets are in hand, in one durable statement per round, so an execution whose secret is
-UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then dead-lettered for replay.
-The caller acknowledges the batch only after `handle` returns.
+Per batch: finishes first (fence + purge in each target, so a start in the same batch or redelivered later writes
+nothing); other event types are counted and ignored; then every start's playbook (from the event or NoETL's catalog,
+one lookup per catalog row), each target's plan of it (the rows it wants), minus those already warm. Each distinct
+secret version is fetched ONCE per burst for every target (an in-memory window shared by consecutive batches, and
+Keychain.fetch_checked across processes), with bounded concurrency and the calls-per-minute budget all processes
+share. Rows are written as soon as their secrets are in hand, one durable statement per target and round, so an
+execution whose secret is UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then
+dead-lettered for replay. The caller acknowledges the batch only after `handle` returns.
 """
 
 from __future__ import annotations
@@ -20,26 +20,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
-from keychain.model import Entry, Provenance, Scope, value_from_payload
 from keychain.refs import SecretRef
-from keychain.sources import SecretValue
 from keychain.store import Keychain
 
 from . import metrics
 from .batches import DATABASE_DOWN, DeadLetter, Record
 from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
-from .plan import plan_of
-from .resolve import Want
+from .plan import plans_of
 from .settings import WorkerSettings
+from .targets import Fetched, Filled, Target
+from .targets.keychain import KeychainTarget
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Fetched:
-    value: SecretValue
-    generation: int  # of the secret, read before the value was fetched: the write is fenced on it
 
 
 @dataclass
@@ -69,11 +62,14 @@ def _timed(step: str) -> Iterator[None]:
 
 
 class Warmer:
-    def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None):
-        """`keychain` fetches through its Secret Manager source (Keychain.fetch_checked: once across processes)."""
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None,
+                 targets: list[Target] | None = None):
+        """`keychain` fetches through its Secret Manager source (Keychain.fetch_checked: once across processes);
+        `targets`: where the rows go (default: the keychain's own table)."""
         self.settings = settings
         self.keychain = keychain
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
+        self.targets: list[Target] = targets or [KeychainTarget(keychain, project=settings.google_cloud_project)]
         self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
         # The burst window: ref -> (fetched at, value, the secret's rotation generation read before the fetch).
         self._recent: dict[str, tuple[float, Fetched]] = {}
@@ -103,7 +99,8 @@ class Warmer:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
                 metrics.EVENTS_OF_KIND[event.kind].inc()
                 if event.kind == "finish":
-                    result.rows_purged += await self.keychain.finish_execution(event.execution_id)
+                    for target in self.targets:
+                        result.rows_purged += await target.finish(event.execution_id)
                     result.finished += 1
                 elif event.kind == "start":
                     starts.append((record, event))
@@ -111,7 +108,7 @@ class Warmer:
                     result.ignored += 1
             except Exception as exc:
                 result.dead.append(self._dead_letter(record, exc))
-        planned: list[tuple[Record, list[Want]]] = []
+        planned: list[tuple[Record, list[list]]] = []  # each start's wants, target by target
         events = [event for _, event in starts]
         playbooks = (await self.catalog.playbooks_for(events) if self.catalog is not None
                      else [None] * len(events))  # None: the event's own
@@ -119,36 +116,46 @@ class Warmer:
             try:
                 if isinstance(playbook, BaseException):
                     raise playbook
-                plan = plan_of(event, playbook, self.settings)
+                plans = plans_of(event, playbook, self.targets)
             except BaseException as exc:
                 result.dead.append(self._dead_letter(record, exc))
             else:
                 result.started += 1
-                result.skipped += len(plan.skipped)
-                planned.append((record, plan.wants))
+                result.skipped += sum(len(plan.skipped) for plan in plans)
+                planned.append((record, [plan.wants for plan in plans]))
         metrics.WARM_STEP["plan"].observe(time.perf_counter() - planning)
-        refused: dict[Want, str] = {}
+        refused: list[dict] = [{} for _ in self.targets]
         try:
-            refused, result.rows_written = await self.warm([w for _, wants in planned for w in wants],
-                                                           on_wait=on_wait)
+            refused, result.rows_written = await self._warm_targets([wants for _, wants in planned], on_wait)
         except DATABASE_DOWN:
             raise
         except Exception:  # one event's rows broke the batch's statement: write event by event to find it
             log.exception("a batch write failed; writing its %d events one by one", len(planned))
             for record, wants in list(planned):
                 try:
-                    one, written = await self.warm(wants, on_wait=on_wait)
+                    one, written = await self._warm_targets([wants], on_wait)
                 except Exception as exc:
                     result.dead.append(self._dead_letter(record, exc))
                     planned.remove((record, wants))
                 else:
-                    refused.update(one)
+                    for mine, theirs in zip(refused, one):
+                        mine.update(theirs)
                     result.rows_written += written
         for record, wants in planned:
-            for code in sorted({refused[w] for w in wants if w in refused}):
+            codes = {target_refused[w] for target_refused, target_wants in zip(refused, wants) for w in target_wants
+                     if w in target_refused}
+            for code in sorted(codes):
                 detail = "Secret Manager did not give a secret this execution names"
                 result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
         return result
+
+    async def _warm_targets(self, wants_by_event: list[list[list]], on_wait: Callable[[], None]
+                            ) -> tuple[list[dict], int]:
+        """Every target's wants of these events, side by side (their fetches are shared: one call per secret)."""
+        outcomes = await asyncio.gather(*(
+            self.warm([w for wants in wants_by_event for w in wants[i]], target=target, on_wait=on_wait)
+            for i, target in enumerate(self.targets)))
+        return [refused for refused, _ in outcomes], sum(written for _, written in outcomes)
 
     @staticmethod
     def _dead_letter(record: Record, exc: BaseException) -> DeadLetter:
@@ -161,20 +168,24 @@ class Warmer:
 
     # --- warming ----------------------------------------------------------------------------------------------------
     async def warm(
-        self, wants: list[Want], *, skip_ready: bool = True, fresh: bool = False,
+        self, wants: list, *, target: Target | None = None, skip_ready: bool = True, fresh: bool = False,
         on_wait: Callable[[], None] = lambda: None,
-    ) -> tuple[dict[Want, str], int]:
-        """Write a ready row for each wanted credential (a failed row where Secret Manager refused).
-        `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`: called before each wait for
-        Secret Manager or for the write. Returns (error code of each want not written as ready, rows written)."""
+    ) -> tuple[dict, int]:
+        """Write a ready row for each wanted credential in `target` (the first target by default; a refusal as the
+        target records one). `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`:
+        called before each wait for Secret Manager or for the write. Returns (error code of each want not written as
+        ready, rows written)."""
+        target = target or self.targets[0]
+        if not wants:
+            return {}, 0
         if skip_ready:
             with _timed("check"):
-                wants = await self._not_yet_warm(wants)
+                wants = await target.not_yet_warm(wants)
         todo = list(dict.fromkeys(wants))
         refs = {str(ref) for w in todo for ref in w.refs}
         values = {} if fresh else self._from_window(refs)
         errors: dict[str, str] = {}
-        refused: dict[Want, str] = {}
+        refused: dict = {}
         written = 0
         deadline = time.monotonic() + self.settings.warm_deadline_seconds
         delay = self.settings.secret_manager_retry_initial_seconds
@@ -184,78 +195,53 @@ class Warmer:
                 on_wait()
             with _timed("fetch"):
                 await self._fetch_round(pending, values, errors, fresh)
-            entries, waiting = {}, []
+            filled, waiting = [], []
             for want in todo:
                 codes = [errors[str(r)] for r in want.refs if str(r) in errors]
                 permanent = [c for c in codes if c in PERMANENT_ERRORS]
                 if permanent:
                     refused[want] = permanent[0]
-                    entries[want] = Entry(want.credential_name, want.scope, error_code=permanent[0],
-                                          sources=tuple(Provenance(r, None, f) for f, r in want.fields))
+                    filled.append(Filled(want, error_code=permanent[0]))
                 elif codes:
                     waiting.append(want)
                 else:
-                    entries[want] = self._entry(want, values)
-            if entries:  # the database works on the statement: this process is free
+                    filled.append(Filled(want, {str(r): values[str(r)] for r in want.refs}))
+            if filled:  # the database works on the statement: this process is free
                 on_wait()
             with _timed("write"):
-                fenced = await self.keychain.put_many(list(entries.values()))
-            written += len(entries) - len(fenced)
-            if fenced:  # invalidated while we fetched: fetch those secrets again
-                again = {str(p.ref) for e in fenced for p in e.sources}
+                fenced = await target.write(filled) if filled else []
+            written += len(filled) - len(fenced)
+            invalidated = [f.want for f in fenced]
+            if invalidated:  # the secret was invalidated while we fetched: fetch its new value
+                again = {str(r) for w in invalidated for r in w.refs}
                 self.forget(again)
                 for ref in again:
                     values.pop(ref, None)
-                waiting += [w for w, e in entries.items() if e in fenced]
-            todo = waiting
+            todo = waiting + invalidated
             if not todo:
                 return refused, written
             if time.monotonic() + delay > deadline:
                 for want in todo:
                     refused[want] = "UNAVAILABLE"
                 return refused, written
-            log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(todo), delay)
+            if not waiting:  # only invalidated ones: nothing to wait for
+                continue
+            log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(waiting), delay)
             on_wait()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
             for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
                 del errors[ref]
 
-    async def _not_yet_warm(self, wants: list[Want]) -> list[Want]:
-        """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, or a global
-        credential already shared). A global name that holds other secrets is written over: logged and counted, as
-        two playbooks disagreeing on what one global name means is worth an operator's look."""
-        existing = await self.keychain.existing_rows((w.identity for w in wants), self.settings.ttl_seconds / 2)
-        todo = []
-        for want in wants:
-            found = existing.get(want.identity)
-            if found is not None and found[1] and found[1] != want.secrets and want.scope.type == "global":
-                log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
-                            ", ".join(sorted(found[1])), ", ".join(sorted(want.secrets)))
-                metrics.GLOBAL_REPOINTS.inc()
-            if found is None or not found[0] or found[1] != want.secrets:
-                todo.append(want)
-        return todo
-
     async def refresh_globals(self) -> int:
-        """Keep warm: fetch again the global credentials that are read and about to expire. Returns rows written."""
-        rows = await self.keychain.globals_to_refresh(self.settings.ttl_seconds / 4)
-        wants = [Want.from_sources(row["credential_name"], Scope.of(), row["sources"]) for row in rows]
-        if not wants:
-            return 0
-        _, written = await self.warm(wants, skip_ready=False, fresh=True)
+        """Keep warm: fetch again the global credentials that are read and about to expire (our table's: NoETL's rows
+        are all an execution's). Returns rows written."""
+        written = 0
+        for target in self.targets:
+            if isinstance(target, KeychainTarget):
+                wants = await target.globals_to_refresh(self.settings.ttl_seconds / 4)
+                written += (await self.warm(wants, target=target, skip_ready=False, fresh=True))[1]
         return written
-
-    @staticmethod
-    def _entry(want: Want, values: dict[str, Fetched]) -> Entry:
-        fetched = [(name, ref, values[str(ref)]) for name, ref in want.fields]
-        if len(fetched) == 1 and fetched[0][0] is None:
-            value = value_from_payload(fetched[0][2].value.payload)
-        else:
-            value = {name: value_from_payload(f.value.payload) for name, _, f in fetched}
-        sources = tuple(Provenance(ref, f.value.version_name, name) for name, ref, f in fetched)
-        fences = tuple({ref.secret: f.generation for _, ref, f in fetched}.items())
-        return Entry(want.credential_name, want.scope, value, sources=sources, fences=fences)
 
     # --- fetching ---------------------------------------------------------------------------------------------------
     def _from_window(self, refs: set[str]) -> dict[str, Fetched]:

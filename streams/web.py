@@ -85,7 +85,21 @@ async def stats(_: web.Request) -> web.Response:
         "invalidations": _counts(worker_metrics.INVALIDATIONS),
         "last_sweep": runtime.last_sweep,
         "last_invalidation_lag_ms": runtime.invalidator.last_lag_ms,
+        "targets": list(settings.targets),
+        **({"noetl": _noetl_figures()} if "noetl" in settings.targets else {}),
     }, dumps=_dumps)
+
+
+def _noetl_figures() -> dict[str, float]:
+    """What the warmer did for NoETL's server, counted as its rows left NoETL's table (purged or swept)."""
+    rows = _counts(worker_metrics.NOETL_ROWS_SEEN)
+    return {
+        "rows_warmed_then_read": rows.get("warmed_read", 0),  # first uses NoETL's server served from the cache
+        "rows_warmed_not_read": rows.get("warmed_unread", 0),
+        "rows_noetl_wrote_itself": rows.get("server_written", 0),  # misses the warmer could not prevent
+        "secret_manager_calls_saved": _counts(worker_metrics.NOETL_CALLS_SAVED).get("total", 0),
+        "aliases_skipped": _counts(worker_metrics.NOETL_SKIPPED_ALIASES),
+    }
 
 
 def _dumps(document) -> str:

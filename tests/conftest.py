@@ -65,7 +65,7 @@ async def _dump_test_tables(dsn: str) -> list[str]:
     try:
         schemas = await conn.fetch(
             "SELECT table_schema FROM information_schema.tables WHERE table_name = 'keychain' "
-            "AND table_schema LIKE 't\\_%'")
+            "AND (table_schema LIKE 't\\_%' OR table_schema LIKE 'n\\_%')")  # ours, and NoETL's (noetl_schema)
         rows = []
         for (schema,) in schemas:
             rows += [r[0] for r in await conn.fetch(f'SELECT k::text FROM "{schema}".keychain k')]
@@ -182,3 +182,49 @@ async def streams(stack, settings, key_spec, unique, keychain):
     yield helper
     if helper.worker is not None:
         helper.worker.stop()
+
+
+# --- NoETL's own tables and key-encryption keys (the noetl target) -----------------------------------------------------
+@pytest.fixture
+def noetl_schema(unique):
+    """Where this test's NoETL keeps its tables (NoETL's own `noetl`, in a real deployment)."""
+    return f"n_{unique}"
+
+
+@pytest.fixture
+async def noetl_db(settings, noetl_schema):
+    """NoETL's tables as NoETL's installation creates them, and a connection to NoETL's database."""
+    from devtools.noetl_schema import create_noetl_tables
+
+    conn = await asyncpg.connect(settings.dsn)
+    await create_noetl_tables(conn, noetl_schema)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def noetl_key():
+    """NoETL's NOETL_ENCRYPTION_KEY."""
+    import base64
+
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture(scope="session")
+def kms_server():
+    """The Cloud KMS test server (the real gRPC API, for the official client)."""
+    from keychain.testing.kms_server import CloudKmsTestServer
+
+    server = CloudKmsTestServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def noetl_secrets(sm, unique):
+    """The secrets the noetl tests' playbook names (devtools-free: the test server's own secrets)."""
+    names = {"mapped": f"mapped-{unique}", "org": f"org-{unique}", "plain": f"plain-{unique}"}
+    for secret_id in names.values():
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-of-{secret_id}")
+    return names

@@ -21,7 +21,9 @@ KEYS = {
              "worker_rss_mb", "catalog_events_per_s", "catalog_first_use_hit_ratio", "catalog_sm_calls_per_event",
              "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms", "worker_cpu_ms_per_event",
              "worker_cpu_share_of_span", "steady_ready_p50_ms", "steady_ready_p99_ms", "steady_ready_p99_minus_sm_p99_ms",
-             "ignored_events_per_s", "ignored_worker_cpu_ms_per_event",
+             "ignored_events_per_s", "ignored_worker_cpu_ms_per_event", "noetl_first_read_hit_ratio",
+             "noetl_alone_first_read_hit_ratio", "noetl_sm_calls_per_execution", "noetl_alone_sm_calls_per_execution",
+             "noetl_sm_calls_vs_alone",
              *(f"{key}_{delay}{suffix}" for delay in (0, 50, 100, 250, 500, 1000)
                for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
@@ -51,6 +53,9 @@ def test_benchmark_reports_its_figures(name):
             assert figures[f"{prefix}sm_calls_per_event"] <= 20 / figures["events"] * 2
         # a first read racing the warm, at any delay, joins its fetch: no call of its own
         assert [figures[f"extra_sm_calls_{d}"] for d in (0, 50, 100, 250, 500, 1000)] == [0] * 6
+        # NoETL's own server: alone, a call per alias field per execution; warmed, about one per secret per burst
+        assert figures["noetl_alone_sm_calls_per_execution"] == 3 and figures["noetl_alone_first_read_hit_ratio"] == 0
+        assert figures["noetl_sm_calls_per_execution"] <= 3 / figures["noetl_executions"] * 2
     if name == "replicas":  # one Secret Manager call per secret, however many replicas
         assert figures["sm_calls_1"] == figures["sm_calls_2"] == figures["sm_calls_3"] == 10
     if name == "scale":  # every secret held through `latest` is in the reconciliation summary

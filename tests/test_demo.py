@@ -27,3 +27,7 @@ def test_demo_runs_end_to_end_and_reports():
     assert summary["stale_reads_after_rotation"] == 0 and summary["rotation_lag_ms"] > 0
     assert summary["purged_rows"] == 2 and summary["swept_rows"] == 1 and summary["rows_after"] == 0
     assert summary["sm_calls"] >= 2  # the warm, and the refresh after the rotation
+    # NoETL's own server, reading its own keychain: every first use a hit, the rotation reached it, rows cleaned up
+    assert summary["noetl_first_use_reads"] == 3 and summary["noetl_first_use_hits"] == 3
+    assert summary["noetl_server_sm_calls"] == 0 and summary["noetl_stale_reads_after_rotation"] == 0
+    assert summary["noetl_rows_purged"] == 2 and summary["noetl_rows_swept"] == 1

@@ -45,14 +45,26 @@ async def test_postgres_restarted_mid_stream_loses_nothing(stack, settings, key_
                                KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")).start()
     try:
         total = 200
-        producing = asyncio.create_task(produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}",
-                                                [start_event(execution_id + i, [REF.format(secret_ids[i % 4])])
-                                                 for i in range(total)]))
+        messages = [start_event(execution_id + i, [REF.format(secret_ids[i % 4])]) for i in range(total)]
+        restarting = asyncio.Event()
+
+        async def paced() -> None:
+            """Some events before the restart, the rest while the database goes down and comes back: the worker has
+            events to write during the outage (a worker idle through a restart meets nothing: its pool reconnects on
+            the next acquire, so the test must not depend on the moment the restart happens to fall)."""
+            await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", messages[:40])
+            await restarting.wait()
+            for i in range(40, total, 5):
+                await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", messages[i:i + 5])
+                await asyncio.sleep(0.02)
+
+        producing = asyncio.create_task(paced())
 
         async def some_progress():
             return (await count_rows(settings.dsn, settings.schema_name) or 0) > 20
 
         await wait_for(some_progress, 60, "progress before the restart")
+        restarting.set()
         await asyncio.to_thread(stack.postgres.restart)  # fast shutdown: every connection is cut
         await producing
 

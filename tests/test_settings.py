@@ -35,3 +35,12 @@ def test_the_worker_warns_at_start_about_a_misspelt_variable(cli_env):
                             timeout=60)
     assert result.returncode == 1
     assert "KEYCHAIN_WARM_BATCH_SIZ is not a setting (did you mean KEYCHAIN_WARM_BATCH_SIZE?)" in result.stderr
+
+
+def test_the_cli_warns_about_a_misspelt_variable_but_not_about_the_workers(cli_env):
+    env = {**cli_env, "KEYCHAIN_TTL_SECONDZ": "5", "KEYCHAIN_EVENTS_TOPIC": "noetl.execution.events"}
+    result = subprocess.run([sys.executable, "-m", "keychain", "migrate"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "warning: KEYCHAIN_TTL_SECONDZ is not a setting (did you mean KEYCHAIN_TTL_SECONDS?)" in result.stderr
+    assert "KEYCHAIN_EVENTS_TOPIC" not in result.stderr  # the worker's variable, in an environment both share

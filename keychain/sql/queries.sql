@@ -1,5 +1,23 @@
 -- Every statement the keychain runs, by name. Loaded once by keychain/queries.py; asyncpg prepares each on first use.
 -- Statements run with search_path = the keychain schema.
+--
+-- LOCK ORDER. Every transaction that writes takes its locks in this order, and within a class in the order given,
+-- and never waits for a lock of an earlier class while it holds one of a later class. Two writers can then never wait
+-- for each other in a cycle, so PostgreSQL never has to kill one of them as a deadlock victim.
+--   1. an applied notice             keychain_applied_notice, one per invalidation (record_notice)
+--   2. secrets' state rows           keychain_secret_state, by secret_id COLLATE "C" (ensure_secret_states,
+--                                    lock_secret_states FOR SHARE; bump_generation, bump_all_generations exclusive)
+--   3. executions' fence locks       advisory, by execution id (lock_executions_shared; lock_execution exclusive)
+--   4. keychain rows                 by identity: credential_name COLLATE "C", scope_type, scope_id. Every statement
+--                                    that writes rows takes their locks in a CTE ... ORDER BY identity FOR UPDATE first
+--                                    (an INSERT ... ON CONFLICT inserts in that order), so the rows it may have to
+--                                    wait for are taken in the same order by every writer. A worker target's rows in
+--                                    its own store (NoETL's keychain, by cache key) are taken here too, after ours
+--   5. the rows beside a row          keychain_latest_held (by key), keychain_fetch_failure (by ref), keychain_fetched
+--                                    (by ref), keychain_copy (by target, key): written after the rows, in key order
+-- Outside the order, because they never wait: the sweep's statements (FOR UPDATE SKIP LOCKED: a row someone else
+-- holds is left for the next sweep) and the fetch locks (pg_try_advisory_lock on the lock connection). Statements
+-- run alone (take_call, record_fetch, record_failure, mark_checked) lock one row and hold nothing else.
 
 -- name: get_entry
 -- The worker read, one plain statement (no row lock, no new row version), hit or not: the row of this identity with
@@ -23,17 +41,24 @@ FROM keychain k
 WHERE k.credential_name = $1 AND k.scope_type = $2 AND k.scope_id = $3;
 
 -- name: count_reads
--- The hits one process served since its last count, one element per row ordered by id (every process locks rows in
--- one order): `access_count` and `accessed_at` as the seed kept them (the last read's moment, given as its age so
--- that no two clocks are compared), and `reads_since_write` for reads of the value the row still holds (a row
--- written again meanwhile counts only the reads of its new write).
+-- The hits one process served since its last count, one element per row: `access_count` and `accessed_at` as the
+-- seed kept them (the last read's moment, given as its age so that no two clocks are compared), and
+-- `reads_since_write` for reads of the value the row still holds (a row written again meanwhile counts only the
+-- reads of its new write).
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::float8[])
+        AS r(id, write_id, reads_of_write, reads, age_seconds)
+), locked AS (  -- lock order 4
+    SELECT k.id FROM keychain k WHERE k.id IN (SELECT id FROM r)
+    ORDER BY k.credential_name COLLATE "C", k.scope_type COLLATE "C", k.scope_id COLLATE "C"
+    FOR UPDATE
+)
 UPDATE keychain k
 SET access_count = k.access_count + r.reads,
     accessed_at = greatest(k.accessed_at, now() - make_interval(secs => r.age_seconds)),
     reads_since_write = k.reads_since_write
         + CASE WHEN k.write_id IS NOT DISTINCT FROM r.write_id THEN r.reads_of_write ELSE 0 END
-FROM unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::float8[])
-     AS r(id, write_id, reads_of_write, reads, age_seconds)
+FROM r JOIN locked USING (id)
 WHERE k.id = r.id;
 
 -- name: durable_commit
@@ -41,8 +66,8 @@ WHERE k.id = r.id;
 SELECT set_config('synchronous_commit', 'on', true);
 
 -- name: put_entries
--- Store entries (one element per row in each array): ready ones with their ciphertext, failed ones with an error
--- code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
+-- Store entries (one element per row in each array, one element per identity): ready ones with their ciphertext,
+-- failed ones with an error code. A repeated delivery overwrites with the same outcome. Rows of finished executions are never written
 -- (the caller holds the executions' fence locks, see lock_executions_shared). Ready rows that hold a secret through
 -- `latest` are entered in the reconciliation summary (keychain_latest_held, see migration 0006) in the same statement.
 WITH written AS (
@@ -57,6 +82,10 @@ FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::te
           state, error_code, key_id, data, write_id, sources, ttl_seconds)
 WHERE e.execution_id IS NULL
    OR NOT EXISTS (SELECT 1 FROM keychain_finished_execution f WHERE f.execution_id = e.execution_id)
+-- Lock order 4: rows are inserted (or their existing row locked) in identity order.
+ORDER BY e.credential_name COLLATE "C", e.scope_type COLLATE "C",
+         CASE e.scope_type WHEN 'execution' THEN e.execution_id::text WHEN 'session' THEN e.session_id ELSE '' END
+         COLLATE "C"
 ON CONFLICT ON CONSTRAINT keychain_identity DO UPDATE
 SET credential_type = excluded.credential_type, cache_type = excluded.cache_type,
     state = excluded.state, error_code = excluded.error_code, key_id = excluded.key_id, data = excluded.data,
@@ -64,17 +93,9 @@ SET credential_type = excluded.credential_type, cache_type = excluded.cache_type
     updated_at = now(), reads_since_write = 0
 RETURNING k.state, k.sources, k.expires_at
 ), held AS (
-    INSERT INTO keychain_latest_held (secret_id, version, held_until, ref)
-    SELECT src->>'secret_id', src->>'version',
-           date_bin('10 minutes', w.expires_at, TIMESTAMPTZ '2000-01-01 00:00:00+00') + interval '10 minutes',
-           min(src->>'ref')
-    FROM written w, jsonb_array_elements(w.sources) AS src
-    WHERE w.state = 'ready' AND src->>'ref' LIKE '%/versions/latest' AND src ? 'version' AND src ? 'secret_id'
-    GROUP BY 1, 2, 3
-    ORDER BY 1, 2, 3  -- one order for every writer: concurrent first inserts of the same keys never deadlock
-    ON CONFLICT DO NOTHING
+    SELECT keychain_hold_latest(array_agg(w.sources), array_agg(w.expires_at)) FROM written w WHERE w.state = 'ready'
 )
-SELECT count(*) FROM written;
+SELECT (SELECT count(*) FROM written) FROM held;
 
 -- name: lock_executions_shared
 -- Writers of execution-scoped rows hold each execution's fence lock shared; finishing an execution takes it
@@ -89,8 +110,11 @@ SELECT pg_advisory_xact_lock(hashtextextended('keychain.execution:' || $1::bigin
 -- Fence the execution, then delete its rows; returns how many rows were deleted.
 WITH fence AS (
     INSERT INTO keychain_finished_execution (execution_id) VALUES ($1) ON CONFLICT DO NOTHING
+), doomed AS (  -- lock order 4
+    SELECT id FROM keychain WHERE scope_type = 'execution' AND execution_id = $1
+    ORDER BY credential_name COLLATE "C" FOR UPDATE
 ), purged AS (
-    DELETE FROM keychain WHERE scope_type = 'execution' AND execution_id = $1 RETURNING 1
+    DELETE FROM keychain k USING doomed WHERE k.id = doomed.id RETURNING 1
 )
 SELECT count(*) FROM purged;
 
@@ -114,22 +138,37 @@ WHERE scope_type = 'global' AND state = 'ready' AND sources <> '[]'
 ORDER BY expires_at LIMIT $2;
 
 -- name: delete_entry
+-- One row: its only lock.
 DELETE FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
 
 -- name: purge_execution
 -- Every execution-scoped row of one execution (its finish event, or an operator).
-DELETE FROM keychain WHERE scope_type = 'execution' AND execution_id = $1;
+WITH doomed AS (  -- lock order 4
+    SELECT id FROM keychain WHERE scope_type = 'execution' AND execution_id = $1
+    ORDER BY credential_name COLLATE "C" FOR UPDATE
+)
+DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 
 -- name: invalidate_credential
-UPDATE keychain SET state = 'stale', updated_at = now()
-WHERE credential_name = $1 AND state = 'ready';
+WITH locked AS (  -- lock order 4
+    SELECT id FROM keychain WHERE credential_name = $1 AND state = 'ready'
+    ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
+)
+UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: invalidate_execution
-UPDATE keychain SET state = 'stale', updated_at = now()
-WHERE scope_type = 'execution' AND execution_id = $1 AND state = 'ready';
+WITH locked AS (  -- lock order 4
+    SELECT id FROM keychain WHERE scope_type = 'execution' AND execution_id = $1 AND state = 'ready'
+    ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
+)
+UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: invalidate_all
-UPDATE keychain SET state = 'stale', updated_at = now() WHERE state = 'ready';
+WITH locked AS (  -- lock order 4
+    SELECT id FROM keychain WHERE state = 'ready'
+    ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
+)
+UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: sweep_expired
 -- One bounded batch; SKIP LOCKED so a sweep never waits on, or blocks, rows being written.
@@ -141,7 +180,9 @@ WITH doomed AS (
 DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 
 -- name: sweep_shared_fetches
-DELETE FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $1);
+WITH doomed AS (SELECT ref FROM keychain_fetched WHERE fetched_at <= now() - make_interval(secs => $1)
+                FOR UPDATE SKIP LOCKED)
+DELETE FROM keychain_fetched f USING doomed WHERE f.ref = doomed.ref;
 
 -- name: try_lock_fetch
 -- Cross-process single flight for one reference: a session lock on the fetcher's lock connection, held while it
@@ -183,14 +224,19 @@ WITH recorded AS (
 SELECT pg_notify('keychain_fetched', ref) FROM recorded;
 
 -- name: forget_fetches_of_secret
-DELETE FROM keychain_fetched WHERE secret_id = $1;
+WITH doomed AS (SELECT ref FROM keychain_fetched WHERE secret_id = $1 ORDER BY ref COLLATE "C" FOR UPDATE)  -- order 5
+DELETE FROM keychain_fetched f USING doomed WHERE f.ref = doomed.ref;
 
 -- name: sweep_failures
-DELETE FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day';
+WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure WHERE retry_at <= now() - interval '1 day'
+                FOR UPDATE SKIP LOCKED)
+DELETE FROM keychain_fetch_failure f USING doomed WHERE f.secret_ref = doomed.secret_ref;
 
 -- name: sweep_fences
 -- A fence must outlive any start event that can still arrive for its execution; $1 = retention in seconds.
-DELETE FROM keychain_finished_execution WHERE finished_at < now() - make_interval(secs => $1);
+WITH doomed AS (SELECT execution_id FROM keychain_finished_execution
+                WHERE finished_at < now() - make_interval(secs => $1) FOR UPDATE SKIP LOCKED)
+DELETE FROM keychain_finished_execution f USING doomed WHERE f.execution_id = doomed.execution_id;
 
 -- name: active_failures
 SELECT secret_ref, error_code FROM keychain_fetch_failure WHERE secret_ref = ANY($1::text[]) AND retry_at > now();
@@ -212,8 +258,16 @@ ORDER BY id LIMIT $3;
 
 -- name: rekey_rows
 -- Replace a ciphertext only if the row still holds the one that was read: a concurrent refresh wins.
+WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bigint[], $5::bytea[])
+        AS r(id, key_id, data, write_id, old_data)
+), locked AS (  -- lock order 4
+    SELECT k.id FROM keychain k WHERE k.id IN (SELECT id FROM r)
+    ORDER BY k.credential_name COLLATE "C", k.scope_type COLLATE "C", k.scope_id COLLATE "C"
+    FOR UPDATE
+)
 UPDATE keychain k SET key_id = r.key_id, data = r.data, write_id = r.write_id
-FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::bigint[], $5::bytea[]) AS r(id, key_id, data, write_id, old_data)
+FROM r JOIN locked USING (id)
 WHERE k.id = r.id AND k.data = r.old_data;
 
 -- name: stats
@@ -230,13 +284,13 @@ SELECT secret_id, generation FROM keychain_secret_state WHERE secret_id = ANY($1
 -- name: ensure_secret_states
 -- A state row must exist for a writer to hold it FOR SHARE (an invalidator creating it concurrently then waits).
 INSERT INTO keychain_secret_state (secret_id)
-SELECT DISTINCT s FROM unnest($1::text[]) AS s ORDER BY 1
+SELECT s FROM (SELECT DISTINCT s FROM unnest($1::text[]) AS s) AS ids ORDER BY s COLLATE "C"  -- lock order 2
 ON CONFLICT DO NOTHING;
 
 -- name: lock_secret_states
 -- Held until the writer commits: an invalidation of these secrets waits, then sees (and marks) what was written.
 SELECT secret_id, generation FROM keychain_secret_state
-WHERE secret_id = ANY($1::text[]) ORDER BY secret_id FOR SHARE;
+WHERE secret_id = ANY($1::text[]) ORDER BY secret_id COLLATE "C" FOR SHARE;  -- lock order 2
 
 -- name: record_notice
 -- Returns a row only the first time a notification is applied.
@@ -249,15 +303,24 @@ ON CONFLICT (secret_id) DO UPDATE SET generation = s.generation + 1, invalidated
 RETURNING generation;
 
 -- name: bump_all_generations
-UPDATE keychain_secret_state SET generation = generation + 1, invalidated_at = now();
+WITH locked AS (SELECT secret_id FROM keychain_secret_state ORDER BY secret_id COLLATE "C" FOR UPDATE)  -- order 2
+UPDATE keychain_secret_state s SET generation = s.generation + 1, invalidated_at = now()
+FROM locked WHERE s.secret_id = locked.secret_id;
 
 -- name: mark_stale_matching
 -- $1 = '[{"secret_id": "S", ...}]': rows whose sources contain such an element stop being served.
-UPDATE keychain SET state = 'stale', updated_at = now()
-WHERE sources @> $1::jsonb AND state IN ('ready', 'failed');
+WITH locked AS (  -- lock order 4
+    SELECT id FROM keychain WHERE sources @> $1::jsonb AND state IN ('ready', 'failed')
+    ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
+)
+UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: delete_matching
-DELETE FROM keychain WHERE sources @> $1::jsonb;
+WITH doomed AS (  -- lock order 4
+    SELECT id FROM keychain WHERE sources @> $1::jsonb
+    ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
+)
+DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 
 -- name: stale_rows_matching
 -- What re-warm refreshes: stale rows of one secret (finished executions' rows are already gone).
@@ -273,7 +336,9 @@ WHERE k.state = 'stale'
 LIMIT $1;
 
 -- name: clear_failures_of_secret
-DELETE FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1;
+WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1
+                ORDER BY secret_ref COLLATE "C" FOR UPDATE)  -- lock order 5
+DELETE FROM keychain_fetch_failure f USING doomed WHERE f.secret_ref = doomed.secret_ref;
 
 -- name: latest_secrets_to_check
 -- Reconciliation: secrets that ready rows hold through `latest`, least recently checked first, with the versions
@@ -289,14 +354,117 @@ LIMIT $1;
 
 -- name: forget_latest_held
 -- The rows an invalidation of this secret (of version $2, or of every version when NULL) stopped serving.
-DELETE FROM keychain_latest_held WHERE secret_id = $1 AND ($2::text IS NULL OR version = $2);
+WITH doomed AS (SELECT secret_id, version, held_until FROM keychain_latest_held
+                WHERE secret_id = $1 AND ($2::text IS NULL OR version = $2)
+                ORDER BY secret_id COLLATE "C", version COLLATE "C", held_until FOR UPDATE)  -- lock order 5
+DELETE FROM keychain_latest_held h USING doomed
+WHERE (h.secret_id, h.version, h.held_until) = (doomed.secret_id, doomed.version, doomed.held_until);
 
 -- name: sweep_latest_held
-DELETE FROM keychain_latest_held WHERE held_until <= now();
+WITH doomed AS (SELECT secret_id, version, held_until FROM keychain_latest_held WHERE held_until <= now()
+                FOR UPDATE SKIP LOCKED)
+DELETE FROM keychain_latest_held h USING doomed
+WHERE (h.secret_id, h.version, h.held_until) = (doomed.secret_id, doomed.version, doomed.held_until);
 
 -- name: mark_checked
 INSERT INTO keychain_secret_state AS s (secret_id, checked_at) VALUES ($1, now())
 ON CONFLICT (secret_id) DO UPDATE SET checked_at = now();
 
 -- name: sweep_notices
-DELETE FROM keychain_applied_notice WHERE applied_at < now() - make_interval(secs => $1);
+WITH doomed AS (SELECT notice_id FROM keychain_applied_notice WHERE applied_at < now() - make_interval(secs => $1)
+                FOR UPDATE SKIP LOCKED)
+DELETE FROM keychain_applied_notice n USING doomed WHERE n.notice_id = doomed.notice_id;
+
+-- name: record_copies
+-- Copies a target wrote in this transaction, one element per copy (lock order 5: by key), and, like put_entries, the
+-- secrets they hold through `latest` in the reconciliation summary.
+WITH written AS (
+    INSERT INTO keychain_copy AS c (target, copy_key, execution_id, parent_execution_id, sources, fields, detail, state,
+                                    written_at, expires_at)
+    SELECT $1, r.copy_key, r.execution_id, r.parent_execution_id, r.sources, r.fields, r.detail, 'ready', now(),
+           now() + make_interval(secs => r.ttl_seconds)
+    FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::jsonb[], $6::int[], $7::jsonb[], $8::float8[])
+         AS r(copy_key, execution_id, parent_execution_id, sources, fields, detail, ttl_seconds)
+    ORDER BY r.copy_key COLLATE "C"
+    ON CONFLICT (target, copy_key) DO UPDATE
+    SET execution_id = excluded.execution_id, parent_execution_id = excluded.parent_execution_id,
+        sources = excluded.sources, fields = excluded.fields, detail = excluded.detail, state = 'ready',
+        written_at = now(), expires_at = excluded.expires_at
+    RETURNING c.sources, c.expires_at
+), held AS (
+    SELECT keychain_hold_latest(array_agg(w.sources), array_agg(w.expires_at)) FROM written w
+)
+SELECT (SELECT count(*) FROM written) FROM held;
+
+-- name: copies_of
+-- The copies a target holds under these keys: the short ids of the secrets each came from, and whether it is ready.
+SELECT copy_key, state = 'ready' AS ready,
+       ARRAY(SELECT DISTINCT s->>'secret_id' FROM jsonb_array_elements(sources) s) AS secret_ids
+FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[]);
+
+-- name: copies_matching
+SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[]) ORDER BY copy_key COLLATE "C";
+
+-- name: mark_copies_stale_matching
+-- An invalidation ($2: `sources` patterns, a copy matching any of them): the copies that stop being served, their
+-- keys returned for the target to stop serving them in its store. Lock order 5.
+WITH locked AS (
+    SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[])
+    ORDER BY copy_key COLLATE "C" FOR UPDATE
+)
+UPDATE keychain_copy c SET state = 'stale' FROM locked
+WHERE c.target = $1 AND c.copy_key = locked.copy_key
+RETURNING c.copy_key;
+
+-- name: mark_every_copy_stale_matching
+-- The library's own invalidation ($1 as mark_stale_matching's): copies of every target stop being ready, so that the
+-- worker re-warms them even when the invalidation came through a door that does not reach their store (the CLI).
+WITH locked AS (
+    SELECT target, copy_key FROM keychain_copy WHERE sources @> $1::jsonb AND state = 'ready'
+    ORDER BY target COLLATE "C", copy_key COLLATE "C" FOR UPDATE
+)
+UPDATE keychain_copy c SET state = 'stale' FROM locked
+WHERE (c.target, c.copy_key) = (locked.target, locked.copy_key);
+
+-- name: forget_copies_matching
+WITH doomed AS (
+    SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[])
+    ORDER BY copy_key COLLATE "C" FOR UPDATE
+)
+DELETE FROM keychain_copy c USING doomed WHERE c.target = $1 AND c.copy_key = doomed.copy_key
+RETURNING c.copy_key;
+
+-- name: stale_copies
+-- What a re-warm writes again: stale copies matching $2 (any of the patterns), of executions still running.
+SELECT copy_key, execution_id, parent_execution_id, sources, detail FROM keychain_copy c
+WHERE target = $1 AND state = 'stale' AND sources @> ANY($2::jsonb[])
+  AND (execution_id IS NULL
+       OR NOT EXISTS (SELECT 1 FROM keychain_finished_execution f WHERE f.execution_id = c.execution_id))
+ORDER BY copy_key LIMIT $3;
+
+-- name: stale_copy_secret_ids
+SELECT DISTINCT s->>'secret_id' AS secret_id
+FROM keychain_copy c, jsonb_array_elements(c.sources) s
+WHERE c.target = $1 AND c.state = 'stale'
+LIMIT $2;
+
+-- name: forget_copies
+-- Copies whose rows the target deleted from its store (purge, sweep): their keys and the values each held.
+WITH doomed AS (
+    SELECT copy_key FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[])
+    ORDER BY copy_key COLLATE "C" FOR UPDATE
+)
+DELETE FROM keychain_copy c USING doomed WHERE c.target = $1 AND c.copy_key = doomed.copy_key
+RETURNING c.copy_key, c.fields;
+
+-- name: sweep_copies
+-- Copies long past their expiry whose rows were removed by someone else (never seen by a purge or a sweep).
+WITH doomed AS (
+    SELECT target, copy_key FROM keychain_copy WHERE expires_at < now() - make_interval(secs => $1)
+    LIMIT $2 FOR UPDATE SKIP LOCKED
+)
+DELETE FROM keychain_copy c USING doomed WHERE (c.target, c.copy_key) = (doomed.target, doomed.copy_key);
+
+-- name: finished_among
+-- Which of these executions have finished (their fence): read under their fence locks, so none finishes meanwhile.
+SELECT execution_id FROM keychain_finished_execution WHERE execution_id = ANY($1::bigint[]);

@@ -24,6 +24,8 @@ import grpc
 from google.cloud.secretmanager_v1 import types
 from google.protobuf import empty_pb2, field_mask_pb2, timestamp_pb2
 
+from .grpc_server import ThreadedGrpcServer
+
 log = logging.getLogger(__name__)
 
 SERVICE = "google.cloud.secretmanager.v1.SecretManagerService"
@@ -67,7 +69,9 @@ class _Secret:
     create_time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
-class SecretManagerTestServer:
+class SecretManagerTestServer(ThreadedGrpcServer):
+    name = "secret-manager-test-server"
+
     def __init__(
         self,
         *,
@@ -90,59 +94,12 @@ class SecretManagerTestServer:
         self._secrets: dict[str, _Secret] = {}
         self._lock = threading.Lock()
         self._publisher = None
-        self._server: grpc.aio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.port: int | None = None
-        self.host = "127.0.0.1"
-
-    # --- running ----------------------------------------------------------------------------------------------------
-    @property
-    def address(self) -> str:
-        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
-
-    def start(self, port: int = 0, host: str = "127.0.0.1") -> "SecretManagerTestServer":
-        """Serve on `host` (loopback by default; 0.0.0.0 where other containers reach it by name)."""
-        self.host = host
-        """Serve on a thread of its own (its own event loop), so sync and async callers can share it."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            self._loop = asyncio.new_event_loop()
-            try:
-                self._loop.run_until_complete(self._start(port))
-            except BaseException as exc:  # report start-up failures to the caller
-                failure.append(exc)
-                ready.set()
-                return
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="secret-manager-test-server", daemon=True)
-        self._thread.start()
-        ready.wait(30)
-        if failure:
-            raise failure[0]
-        return self
-
-    async def _start(self, port: int) -> None:
-        self._server = grpc.aio.server()
-        self._server.add_generic_rpc_handlers((self._handlers(),))
-        self.port = self._server.add_insecure_port(f"{self.host}:{port}")
-        await self._server.start()
-        log.info("Secret Manager test server on %s", self.address)
+        super().__init__()
 
     def stop(self) -> None:
-        if self._loop is None or self._server is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._server.stop(grace=0.5), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+        super().stop()
         if self._publisher is not None:
             self._publisher.stop()
-        self._server = None
 
     # --- controls for tests ---------------------------------------------------------------------------------------
     def inject(self, code: grpc.StatusCode, **kwargs) -> Fault:
@@ -465,11 +422,7 @@ def main() -> None:
         secret_id, _, value = item.partition("=")
         server.create_secret(secret_id)
         server.add_version(secret_id, value)
-    print(f"SECRET_MANAGER_ENDPOINT={server.address}", flush=True)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.stop()
+    server.serve_until_interrupted(f"SECRET_MANAGER_ENDPOINT={server.address}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Copies: secrets' values a worker target wrote into another store, recorded beside the keychain (migration 0009).
+
+The library knows nothing of the other store's format. A target (the stream worker's NoETL target, say) writes its
+rows inside `Keychain.write_fenced` and records each as a copy: its key in that store, the sources it came from (as
+keychain rows record them: Provenance.as_json), its execution, and what the target needs to write it again. Then a
+rotation (`Keychain.invalidate_matching(beside=...)`) finds every copy of the secret in the same transaction as the
+keychain's own rows, a re-warm lists the stale ones, and a purge or a sweep of the other store tells the copies the
+warmer wrote from the rows written by someone else. Every method takes the connection of the transaction it is part
+of, and follows the lock order (sql/queries.sql).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import asyncpg
+
+from .model import Provenance, sources_json
+from .queries import queries
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy to record."""
+
+    key: str
+    sources: tuple[Provenance, ...]
+    ttl_seconds: float
+    execution_id: int | None = None
+    parent_execution_id: int | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StaleCopy:
+    key: str
+    execution_id: int | None
+    parent_execution_id: int | None
+    sources: list[dict[str, Any]]
+    detail: dict[str, Any]
+
+
+class Copies:
+    """The copies of one target (its name is the `target` column)."""
+
+    def __init__(self, target: str):
+        self.target = target
+        self._q = queries()
+
+    async def record(self, conn: asyncpg.Connection, copies: Iterable[Copy]) -> None:
+        copies = list(copies)
+        if not copies:
+            return
+        await conn.execute(
+            self._q["record_copies"], self.target, [c.key for c in copies], [c.execution_id for c in copies],
+            [c.parent_execution_id for c in copies], [sources_json(c.sources) for c in copies],
+            [len(c.sources) for c in copies], [json.dumps(c.detail or {}) for c in copies],
+            [float(c.ttl_seconds) for c in copies])
+
+    async def of(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> dict[str, tuple[bool, frozenset[str]]]:
+        """For each key that has a copy: (ready, the short ids of the secrets it holds)."""
+        rows = await conn.fetch(self._q["copies_of"], self.target, keys) if keys else []
+        return {r["copy_key"]: (r["ready"], frozenset(r["secret_ids"])) for r in rows}
+
+    async def matching(self, conn: asyncpg.Connection, patterns: list[dict[str, Any]]) -> list[str]:
+        """The keys of the copies matching any pattern, without locking them: inside an invalidation (the secret's
+        state row held exclusively, so no copy of it is written meanwhile), for the target to lock and stop serving
+        its rows first (lock order 4) before `stop_serving` takes the copies (lock order 5)."""
+        rows = await conn.fetch(self._q["copies_matching"], self.target, [json.dumps([p]) for p in patterns])
+        return [r["copy_key"] for r in rows]
+
+    async def stop_serving(self, conn: asyncpg.Connection, patterns: list[dict[str, Any]], *, drop: bool) -> list[str]:
+        """An invalidation: the copies matching any pattern are marked stale (or forgotten, with `drop`); returns
+        their keys."""
+        statement = "forget_copies_matching" if drop else "mark_copies_stale_matching"
+        rows = await conn.fetch(self._q[statement], self.target, [json.dumps([p]) for p in patterns])
+        return [r["copy_key"] for r in rows]
+
+    async def stale(self, pool: asyncpg.Pool, patterns: list[dict[str, Any]], limit: int = 10_000) -> list[StaleCopy]:
+        rows = await pool.fetch(self._q["stale_copies"], self.target, [json.dumps([p]) for p in patterns], limit)
+        return [StaleCopy(r["copy_key"], r["execution_id"], r["parent_execution_id"], json.loads(r["sources"]),
+                          json.loads(r["detail"])) for r in rows]
+
+    async def stale_secret_ids(self, pool: asyncpg.Pool, limit: int = 100) -> list[str]:
+        return [r["secret_id"] for r in await pool.fetch(self._q["stale_copy_secret_ids"], self.target, limit)]
+
+    async def forget(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> dict[str, int]:
+        """The copies of rows the target deleted from its store: forgotten; returns {key: values it held}."""
+        rows = await conn.fetch(self._q["forget_copies"], self.target, keys) if keys else []
+        return {r["copy_key"]: r["fields"] for r in rows}

@@ -1,0 +1,92 @@
+"""The `keychain` target: our own table, through the `keychain` library (what workers using the library read)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+from keychain.model import Entry, Provenance, Scope, value_from_payload
+from keychain.store import Keychain
+
+from .. import metrics
+from ..events import ExecutionEvent
+from ..resolve import Want, resolve
+from . import Filled, TargetPlan
+
+log = logging.getLogger(__name__)
+
+
+class KeychainTarget:
+    name = "keychain"
+
+    def __init__(self, keychain: Keychain, *, project: str | None):
+        self.keychain = keychain
+        self._project = project
+
+    def plan(self, event: ExecutionEvent, playbook: dict[str, Any] | None) -> TargetPlan:
+        plan = resolve(event, playbook, project=self._project)
+        for skip in plan.skipped:
+            metrics.SKIPPED_DECLARATIONS.labels(skip.reason).inc()
+        return TargetPlan(plan.wants, plan.skipped)
+
+    async def not_yet_warm(self, wants: list[Want]) -> list[Want]:
+        """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, a global
+        credential already shared). A global name that holds other secrets is written over: logged and counted, as
+        two playbooks disagreeing on what one global name means is worth an operator's look."""
+        existing = await self.keychain.existing_rows((w.identity for w in wants), self.keychain.settings.ttl_seconds / 2)
+        todo = []
+        for want in wants:
+            found = existing.get(want.identity)
+            if found is not None and found[1] and found[1] != want.secrets and want.scope.type == "global":
+                log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
+                            ", ".join(sorted(found[1])), ", ".join(sorted(want.secrets)))
+                metrics.GLOBAL_REPOINTS.inc()
+            if found is None or not found[0] or found[1] != want.secrets:
+                todo.append(want)
+        return todo
+
+    async def write(self, filled: Sequence[Filled]) -> list[Filled]:
+        entries = {id(f): self._entry(f) for f in filled}
+        fenced = await self.keychain.put_many(list(entries.values()))
+        return [f for f in filled if entries[id(f)] in fenced]
+
+    @staticmethod
+    def _entry(filled: Filled) -> Entry:
+        want = filled.want
+        if filled.error_code is not None:  # readers get CachedFailure until it expires
+            return Entry(want.credential_name, want.scope, error_code=filled.error_code,
+                         sources=tuple(Provenance(r, None, f) for f, r in want.fields))
+        fetched = [(name, ref, filled.values[str(ref)]) for name, ref in want.fields]
+        if len(fetched) == 1 and fetched[0][0] is None:
+            value = value_from_payload(fetched[0][2].value.payload)
+        else:
+            value = {name: value_from_payload(f.value.payload) for name, _, f in fetched}
+        sources = tuple(Provenance(ref, f.value.version_name, name) for name, ref, f in fetched)
+        return Entry(want.credential_name, want.scope, value, sources=sources, fences=filled.fences)
+
+    async def finish(self, execution_id: int) -> int:
+        return await self.keychain.finish_execution(execution_id)
+
+    def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool) -> None:
+        return None  # the library's invalidation is this table's
+
+    async def stale_wants(self, secret_id: str, match: dict[str, Any]) -> list[Want]:
+        rows = await self.keychain.stale_rows(secret_id, match)
+        return [Want.from_sources(row["credential_name"],
+                                  Scope.of(execution_id=row["execution_id"], session_id=row["session_id"],
+                                           scope=row["scope_type"]), row["sources"])
+                for row in rows]
+
+    async def stale_secret_ids(self, limit: int) -> list[str]:
+        return await self.keychain.stale_secret_ids(limit)
+
+    async def sweep(self) -> int:
+        return await self.keychain.sweep()
+
+    async def globals_to_refresh(self, within_seconds: float) -> list[Want]:
+        """Keep warm: global rows that are read and about to expire."""
+        rows = await self.keychain.globals_to_refresh(within_seconds)
+        return [Want.from_sources(row["credential_name"], Scope.of(), row["sources"]) for row in rows]
+
+    async def close(self) -> None:
+        return None
