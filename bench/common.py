@@ -1,17 +1,24 @@
-"""Shared by the benchmarks: arguments, percentiles, alternated timing, the settings for a local stack, the last JSON
-line."""
+"""Shared by the benchmarks: arguments, percentiles, alternated timing, the settings for a local stack, a worker of
+its own and its CPU, the last JSON line."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
+import os
 import statistics
 import time
-from typing import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable
 
-from streams.settings import WorkerSettings
+import psutil
+
+from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
 from devtools.stack import LocalStack
+from keychain import Keychain
+from streams.settings import WorkerSettings
 
 
 def arguments(description: str) -> argparse.Namespace:
@@ -59,3 +66,35 @@ def settings_for(stack: LocalStack, schema: str, **overrides) -> WorkerSettings:
 def report(figures: dict) -> None:
     """The figures, as the last line printed."""
     print(json.dumps(figures), flush=True)
+
+
+def worker_cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def own_worker(stack: LocalStack, name: str) -> tuple[WorkerSettings, dict[str, str]]:
+    """Settings and a worker's environment on topics (8 partitions), a schema and a group of their own."""
+    settings = settings_for(stack, name.replace("-", "_"), events_topic=name, dlq_topic=f"{name}-dlq",
+                            rotations_topic=f"{name}-rotations")
+    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
+                        settings.rotations_topic, partitions=8)
+    env = local_worker_env({**os.environ, **stack.env}, name, KEYCHAIN_SCHEMA=settings.schema_name,
+                           KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
+                           KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic,
+                           KEYCHAIN_CATALOG_SCHEMA=settings.schema_name)
+    return settings, env
+
+
+@asynccontextmanager
+async def consuming_worker(kc: Keychain, bootstrap: str, settings: WorkerSettings,
+                           env: dict[str, str]) -> AsyncIterator[WorkerProcess]:
+    """A worker, yielded once it has handled an event sent to it (the finish of execution 1 is fenced); stopped after."""
+    worker = WorkerProcess(env).start()
+    try:
+        await produce(bootstrap, settings.events_topic, [finish_event(1)])
+        while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
+            await asyncio.sleep(0.05)
+        yield worker
+    finally:
+        worker.stop()

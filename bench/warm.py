@@ -20,8 +20,10 @@ Last, executions starting one at a time (`steady_*`): an event every STEADY_INTE
 fetched yet, so that each pays one Secret Manager call; `steady_ready_p99_minus_sm_p99_ms` is the warm's own share
 of the p99 when the worker is not busy (an event that queued behind the previous one's call shows here).
 
-And the consumer's own floor (`ignored_*`): a burst of NoETL's step records, which the warmer reads and ignores: the
-worker's events/s and CPU per event when an event needs no work.
+And the consumer's own cost (bench/warm_consumer.py): a burst of NoETL's step records, which the warmer reads and
+ignores (`ignored_*`: the worker's events/s and CPU per record when a record needs no work), next to a plain aiokafka
+consumer's floor on the same records in the same run (`aiokafka_floor_ms_per_record`, and the ratio); and an idle
+worker's CPU per second, at the production fetch wait and at the local broker's (`idle_*`).
 
 And the noetl target (`noetl_*`, bench/warm_noetl.py): NoETL's own keychain warmed for its unmodified server, Secret
 Manager calls per execution against NoETL alone (one per alias field per execution), and the first-read hit ratio of
@@ -33,10 +35,7 @@ NoETL's server's read.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import psutil
 import yaml
@@ -45,11 +44,10 @@ from aiokafka import AIOKafkaProducer
 from keychain import Keychain, SecretManagerSource
 from keychain.refs import SecretRef
 from devtools.stack import LocalStack
-from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
-from devtools.noetl_samples import as_message, finish_record, register, rust_playbook_started, step_records
-from streams.settings import WorkerSettings
+from devtools.noetl_samples import as_message, register, rust_playbook_started
 
-from .common import arguments, median_ms, ms, percentile, report, settings_for
+from .common import arguments, consuming_worker, median_ms, ms, own_worker, percentile, report, worker_cpu_seconds
+from .warm_consumer import consumer_cost
 from .warm_noetl import noetl_burst
 
 SECRETS_PER_EVENT = 3
@@ -87,11 +85,6 @@ def start_message(mode: str, execution_id: int, wanted: list[str]) -> tuple[byte
                        "playbook": INLINE_PLAYBOOK})
 
 
-def worker_cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
 async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
     process = psutil.Process(pid)
     while not stop.is_set():
@@ -115,7 +108,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     inline, catalog = (mean_of(runs[mode]) for mode in ("inline", "catalog"))
     curve = await first_read_curve(stack, quick)
     steady_figures = await steady(stack, quick)
-    floor = await step_records_burst(stack, quick)
+    floor = await consumer_cost(stack, quick)
     noetl = await noetl_burst(stack, quick, FIRST_READ_AFTER_S)
     return {
         **inline,
@@ -133,33 +126,6 @@ async def run(stack: LocalStack, quick: bool) -> dict:
 def mean_of(figures: list[dict]) -> dict:
     return {k: figures[0][k] if all(f[k] == figures[0][k] for f in figures)
             else round(sum(f[k] for f in figures) / len(figures), 4) for k in figures[0]}
-
-
-async def own_worker(stack: LocalStack, name: str) -> tuple[WorkerSettings, dict[str, str]]:
-    """Settings and a worker's environment on topics (8 partitions), a schema and a group of their own."""
-    settings = settings_for(stack, name.replace("-", "_"), events_topic=name, dlq_topic=f"{name}-dlq",
-                            rotations_topic=f"{name}-rotations")
-    await create_topics(stack.env["KAFKA_BOOTSTRAP_SERVERS"], settings.events_topic, settings.dlq_topic,
-                        settings.rotations_topic, partitions=8)
-    env = local_worker_env({**os.environ, **stack.env}, name, KEYCHAIN_SCHEMA=settings.schema_name,
-                           KEYCHAIN_TOPIC_PARTITIONS="8", KEYCHAIN_EVENTS_TOPIC=settings.events_topic,
-                           KEYCHAIN_DLQ_TOPIC=settings.dlq_topic, KEYCHAIN_ROTATIONS_TOPIC=settings.rotations_topic,
-                           KEYCHAIN_CATALOG_SCHEMA=settings.schema_name)
-    return settings, env
-
-
-@asynccontextmanager
-async def consuming_worker(kc: Keychain, bootstrap: str, settings: WorkerSettings,
-                           env: dict[str, str]) -> AsyncIterator[WorkerProcess]:
-    """A worker, yielded once it has handled an event sent to it (the finish of execution 1 is fenced); stopped after."""
-    worker = WorkerProcess(env).start()
-    try:
-        await produce(bootstrap, settings.events_topic, [finish_event(1)])
-        while not await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = 1"):
-            await asyncio.sleep(0.05)
-        yield worker
-    finally:
-        worker.stop()
 
 
 async def sm_latencies(kc: Keychain, ref: str, count: int) -> list[float]:
@@ -349,50 +315,6 @@ async def steady(stack: LocalStack, quick: bool) -> dict:
         "steady_ready_p50_ms": ms(percentile(latencies, 50)),
         "steady_ready_p99_ms": ms(percentile(latencies, 99)),
         "steady_ready_p99_minus_sm_p99_ms": round(ms(percentile(latencies, 99)) - ms(percentile(sm_samples, 99)), 3),
-    }
-
-
-async def step_records_burst(stack: LocalStack, quick: bool) -> dict:
-    """A burst of what NoETL writes between an execution's start and finish (a dozen record types per step, which
-    the warmer reads and ignores): the worker's own cost per event when an event needs no work at all (reading it
-    from the broker, parsing it, acknowledging it), a floor under `worker_cpu_ms_per_event`, and what a deployment
-    that streams NoETL's whole event table pays for every record that is not a start or a finish."""
-    executions = 40 if quick else 250  # x 12 record types, 4 steps
-    settings, env = await own_worker(stack, "bench-warm-ignored")
-    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
-    first_id = 50_000_000
-    async with Keychain(settings) as kc:
-        await kc.migrate()
-        async with consuming_worker(kc, bootstrap, settings, env) as worker:
-            producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-            await producer.start()
-            last_on_partition: dict[int, int] = {}
-            try:
-                cpu_before, started = worker_cpu_seconds(worker.pid), time.time()
-                sending = []
-                for n in range(executions):
-                    for step in ("extract", "transform", "load", "notify"):
-                        for row in step_records(first_id + n, CATALOG_ID, step):
-                            key, value = as_message(row)
-                            sending.append((first_id + n, await producer.send(settings.events_topic, value, key=key)))
-                for execution_id, sent in sending:
-                    last_on_partition[(await sent).partition] = execution_id
-                # Each partition's last execution finishes after its records: when all those are fenced, all is read.
-                for execution_id in last_on_partition.values():
-                    key, value = as_message(finish_record(execution_id, CATALOG_ID))
-                    await producer.send(settings.events_topic, value, key=key)
-                await producer.flush()
-            finally:
-                await producer.stop()
-            while await kc.pool.fetchval("SELECT count(*) FROM keychain_finished_execution WHERE execution_id = ANY($1)",
-                                         list(last_on_partition.values())) < len(last_on_partition):
-                await asyncio.sleep(0.02)
-            span, cpu = time.time() - started, worker_cpu_seconds(worker.pid) - cpu_before
-    events = len(sending) + len(last_on_partition)
-    return {
-        "ignored_events": events,
-        "ignored_events_per_s": round(events / span, 1),
-        "ignored_worker_cpu_ms_per_event": round(cpu / events * 1000, 3),
     }
 
 

@@ -213,6 +213,9 @@ async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, en
             stale_reads += bool(lookup) and lookup.value == old
     say(f"      rows refreshed with the new version {lag_ms:.0f} ms after AddSecretVersion; "
         f"{stale_reads} reads of the old version after it was invalidated")
+    refreshed = f"SELECT count(*) FROM {noetl_server.schema}.keychain WHERE expires_at > now() " \
+                "AND execution_id = ANY($1::bigint[])"  # an invalidated row is expired until its new value is in
+    await wait(lambda: _rows(keychain, refreshed, NOETL_EXECUTIONS), len(NOETL_EXECUTIONS))
     noetl_stale = 0
     for execution_id in NOETL_EXECUTIONS:  # and so does NoETL's server, from its own keychain
         answer = await noetl_server.get_credential("openai_token", execution_id)

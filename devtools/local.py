@@ -29,8 +29,8 @@ def _worker_scratch_dir() -> str:
 
 def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dict[str, str]:
     """Environment of a worker on the local stack (`base`: the whole environment to start from): its own consumer
-    group, scratch directory and HTTP port, and short group timeouts (tansu admits a member after about half the
-    session timeout)."""
+    group, scratch directory and HTTP port, short group timeouts (tansu admits a member after about half the
+    session timeout) and a short fetch wait (tansu holds a fetch for its whole wait)."""
     return {
         **base,
         "KEYCHAIN_APP_ID": app_id,
@@ -40,6 +40,8 @@ def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dic
         "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
         "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5",
         "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS": "3",
+        # tansu holds a fetch for its whole wait even when a record arrives (Apache Kafka answers at once)
+        "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS": "20",
         **overrides,
     }
 

@@ -34,9 +34,10 @@ def storable_text(value: str, max_bytes: int = MAX_NAME_BYTES) -> str:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class RowIdentity:
-    """The table's key: one row per credential name and scope. Its associated data binds a ciphertext to it."""
+class RowIdentity(NamedTuple):
+    """The table's key: one row per credential name and scope. Its associated data binds a ciphertext to it. (A
+    named tuple: a burst makes several per row, and a tuple is made and hashed several times faster than a frozen
+    dataclass.)"""
 
     credential_name: str
     scope_type: str
@@ -108,7 +109,9 @@ class Scope:
         return ""
 
     def identity(self, credential_name: str) -> RowIdentity:
-        return RowIdentity(credential_name, self.type, self.scope_id)
+        if self.type == "execution":
+            return RowIdentity(credential_name, "execution", str(self.execution_id))
+        return RowIdentity(credential_name, self.type, self.session_id or "" if self.type == "session" else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,11 @@ class Entry:
     error_code: str | None = None
     # Rotation fence: the generation of each secret (by short id) observed before its value was fetched.
     fences: tuple[tuple[str, int], ...] = ()
+
+    @functools.cached_property
+    def identity(self) -> RowIdentity:
+        """Its row (made once: a write asks for it several times)."""
+        return self.scope.identity(self.credential_name)
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ class ReadThrough:
     async def _write_pending(self) -> None:
         await asyncio.sleep(0)  # the read-throughs that are ready in this loop iteration join the first batch
         while self._to_write:
-            batch = [(e.scope.identity(e.credential_name), e, written) for e, written in self._to_write]
+            batch = [(e.identity, e, written) for e, written in self._to_write]
             self._to_write = []
             latest = {identity: e for identity, e, _ in batch}  # a statement writes a row once
             try:

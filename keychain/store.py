@@ -228,7 +228,7 @@ class Keychain:
         if not entries:
             return []
         # One entry per row (a statement writes a row once), each sealed before any lock is taken.
-        latest = {e.scope.identity(e.credential_name): e for e in entries}
+        latest = {e.identity: e for e in entries}
         sealed = [(e, self._row(e)) for e in latest.values()]
 
         async def write(conn: asyncpg.Connection) -> list[Entry]:
@@ -295,7 +295,7 @@ class Keychain:
         """An entry as its row: sealed for this write, or a refusal."""
         if e.error_code is None:
             write_id = new_write_id()
-            kid, data = self.keyring.seal(e.scope.identity(e.credential_name), e.value, write_id)
+            kid, data = self.keyring.seal(e.identity, e.value, write_id)
             state, ttl = "ready", e.ttl_seconds or self.settings.ttl_seconds
         else:
             state, kid, data, write_id = "failed", None, None, None

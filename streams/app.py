@@ -34,7 +34,9 @@ def logging_config(settings: WorkerSettings) -> dict | None:
 
 def create_app(settings: WorkerSettings) -> faust.App:
     return faust.App(
-        settings.app_id,
+        # faust's own consumer group (the rotation notices, the timers' leader): the events topic's group is
+        # KEYCHAIN_APP_ID itself (streams/consumer.py), and the two speak different group protocols
+        f"{settings.app_id}-control",
         # keychain-kafka = faust's aiokafka transport with a configurable fetch wait (streams/transport.py)
         broker=[f"keychain-kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
         key_serializer="raw",

@@ -62,13 +62,16 @@ class Failed:
 async def hold_until_written(work: Callable[[], Awaitable[T]]) -> T:
     """Run `work` until the database takes it: an outage holds the stream (in order) instead of losing events.
     Every handler is idempotent, so a batch may run again whole."""
+    try:  # the first attempt outside the retry machinery: it is nearly always the only one, thousands a second
+        return await work()
+    except DATABASE_DOWN:
+        pass
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(DATABASE_DOWN), wait=wait_exponential_jitter(multiplier=0.1, max=5), reraise=True
     )
     async for attempt in retrying:
         with attempt:
-            if attempt.retry_state.attempt_number > 1:
-                log.warning("database unavailable; retrying (attempt %d)", attempt.retry_state.attempt_number)
+            log.warning("database unavailable; retrying (attempt %d)", attempt.retry_state.attempt_number + 1)
             return await work()
     raise AssertionError("unreachable")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -116,11 +117,12 @@ class Invalidator:
     async def refresh(self, secret_id: str, match: dict) -> int:
         """Re-warm the stale rows of a secret in every target (each secret fetched once for all of them); finished
         executions have none left."""
-        written = 0
-        for target in self.warmer.targets:
+        async def refresh(target) -> int:
             wants = await target.stale_wants(secret_id, match)
-            written += (await self.warmer.warm(wants, target=target, skip_ready=False))[1]
-        return written
+            return (await self.warmer.warm(wants, target=target, skip_ready=False))[1]
+
+        # side by side: every target's rows wait for the same one fetch, and come back at the same moment
+        return sum(await asyncio.gather(*(refresh(target) for target in self.warmer.targets)))
 
     async def reconcile(self) -> int:
         """Catch notices that never arrived: compare what `latest` rows hold with the secret's latest version.

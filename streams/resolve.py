@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any
 
 from jinja2 import StrictUndefined, Template, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
@@ -82,23 +83,32 @@ def _compiled(template: str) -> Template:
     return _jinja.from_string(tree)
 
 
-@dataclass(frozen=True)
 class Want:
-    """One keychain row an execution needs: single-valued (`field` None) or a map of fields to references."""
+    """One keychain row an execution needs: single-valued (`field` None) or a map of fields to references. Equal
+    (and hashed) by name, scope and fields. A plain class with slots: a burst makes three per start event, and a
+    frozen dataclass that derives fields costs several times more to make."""
 
-    credential_name: str
-    scope: Scope
-    fields: tuple[tuple[str | None, SecretRef], ...]
+    __slots__ = ("credential_name", "scope", "fields", "refs", "secrets", "identity", "_hash")
 
-    # Made once each: a batch asks them of every want several times.
-    refs: tuple[SecretRef, ...] = field(init=False, repr=False, compare=False)
-    secrets: frozenset[str] = field(init=False, repr=False, compare=False)  # short ids
-    identity: RowIdentity = field(init=False, repr=False, compare=False)
+    def __init__(self, credential_name: str, scope: Scope, fields: tuple[tuple[str | None, SecretRef], ...]):
+        self.credential_name = credential_name
+        self.scope = scope
+        self.fields = fields
+        # Made once each: a batch asks them of every want several times.
+        self.refs: tuple[SecretRef, ...] = tuple(ref for _, ref in fields)
+        self.secrets: frozenset[str] = frozenset(ref.secret for ref in self.refs)  # short ids
+        self.identity: RowIdentity = scope.identity(credential_name)
+        self._hash = hash((credential_name, scope, fields))
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "refs", tuple(ref for _, ref in self.fields))
-        object.__setattr__(self, "secrets", frozenset(ref.secret for ref in self.refs))
-        object.__setattr__(self, "identity", self.scope.identity(self.credential_name))
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Want) and self._hash == other._hash and self.credential_name == other.credential_name
+                and self.scope == other.scope and self.fields == other.fields)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"Want({self.credential_name!r}, {self.scope!r}, {self.fields!r})"
 
     @classmethod
     def from_sources(cls, credential_name: str, scope: Scope, sources: str) -> "Want":
@@ -140,6 +150,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
     plan = Plan()
     if event.workload is None:  # a start record without a workload (the Rust server's workflow.initialized)
         return plan
+    from_catalog = playbook is not None
     if playbook is None:
         playbook = event.playbook if isinstance(event.playbook, dict) else {}
     workload = {**_mapping(playbook.get("workload")), **event.workload}
@@ -168,7 +179,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
             continue
         add(name, execution if scope_type == "execution" else Scope.of(), fields)
 
-    for where, auth in _auth_entries({k: playbook.get(k) for k in ("workflow", "workbook")}):
+    for where, auth in _step_declarations(playbook, cached=from_catalog):
         try:
             refs = _auth_refs(auth, context)
         except Unusable as unusable:
@@ -228,34 +239,50 @@ def kind_reason(kind: Any) -> str:
 
 
 # --- step auth --------------------------------------------------------------------------------------------------
-def _auth_entries(node: Any, step: str = "") -> Iterator[tuple[str, Any]]:
-    """(where, declaration) for every credential a step names: `auth` entries (one, or a mapping of named ones) and
-    `credential: NAME`, wherever a step nests them (tools, loops, branches, workbook tasks)."""
-    if isinstance(node, dict):
-        if isinstance(node.get("step"), str):
-            step = node["step"][:200]
-        elif isinstance(node.get("task"), str):
-            step = node["task"][:200]
-        auth = node.get("auth")
-        if auth is not None:
-            if isinstance(auth, dict) and not _is_single_auth(auth):
-                for name, entry in auth.items():
-                    yield f"{step}.auth.{str(name)[:100]}", entry
-            elif auth != {}:
-                yield f"{step}.auth", auth
-        if "credential" in node and not isinstance(node.get("credential"), (dict, list)):
-            yield f"{step}.credential", {"source": "credential"}
-        for key, child in node.items():
-            if key not in ("auth", "credential"):
-                yield from _auth_entries(child, step)
-    elif isinstance(node, list):
-        for child in node:
-            yield from _auth_entries(child, step)
+_SINGLE_AUTH_KEYS = frozenset({"provider", "source", "type", "kind", "key", "credential"})
+# A catalog playbook never changes, and a burst resolves the same few thousands of times: its declarations are found
+# once (by the dictionary's identity; the entry keeps it alive, so the identity is never reused meanwhile).
+_CATALOG_DECLARATIONS: OrderedDict[int, tuple[dict, list[tuple[str, Any]]]] = OrderedDict()
+_CATALOG_DECLARATIONS_KEPT = 256
 
 
-def _is_single_auth(auth: dict[str, Any]) -> bool:
-    """`auth: {provider: ..., key: ...}` is one declaration; `auth: {openai: {...}, pg: ...}` names several."""
-    return any(k in auth for k in ("provider", "source", "type", "kind", "key", "credential"))
+def _step_declarations(playbook: dict[str, Any], *, cached: bool) -> list[tuple[str, Any]]:
+    if not cached:
+        return _auth_entries({k: playbook.get(k) for k in ("workflow", "workbook")})
+    found = _CATALOG_DECLARATIONS.get(id(playbook))
+    if found is None or found[0] is not playbook:
+        found = _CATALOG_DECLARATIONS[id(playbook)] = (
+            playbook, _auth_entries({k: playbook.get(k) for k in ("workflow", "workbook")}))
+        while len(_CATALOG_DECLARATIONS) > _CATALOG_DECLARATIONS_KEPT:
+            _CATALOG_DECLARATIONS.popitem(last=False)
+    return found[1]
+
+
+def _auth_entries(root: Any) -> list[tuple[str, Any]]:
+    """(where, declaration) for every credential a step names, in document order: `auth` entries (one, or a mapping
+    of named ones) and `credential: NAME`, wherever a step nests them (tools, loops, branches, workbook tasks)."""
+    found: list[tuple[str, Any]] = []
+    stack: list[tuple[Any, str]] = [(root, "")]
+    while stack:
+        node, step = stack.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("step"), str):
+                step = node["step"][:200]
+            elif isinstance(node.get("task"), str):
+                step = node["task"][:200]
+            auth = node.get("auth")
+            if auth is not None:
+                if isinstance(auth, dict) and auth.keys().isdisjoint(_SINGLE_AUTH_KEYS):  # several, named
+                    found.extend((f"{step}.auth.{str(name)[:100]}", entry) for name, entry in auth.items())
+                elif auth != {}:
+                    found.append((f"{step}.auth", auth))
+            if "credential" in node and not isinstance(node.get("credential"), (dict, list)):
+                found.append((f"{step}.credential", {"source": "credential"}))
+            stack.extend((child, step) for key, child in reversed(node.items())
+                         if key not in ("auth", "credential") and isinstance(child, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((child, step) for child in reversed(node) if isinstance(child, (dict, list)))
+    return found
 
 
 def _auth_refs(entry: Any, context: dict[str, Any]) -> list[SecretRef]:

@@ -97,7 +97,6 @@ class Warmer:
         for record in records:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
-                metrics.EVENTS_OF_KIND[event.kind].inc()
                 if event.kind == "finish":
                     for target in self.targets:
                         result.rows_purged += await target.finish(event.execution_id)
@@ -108,6 +107,9 @@ class Warmer:
                     result.ignored += 1
             except Exception as exc:
                 result.dead.append(self._dead_letter(record, exc))
+        for kind, count in (("start", len(starts)), ("finish", result.finished), ("ignored", result.ignored)):
+            if count:  # counted once a batch: NoETL's stream is mostly records to ignore
+                metrics.EVENTS_OF_KIND[kind].inc(count)
         planned: list[tuple[Record, list[list]]] = []  # each start's wants, target by target
         events = [event for _, event in starts]
         playbooks = (await self.catalog.playbooks_for(events) if self.catalog is not None

@@ -228,3 +228,20 @@ def noetl_secrets(sm, unique):
         sm.create_secret(secret_id)
         sm.add_version(secret_id, f"value-of-{secret_id}")
     return names
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows what the workers it started printed (warnings, dead letters, tracebacks): a failure in CI
+    can then be read from its log alone."""
+    from .streams_harness import WORKERS
+
+    if call.when == "setup":
+        item.workers_before = len(WORKERS)
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for n, worker in enumerate(WORKERS[getattr(item, "workers_before", 0):]):
+            lines = [line.rstrip() for line in worker.lines
+                     if any(word in line for word in ("WARNING", "ERROR", "Error", "dead letter", "Traceback", "  File "))]
+            report.sections.append((f"worker {n} (warnings and errors)", "\n".join(lines[-150:])))

@@ -23,7 +23,8 @@ KEYS = {
              "worker_cpu_share_of_span", "steady_ready_p50_ms", "steady_ready_p99_ms", "steady_ready_p99_minus_sm_p99_ms",
              "ignored_events_per_s", "ignored_worker_cpu_ms_per_event", "noetl_first_read_hit_ratio",
              "noetl_alone_first_read_hit_ratio", "noetl_sm_calls_per_execution", "noetl_alone_sm_calls_per_execution",
-             "noetl_sm_calls_vs_alone",
+             "noetl_sm_calls_vs_alone", "aiokafka_floor_ms_per_record", "ignored_vs_aiokafka_floor",
+             "idle_worker_cpu_s_per_s", "idle_worker_cpu_s_per_s_at_20ms",
              *(f"{key}_{delay}{suffix}" for delay in (0, 50, 100, 250, 500, 1000)
                for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
