@@ -1,5 +1,5 @@
 """Shared by the benchmarks: arguments, percentiles, alternated timing, the settings for a local stack, a worker of
-its own and its CPU, the last JSON line."""
+its own and its CPU, a burst sent at the broker's pace, the last JSON line."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable
 
 import psutil
+from aiokafka import AIOKafkaProducer
 
 from devtools.local import WorkerProcess, create_topics, finish_event, local_worker_env, produce
 from devtools.stack import LocalStack
@@ -66,6 +67,18 @@ def settings_for(stack: LocalStack, schema: str, **overrides) -> WorkerSettings:
 def report(figures: dict) -> None:
     """The figures, as the last line printed."""
     print(json.dumps(figures), flush=True)
+
+
+async def send_burst(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> None:
+    """Every message sent without waiting for the one before (aiokafka keeps each partition's order), then flushed: a
+    burst whose pace is the broker's, not a round trip per message, so that what is measured is the workers'."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        sent = [await producer.send(topic, value, key=key) for key, value in messages]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
 
 
 def worker_cpu_seconds(pid: int) -> float:

@@ -29,7 +29,8 @@ KEYS = {
                for key, suffix in (("first_read", "_ms_p50"), ("first_read", "_ms_p99"), ("extra_sm_calls", "")))},
     "invalidate": {"lag_p50_ms", "lag_p99_ms", "pubsub_p50_ms", "pubsub_p99_ms"},
     "sweep": {"rows_per_s", "reader_p99_idle_ms", "reader_p99_sweep_ms"},
-    "replicas": {"sm_calls_1", "sm_calls_2", "sm_calls_3", "events_per_s_1", "events_per_s_3", "takeover_s"},
+    "replicas": {"sm_calls_1", "sm_calls_2", "sm_calls_3", "events_per_s_1", "events_per_s_2", "events_per_s_3",
+                 "machine_busy_1", "machine_busy_3", "takeover_s"},
     "scale": {"rows", "get_p50_ms_small", "get_p50_ms_large", "reconcile_round_ms_small", "reconcile_round_ms_large",
               "sweep_rows_per_s_large"},
 }
