@@ -1,4 +1,4 @@
-"""keychain: the encrypted, scoped credential cache that workflow workers read (`noetl.keychain`)."""
+"""keychain: the encrypted, scoped credential cache that workflow workers read (`KEYCHAIN_SCHEMA`.keychain)."""
 
 from .errors import (
     CachedFailure,
