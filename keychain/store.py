@@ -232,8 +232,8 @@ class Keychain:
         sealed = [(e, self._row(e)) for e in latest.values()]
 
         async def write(conn: asyncpg.Connection) -> list[Entry]:
-            stale, fresh, _ = await self._hold_fences(conn, sealed, lambda item: item[0].fences,
-                                                       lambda item: item[0].scope.execution_id)
+            stale, fresh = await self._hold_fences(conn, sealed, lambda item: item[0].fences,
+                                                    lambda item: item[0].scope.execution_id)
             if fresh:  # put_entries leaves out finished executions' rows itself
                 await conn.execute(self._q["put_entries"], *(list(column) for column in zip(*(r for _, r in fresh))))
                 metrics.ROWS_WRITTEN.labels("keychain").inc(len(fresh))
@@ -261,8 +261,11 @@ class Keychain:
             return []
 
         async def fenced(conn: asyncpg.Connection) -> list[T]:
-            stale, fresh, finished = await self._hold_fences(conn, list(items), fences, execution_id)
-            fresh = [item for item in fresh if execution_id(item) not in finished]
+            stale, fresh = await self._hold_fences(conn, list(items), fences, execution_id)
+            execution_ids = sorted({e for e in map(execution_id, fresh) if e is not None})
+            if execution_ids:  # put_entries leaves finished executions' rows out itself; another store cannot
+                finished = {r["execution_id"] for r in await conn.fetch(self._q["finished_among"], execution_ids)}
+                fresh = [item for item in fresh if execution_id(item) not in finished]
             if fresh:
                 await write(conn, fresh)
             return stale
@@ -271,11 +274,10 @@ class Keychain:
 
     async def _hold_fences(self, conn: asyncpg.Connection, items: list[T],
                            fences: Callable[[T], Iterable[tuple[str, int]]],
-                           execution_id: Callable[[T], int | None]) -> tuple[list[T], list[T], set[int]]:
+                           execution_id: Callable[[T], int | None]) -> tuple[list[T], list[T]]:
         """Inside a writer's transaction, in the lock order: the secrets' state rows FOR SHARE (an invalidation
         waits for this transaction, then sees what it wrote), then the executions' fence locks shared (a finish
-        waits). Returns (items whose secret was invalidated after its generation was read, the others, the finished
-        executions among the others')."""
+        waits). Returns (items whose secret was invalidated after its generation was read, the others)."""
         fenced_ids = sorted({secret_id for item in items for secret_id, _ in fences(item)})
         stale: list[T] = []
         if fenced_ids:
@@ -285,11 +287,9 @@ class Keychain:
             stale_ids = {id(item) for item in stale}
             items = [item for item in items if id(item) not in stale_ids]
         execution_ids = sorted({e for e in map(execution_id, items) if e is not None})
-        finished: set[int] = set()
         if execution_ids:
             await conn.execute(self._q["lock_executions_shared"], execution_ids)
-            finished = {r["execution_id"] for r in await conn.fetch(self._q["finished_among"], execution_ids)}
-        return stale, items, finished
+        return stale, items
 
     def _row(self, e: Entry) -> RowToWrite:
         """An entry as its row: sealed for this write, or a refusal."""
@@ -358,17 +358,17 @@ class Keychain:
         redelivered start event, can write rows for it afterwards (nor any `write_fenced`). Idempotent. `beside`:
         what a worker target deletes from its own store, in the same transaction (it returns its rows deleted).
         Returns rows deleted (this table's, and beside's)."""
-        purged: list[int] = []
+        purged = 0  # this table's rows, of the attempt that committed
 
         async def finish(conn: asyncpg.Connection) -> int:
+            nonlocal purged
             await conn.execute(self._q["lock_execution"], execution_id)
-            purged[:] = [await conn.fetchval(self._q["finish_execution"], execution_id)]
-            return purged[0] + (await beside(conn) if beside is not None else 0)
+            purged = await conn.fetchval(self._q["finish_execution"], execution_id)
+            return purged + (await beside(conn) if beside is not None else 0)
 
         total = await self._transaction("finish_execution", finish)
-        metrics.PURGED_ROWS.labels("keychain").inc(purged[0])
+        metrics.PURGED_ROWS.labels("keychain").inc(purged)
         return total
-        return purged
 
     # --- invalidation ---------------------------------------------------------------------------------------------
     @typed_errors

@@ -22,8 +22,9 @@
 -- name: get_entry
 -- The worker read, one plain statement (no row lock, no new row version), hit or not: the row of this identity with
 -- what its hit bookkeeping needs, and why it may not be served (`refused`: expired, stale, failed with its error_code;
--- NULL for a hit), so that a miss needs no second round trip to say why. The hit is counted in memory and written by count_reads (keychain/reads.py). A row invalidated by a
--- transaction that committed before this read began is not served.
+-- NULL for a hit), so that a miss needs no second round trip to say why. The hit is counted in memory and written
+-- by count_reads (keychain/reads.py). A row invalidated by a transaction that committed before this read began is
+-- not served.
 SELECT k.id, k.key_id, k.data, k.write_id, k.reads_since_write, k.updated_at,
        CASE WHEN k.expires_at <= now() THEN 'expired' WHEN k.state = 'ready' THEN NULL ELSE k.state END AS refused,
        k.error_code
