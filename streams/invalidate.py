@@ -17,6 +17,7 @@ from .batches import DATABASE_DOWN, DeadLetter, Record
 from .events import BadEvent
 from .notices import RotationNotice, notice_from_kafka
 from .settings import WorkerSettings
+from .targets import together
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,8 @@ class Invalidator:
                           occurred_at: datetime | None = None) -> Applied:
         drop = self.settings.rewarm_mode == "drop"
         besides = [b for b in (t.stop_serving(secret_id, match, drop=drop) for t in self.warmer.targets) if b]
-
-        async def beside(conn) -> int:
-            return sum([await stop(conn) for stop in besides])
-
         changed = await self.keychain.invalidate_matching(secret_id, match, notice_id=notice_id, drop=drop,
-                                                          beside=beside if besides else None)
+                                                          beside=together(besides))
         lag_ms = (datetime.now(timezone.utc) - (occurred_at or datetime.now(timezone.utc))).total_seconds() * 1000
         metrics.INVALIDATIONS.labels(cause).inc()
         if changed:

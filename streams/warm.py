@@ -29,7 +29,7 @@ from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .plan import plans_of
 from .settings import WorkerSettings
-from .targets import Fetched, Filled, Target
+from .targets import Fetched, Filled, Target, together
 from .targets.keychain import KeychainTarget
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class Warmer:
             try:
                 event = parse_event(record.key, record.value, max_bytes=self.settings.max_event_bytes)
                 if event.kind == "finish":
-                    for target in self.targets:
-                        result.rows_purged += await target.finish(event.execution_id)
+                    result.rows_purged += await self._finish(event.execution_id)
                     result.finished += 1
                 elif event.kind == "start":
                     starts.append((record, event))
@@ -150,6 +149,15 @@ class Warmer:
                 detail = "Secret Manager did not give a secret this execution names"
                 result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
         return result
+
+    async def _finish(self, execution_id: int) -> int:
+        """The library's finish (the execution fenced, its rows gone) with every target's own rows deleted in the
+        same transaction. Returns rows deleted."""
+        purges = [p for p in (target.purge(execution_id) for target in self.targets) if p is not None]
+        deleted = await self.keychain.finish_execution(execution_id, beside=together([p.delete for p in purges]))
+        for purge in purges:
+            purge.committed()
+        return deleted
 
     async def _warm_targets(self, wants_by_event: list[list[list]], on_wait: Callable[[], None]
                             ) -> tuple[list[dict], int]:

@@ -14,12 +14,12 @@ rotation generations and by the executions' finish, in the library (Keychain.put
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import asyncpg
 
 from keychain.sources import SecretValue
-from keychain.store import Keychain
+from keychain.store import Beside, Keychain
 
 from ..events import ExecutionEvent
 from ..resolve import Skip
@@ -53,7 +53,26 @@ class TargetPlan:
     skipped: list[Skip] = field(default_factory=list)
 
 
-Beside = Callable[[asyncpg.Connection], Awaitable[None]]
+@dataclass(frozen=True)
+class Purge:
+    """What a target deletes from its own store when an execution ends: `delete` runs inside the library's finish
+    transaction (Keychain.finish_execution: fenced, run again whole on a deadlock) and returns its rows deleted;
+    `committed` counts them once that transaction has committed."""
+
+    delete: Beside
+    committed: Callable[[], None]
+
+
+def together(besides: Sequence[Beside]) -> Beside | None:
+    """Several targets' work in one of the library's transactions, one after the other (the lock order's class 4
+    for each); None when there is none."""
+    if not besides:
+        return None
+
+    async def every(conn: asyncpg.Connection) -> int:
+        return sum([await beside(conn) for beside in besides])
+
+    return every
 
 
 class Target(Protocol):
@@ -70,8 +89,9 @@ class Target(Protocol):
         """Write the rows (a refusal as this target records one, if it does); returns those NOT written because a
         secret they hold was invalidated after its generation was read (the warm fetches them again)."""
 
-    async def finish(self, execution_id: int) -> int:
-        """The execution ended: its rows go, fenced against late writes. Returns rows deleted."""
+    def purge(self, execution_id: int) -> Purge | None:
+        """What the end of an execution deletes from this target's own store, beside the library's finish of it
+        (which fences it against late writes and deletes its rows from the library's table); None: nothing more."""
 
     def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool) -> Beside | None:
         """What an invalidation does to this target's rows, inside the library's invalidation transaction (None: the

@@ -64,8 +64,8 @@ class KeychainTarget:
         sources = tuple(Provenance(ref, f.value.version_name, name) for name, ref, f in fetched)
         return Entry(want.credential_name, want.scope, value, sources=sources, fences=filled.fences)
 
-    async def finish(self, execution_id: int) -> int:
-        return await self.keychain.finish_execution(execution_id)
+    def purge(self, execution_id: int) -> None:
+        return None  # the library's finish purges this table
 
     def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool) -> None:
         return None  # the library's invalidation is this table's

@@ -35,7 +35,7 @@ from keychain.store import Keychain
 from ... import metrics
 from ...events import ExecutionEvent
 from ...settings import WorkerSettings
-from .. import Filled, TargetPlan
+from .. import Filled, Purge, TargetPlan
 from .aliases import NoetlWant, noetl_plan
 from .envelope import seal
 from .kek import DataKeys
@@ -150,8 +150,8 @@ class NoetlTarget:
     async def write(self, filled: Sequence[Filled]) -> list[Filled]:
         """NoETL keeps no refusals in its keychain (its server asks Secret Manager itself, and fails): a refused
         secret writes nothing. Nor does a value that is not UTF-8, which NoETL's server refuses."""
-        rows: list[tuple[Filled, str]] = []
-        usable = [f for f in filled if f.error_code is None and self._value(f) is not None]
+        values = [(f, self._value(f)) for f in filled if f.error_code is None]
+        usable = [(f, value) for f, value in values if value is not None]
         if not usable:
             return []
         try:  # before any lock is taken: Cloud KMS is never waited for while holding one
@@ -161,8 +161,7 @@ class NoetlTarget:
             log.warning("%d NoETL rows not warmed: their data keys could not be wrapped (%s)", len(usable),
                         type(exc).__name__)
             return []
-        for f, key in zip(usable, keys):
-            rows.append((f, seal(self._value(f), key)))
+        rows = [(f, seal(value, key)) for (f, value), key in zip(usable, keys)]
 
         async def write(conn: asyncpg.Connection, fresh: list[tuple[Filled, str]]) -> None:
             wants = [f.want for f, _ in fresh]
@@ -197,22 +196,24 @@ class NoetlTarget:
                     {"alias": want.alias, "catalog_id": want.catalog_id})
 
     # --- purge, rotation, sweep ---------------------------------------------------------------------------------------
-    async def finish(self, execution_id: int) -> int:
+    def purge(self, execution_id: int) -> Purge:
         """The execution's rows (and its children's, by parent_execution_id) go, in the library's finish
         transaction: fenced, so no warm still fetching writes a row afterwards."""
-        outcome: list[tuple[list[asyncpg.Record], dict[str, int]]] = []
+        deleted: list[asyncpg.Record] = []  # of the attempt that committed
+        warmed: dict[str, int] = {}
 
-        async def purge(conn: asyncpg.Connection) -> int:
+        async def delete(conn: asyncpg.Connection) -> int:
+            nonlocal deleted, warmed
             async with self._tables(conn) as tables:
                 deleted = await tables.fetch(self._q["purge_execution"], execution_id)
-            outcome[:] = [(deleted, await self.copies.forget(conn, [r["cache_key"] for r in deleted]))]
+            warmed = await self.copies.forget(conn, [r["cache_key"] for r in deleted])
             return len(deleted)
 
-        await self.keychain.finish_execution(execution_id, beside=purge)
-        deleted, warmed = outcome[0]
-        library_metrics.PURGED_ROWS.labels(self.name).inc(len(deleted))
-        self._account(deleted, warmed)
-        return len(deleted)
+        def committed() -> None:
+            library_metrics.PURGED_ROWS.labels(self.name).inc(len(deleted))
+            self._account(deleted, warmed)
+
+        return Purge(delete, committed)
 
     def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool):
         patterns = copy_patterns(secret_id, match)
