@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install check test demo stack bench clean
+.PHONY: install check test demo stack bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,15 +18,20 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check keychain streams devtools tests bench
 	FAST_TESTS=1 $(PY) -m pytest -m "not services" -q $(PYTEST_ARGS)
 
+# Everything but the benchmarks (`make bench`, `make bench-quick`).
 test: $(STAMP)
 	$(VENV)/bin/ruff check keychain streams devtools tests bench
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not bench" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m devtools demo
 
 bench: $(STAMP)
 	for b in hit_latency warm invalidate sweep replicas scale; do $(PY) -m bench.$$b; done
+
+# Each benchmark in its quick mode, as a test that it still runs and reports its figures (not its speed).
+bench-quick: $(STAMP)
+	$(PY) -m pytest -m bench $(PYTEST_ARGS)
 
 stack: $(STAMP)
 	$(PY) -m devtools stack

@@ -80,7 +80,7 @@ async def fill(kc: Keychain, rows: int, project: str) -> list[tuple[str, int]]:
             provenance = Provenance(ref_of(project, k), f"projects/{project}/secrets/scale-{k}/versions/1")
             entries.append(Entry(name, Scope.of(execution_id=execution_id), {"token": "t" * 40}, (provenance,)))
             targets.append((name, execution_id))
-        await kc.put_many(entries)
+        await kc.rows.put_many(entries)
     await kc.pool.execute("VACUUM ANALYZE keychain")
     return targets
 
@@ -112,7 +112,7 @@ def round_of(invalidator: Invalidator) -> Callable[[int], Awaitable[None]]:
 
 async def timed_sweep(kc: Keychain, expected: int) -> float:
     started = time.perf_counter()
-    swept = await kc.sweep()
+    swept = await kc.maintenance.sweep()
     elapsed = time.perf_counter() - started
     assert swept == expected, (swept, expected)
     return swept / elapsed
@@ -130,7 +130,7 @@ async def run(stack: LocalStack, rows: int, quick: bool) -> dict:
     try:
         parts = {}
         for label, size in (("small", SMALL), ("large", rows)):
-            settings = settings_for(stack, f"bench_scale_{label}", pool_max_size=4, reconcile_batch=50)
+            settings = settings_for(stack, f"bench_scale_{label}", pool_max_size=4)
             kc = Keychain(settings)
             await kc.open()
             opened.append(kc)

@@ -34,11 +34,11 @@ async def read_for(kc: Keychain, stop: asyncio.Event, samples: list[float]) -> N
 
 async def run(stack: LocalStack, quick: bool) -> dict:
     expired = 100_000 if quick else 1_000_000
-    settings = settings_for(stack, "bench_sweep", pool_max_size=READERS + 2, sweep_batch_size=5000)
+    settings = settings_for(stack, "bench_sweep", pool_max_size=READERS + 2)
     async with Keychain(settings) as kc:
         await kc.migrate()
         for start in range(0, LIVE, 1000):
-            await kc.put_many([Entry("live", Scope.of(execution_id=e + 1), {"token": "t" * 40})
+            await kc.rows.put_many([Entry("live", Scope.of(execution_id=e + 1), {"token": "t" * 40})
                                for e in range(start, start + 1000)])
         # Expired rows are never read: filler ciphertext is enough, written in one statement.
         await kc.pool.execute(
@@ -57,7 +57,7 @@ async def run(stack: LocalStack, quick: bool) -> dict:
         stop = asyncio.Event()
         readers = asyncio.create_task(read_for(kc, stop, during))
         started = time.perf_counter()
-        swept = await kc.sweep()
+        swept = await kc.maintenance.sweep()
         elapsed = time.perf_counter() - started
         stop.set()
         await readers

@@ -1,9 +1,9 @@
-"""`python -m devtools COMMAND`: demo, stack, pubsub-init, produce-demo."""
+"""`python -m devtools COMMAND`: demo, stack, pubsub-init, produce-demo, configuration."""
 
 import argparse
 import sys
 
-USAGE = "python -m devtools demo | stack | pubsub-init [--topic T] | produce-demo [--ref REF ...]"
+USAGE = ("python -m devtools demo | stack | pubsub-init [--topic T] | produce-demo [--ref REF ...] | configuration")
 
 
 def main() -> None:
@@ -16,6 +16,10 @@ def main() -> None:
         from .stack import main as stack
 
         stack()
+    elif command == "configuration":
+        from .configuration import main as configuration
+
+        configuration()
     elif command in ("pubsub-init", "produce-demo"):
         from streams.settings import worker_settings_from_env
 

@@ -38,7 +38,6 @@ def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dic
         "KEYCHAIN_WEB_PORT": str(free_port()),
         "KEYCHAIN_WEB_HOST": "127.0.0.1",
         "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
-        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS": "0.5",
         "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS": "3",
         # tansu holds a fetch for its whole wait even when a record arrives (Apache Kafka answers at once)
         "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS": "20",

@@ -12,6 +12,7 @@ from .errors import (
     SecretUnavailable,
     SecretVersionDisabled,
 )
+from .invalidation import Selection
 from .model import Entry, Lookup, Provenance, Scope
 from .refs import SecretRef
 from .settings import Settings
@@ -21,6 +22,6 @@ from .store import Keychain
 __all__ = [
     "CachedFailure", "ConfigurationError", "DecryptionError", "Entry", "Keychain", "KeychainError",
     "KeychainUnavailable", "Lookup",
-    "Provenance", "Scope", "SecretManagerSource", "SecretNotFound", "SecretPermissionDenied", "SecretRef",
+    "Provenance", "Scope", "SecretManagerSource", "Selection", "SecretNotFound", "SecretPermissionDenied", "SecretRef",
     "SecretSourceError", "SecretUnavailable", "SecretVersionDisabled", "Settings",
 ]

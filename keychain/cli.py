@@ -6,6 +6,7 @@ Exit codes: 0 success (for `get`: a hit), 3 `get` miss (absent, expired or inval
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import click
 from .errors import ConfigurationError, InvalidReference, KeychainError
+from .invalidation import Selection
 from .logs import configure_logging
 from .model import storable_text
 from .refs import SecretRef
@@ -33,14 +35,19 @@ def run(action: Callable[[Keychain], Awaitable[Any]], *, with_source: bool = Fal
         async with Keychain(settings, source=source) as keychain:
             return await action(keychain)
 
+    return run_plain(main())
+
+
+def run_plain(action: Awaitable[Any]) -> Any:
+    """Run one coroutine; errors become a message and exit 1."""
     try:
-        return asyncio.run(main())
+        return asyncio.run(action)
     except KeychainError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
 
-EXECUTION_ID = click.IntRange(min=1, max=2**63 - 1)  # NoETL's ids are positive 64-bit integers
+EXECUTION_ID = click.IntRange(min=1, max=2**63 - 1)  # workflow engines' ids: positive 64-bit integers
 
 
 def credential_name(_ctx: click.Context, _param: click.Parameter, name: str | None) -> str | None:
@@ -144,23 +151,35 @@ def invalidate(credential: str | None, execution_id: int | None, secret: str | N
             SecretRef.parse(secret)
         except InvalidReference as exc:
             raise click.BadParameter(str(exc), param_hint="--secret") from None
-        count = run(lambda kc: kc.invalidate_secret(secret))
+    selection = Selection.of(credential=credential, execution_id=execution_id, secret=secret, everything=everything)
+    everywhere = invalidation_path()
+    if everywhere is None:  # the library alone: its own table is every store there is
+        count = run(lambda kc: kc.maintenance.invalidate(selection))
     else:
-        count = run(lambda kc: kc.invalidate(credential=credential, execution_id=execution_id, everything=everything))
-    click.echo(json.dumps({"invalidated": count}))
+        count = run_plain(everywhere(selection))
+    click.echo(json.dumps({"invalidated": count or 0}))
+
+
+def invalidation_path() -> Callable[[Selection], Awaitable[int]] | None:
+    """A program that keeps copies of the keychain's secrets in other stores (the stream worker's targets) registers
+    its invalidation under the `keychain.invalidation` entry point: with it installed, `keychain invalidate` takes
+    that one path, which reaches every store in one transaction. The library names no such store itself."""
+    for entry in importlib.metadata.entry_points(group="keychain.invalidation"):
+        return entry.load()
+    return None
 
 
 @main.command()
 @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per delete statement.")
 def sweep(batch_size: int | None) -> None:
     """Delete expired entries in bounded batches."""
-    click.echo(json.dumps({"swept": run(lambda kc: kc.sweep(batch_size))}))
+    click.echo(json.dumps({"swept": run(lambda kc: kc.maintenance.sweep(batch_size))}))
 
 
 @main.command()
 def stats() -> None:
     """Counts of entries by scope and state, and hit figures. Never values."""
-    rows = run(lambda kc: kc.stats())
+    rows = run(lambda kc: kc.maintenance.stats())
     total = sum(r["rows"] for r in rows)
     read = sum(r["read_rows"] for r in rows)
     click.echo(json.dumps({
@@ -175,7 +194,7 @@ def stats() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), help="Rows per transaction.")
 def rekey(batch_size: int | None) -> None:
     """Re-encrypt every entry under the active (first) key of KEYCHAIN_KEYS, online."""
-    done, failed = run(lambda kc: kc.rekey(batch_size))
+    done, failed = run(lambda kc: kc.maintenance.rekey(batch_size))
     click.echo(json.dumps({"rekeyed": done, "undecryptable": failed}))
     if failed:
         sys.exit(1)

@@ -1,9 +1,9 @@
 """Copies: secrets' values a worker target wrote into another store, recorded beside the keychain (migration 0009).
 
-The library knows nothing of the other store's format. A target (the stream worker's NoETL target, say) writes its
-rows inside `Keychain.write_fenced` and records each as a copy: its key in that store, the sources it came from (as
+The library knows nothing of the other store's format. A target (one of the stream worker's) writes its
+rows inside `Rows.write_fenced` and records each as a copy: its key in that store, the sources it came from (as
 keychain rows record them: Provenance.as_json), its execution, and what the target needs to write it again. Then a
-rotation (`Keychain.invalidate_matching(beside=...)`) finds every copy of the secret in the same transaction as the
+rotation (`Maintenance.invalidate(beside=...)`) finds every copy of the secret in the same transaction as the
 keychain's own rows, a re-warm lists the stale ones, and a purge or a sweep of the other store tells the copies the
 warmer wrote from the rows written by someone else. Every method takes the connection of the transaction it is part
 of, and follows the lock order (sql/queries.sql).
@@ -77,6 +77,11 @@ class Copies:
         statement = "forget_copies_matching" if drop else "mark_copies_stale_matching"
         rows = await conn.fetch(self._q[statement], self.target, [json.dumps([p]) for p in patterns])
         return [r["copy_key"] for r in rows]
+
+    async def mark_stale(self, conn: asyncpg.Connection, keys: list[str]) -> None:
+        """The copies under these keys stop being ready (the target stopped serving their rows)."""
+        if keys:
+            await conn.execute(self._q["mark_copies_stale"], self.target, keys)
 
     async def stale(self, pool: asyncpg.Pool, patterns: list[dict[str, Any]], limit: int = 10_000) -> list[StaleCopy]:
         rows = await pool.fetch(self._q["stale_copies"], self.target, [json.dumps([p]) for p in patterns], limit)

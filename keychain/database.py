@@ -96,6 +96,54 @@ async def in_durable_transaction(pool: asyncpg.Pool, what: str, work: Callable[[
     return await retrying(what, once)
 
 
+class Connector:
+    """The bottom layer: the pool, the named statements (sql/queries.sql), durable transactions and retries. Every
+    layer above it (rows.py, fetcher.py, reads.py, maintenance.py, the Keychain) reaches the database through one
+    Connector, owned by the Keychain."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.q = queries()
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        if self._pool is None:
+            self._pool = await connect_pool(self.settings)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise KeychainError("the keychain is not open: call `await keychain.open()` first")
+        return self._pool
+
+    async def transaction(self, what: str, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """`work` in a durable transaction (its commit flushed to disk), run again whole if PostgreSQL rolls it back
+        for a deadlock or a serialization failure."""
+        return await in_durable_transaction(self.pool, what, work)
+
+    async def statement(self, what: str, name: str, *args: Any) -> str:
+        """One named statement on its own (autocommit), run again if PostgreSQL rolls it back for a concurrent one."""
+        return await retrying(what, lambda: self.pool.execute(self.q[name], *args))
+
+    async def fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q[name], *args)
+
+    async def fetchrow(self, name: str, *args: Any) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(self.q[name], *args)
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self.pool.fetchval(self.q[name], *args)
+
+
 async def connect_pool(settings: Settings, *, application_name: str = "keychain") -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(

@@ -27,6 +27,11 @@ SECRET_MANAGER_CALLS = Counter(
 SECRET_MANAGER_SECONDS = Histogram(
     "keychain_secret_manager_seconds", "Time of one Secret Manager access attempt", buckets=LATENCY_BUCKETS
 )
+SECRET_MANAGER_RETRIES = Counter(
+    "keychain_secret_manager_retries_total",
+    "Secret Manager accesses tried again after UNAVAILABLE or DEADLINE_EXCEEDED (by the fetcher, within its caller's "
+    "deadline)",
+)
 BUDGET_WAIT_SECONDS = Counter(
     "keychain_secret_manager_budget_wait_seconds_total",
     "Time callers waited for the shared Secret Manager call budget (SECRET_MANAGER_MAX_CALLS_PER_MINUTE)",

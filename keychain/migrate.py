@@ -19,15 +19,9 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-# Tables of NoETL's own schema (noetl/noetl `schema_ddl.sql`): a schema that holds one is NoETL's, and this project
-# creates nothing there. NoETL's `keychain` has the same name as ours: with ours in its schema, NoETL could not be
-# installed (its `CREATE TABLE IF NOT EXISTS` keeps ours, then its indexes fail).
-NOETL_TABLES = ("keychain", "catalog", "event", "credential")
-
-
 async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
     """Bring `schema` up to date; returns the versions this call applied. Refuses (ConfigurationError, before it
-    creates anything) a schema that holds another program's `keychain` table or NoETL's tables."""
+    creates anything) a schema that holds another program's tables."""
     applied_now: list[int] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
     try:
@@ -62,20 +56,14 @@ async def migrate(conn: asyncpg.Connection, schema: str) -> list[int]:
 
 
 async def foreign_schema(conn: asyncpg.Connection, schema: str) -> str | None:
-    """Why this project must not create its tables in `schema` (one line saying what to set), or None. A schema
-    where these migrations already ran is ours."""
-    found = {row["table_name"]: row["columns"] for row in await conn.fetch(
-        "SELECT c.relname AS table_name, array_agg(a.attname::text) AS columns FROM pg_class c "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
-        "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname = ANY($2::text[]) GROUP BY c.relname",
-        schema, [*NOETL_TABLES, "keychain_schema_migrations"])}
-    if "keychain_schema_migrations" in found:
+    """Why this project must not create its tables in `schema` (one line saying what to set), or None. The schema
+    is ours when it is empty or these migrations ran there; a schema with another program's tables is not (a
+    workflow engine's own schema may hold a `keychain` table of its own, under our table's name)."""
+    tables = [row["relname"] for row in await conn.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') ORDER BY c.relname", schema)]
+    if not tables or "keychain_schema_migrations" in tables:
         return None
-    if "cache_key" in found.get("keychain", ()) or found.keys() & {"catalog", "event", "credential"}:
-        return (f"schema {schema!r} holds NoETL's own tables (its keychain has the same name as ours); nothing was "
-                "created: set KEYCHAIN_SCHEMA to a schema of this project's own (for example keychain_warmer), and "
-                "KEYCHAIN_CATALOG_SCHEMA to NoETL's")
-    if "keychain" in found:
-        return (f"schema {schema!r} holds a keychain table this project did not create; nothing was created: set "
-                "KEYCHAIN_SCHEMA to a schema of its own")
-    return None
+    shown = ", ".join(tables[:4]) + (", ..." if len(tables) > 4 else "")
+    return (f"schema {schema!r} holds another program's tables ({shown}); nothing was created: set KEYCHAIN_SCHEMA "
+            "to a schema of this project's own (for example keychain_warmer)")

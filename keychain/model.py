@@ -90,10 +90,8 @@ class Scope:
             raise InvalidArgument("give an execution id or a session id, not both")
         inferred = "execution" if execution_id is not None else "session" if session_id is not None else "global"
         chosen = scope or inferred
-        if chosen == "local":  # NoETL's playbook word for execution scope
-            chosen = "execution"
         if chosen not in _SCOPE_NEEDS:
-            raise InvalidArgument(f"unknown scope {str(chosen)[:40]!r}: execution (or local), session or global")
+            raise InvalidArgument(f"unknown scope {str(chosen)[:40]!r}: execution, session or global")
         if chosen != inferred:
             raise InvalidArgument(f"scope {chosen!r} needs {_SCOPE_NEEDS[chosen]}")
         if execution_id is not None and not isinstance(execution_id, int):

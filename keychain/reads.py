@@ -15,12 +15,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from .database import retrying
-
-if TYPE_CHECKING:
-    from .store import Keychain
+from .database import Connector, retrying
 
 log = logging.getLogger("keychain")
 
@@ -34,11 +30,10 @@ class _Counted:
 
 
 class ReadCounts:
-    """Owned by a Keychain (its statements, settings and pool): `counted` on every hit, written by a task that runs
-    once per KEYCHAIN_READ_FLUSH_SECONDS while reads come."""
+    """`counted` on every hit, written by a task that runs once per KEYCHAIN_READ_FLUSH_SECONDS while reads come."""
 
-    def __init__(self, keychain: Keychain):
-        self._kc = keychain
+    def __init__(self, connector: Connector):
+        self._db = connector
         self._pending: dict[int, _Counted] = {}  # row id -> its reads not yet written
         self._flusher: asyncio.Future[None] | None = None
         self._sleeping = False  # the flusher is waiting for its moment (not writing): close may cancel it
@@ -65,22 +60,21 @@ class ReadCounts:
     async def _flush_later(self) -> None:
         self._sleeping = True
         try:
-            await asyncio.sleep(self._kc.settings.read_flush_seconds)
+            await asyncio.sleep(self._db.settings.read_flush_seconds)
         finally:
             self._sleeping = False
         await self.flush()
 
     async def flush(self) -> int:
         """Write every count held now; returns the rows updated. A failure keeps the counts for the next flush."""
-        pool = self._kc._pool
-        if not self._pending or pool is None:
+        if not self._pending or not self._db.is_open:
             return 0
         pending, self._pending = self._pending, {}
         ids = list(pending)  # the statement locks them in the lock order (sql/queries.sql)
         now = time.monotonic()
         try:
-            result = await retrying("count_reads", lambda: pool.execute(
-                self._kc._q["count_reads"], ids, [pending[i].write_id for i in ids],
+            result = await retrying("count_reads", lambda: self._db.pool.execute(
+                self._db.q["count_reads"], ids, [pending[i].write_id for i in ids],
                 [pending[i].reads_of_write for i in ids], [pending[i].reads for i in ids],
                 [now - pending[i].last_read for i in ids],
             ))

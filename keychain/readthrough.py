@@ -1,8 +1,8 @@
 """The read-through: a read that misses fetches its secret from Secret Manager, stores it and returns it.
 
-Owned by a Keychain (its settings, statements, key ring, source, pool and shared fetches). Misses of one secret call
+Owned by a Keychain, which hands it its one-statement lookup, its rows and its fetcher. Misses of one secret call
 Secret Manager once, whichever rows they are for: they join the fetch of it in flight or just done, in this process
-(one future per reference: `fetch_checked`) or in any other, the warmer's included (keychain/shared.py). Rows of the
+or in any other, the warmer's included (keychain/fetcher.py). Rows of the
 read-throughs of one moment are written together, in one transaction. The cache only ever makes a read slower, never
 fails it: while the database cannot be read the value comes straight from Secret Manager, and a value fetched whose
 row cannot be written is returned all the same (`direct`, logged).
@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncpg
 
 from . import metrics
 from .errors import (
     CONNECTION_ERRORS, CachedFailure, KeychainConflict, KeychainDatabaseError, KeychainError, KeychainUnavailable,
-    SecretSourceError,
 )
+from .fetcher import Fetcher
 from .model import Entry, Lookup, Provenance, RowIdentity, Scope, value_from_payload
 from .refs import SecretRef
-from .sources import SecretValue
-
-if TYPE_CHECKING:
-    from .store import Keychain
+from .rows import Rows
 
 log = logging.getLogger("keychain")
 T = TypeVar("T")
@@ -35,10 +32,14 @@ T = TypeVar("T")
 _CACHE_UNREADABLE = (KeychainUnavailable, KeychainConflict, KeychainDatabaseError, *CONNECTION_ERRORS,
                      asyncpg.PostgresError)
 
+Lookups = Callable[[RowIdentity, SecretRef], Awaitable[Lookup]]
+
 
 class ReadThrough:
-    def __init__(self, keychain: Keychain):
-        self._kc = keychain
+    def __init__(self, lookup: Lookups, rows: Rows, fetcher: Fetcher):
+        self._lookup = lookup
+        self._rows = rows
+        self._fetcher = fetcher
         self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
         self._writer: asyncio.Future[None] | None = None
@@ -54,7 +55,7 @@ class ReadThrough:
     async def get_or_fetch(self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
                            ) -> Lookup:
         try:
-            lookup = await self._kc._lookup(identity, ref)
+            lookup = await self._lookup(identity, ref)
             if lookup:
                 return lookup
             return await self._single_flight((identity.credential_name, identity.scope_type, identity.scope_id),
@@ -62,26 +63,10 @@ class ReadThrough:
         except _CACHE_UNREADABLE:
             return await self._single_flight(("", "direct", str(ref)), lambda: self._fetch_direct(ref))
 
-    async def fetch_checked(self, ref: SecretRef, reuse: bool) -> tuple[SecretValue, int] | str:
-        """Keychain.fetch_checked: the remembered refusal, else the value, once per reference in flight."""
-
-        async def check_then_fetch() -> tuple[SecretValue, int] | str:
-            failure = await self._kc.pool.fetchrow(self._kc._q["active_failures"], [str(ref)])
-            if failure is not None:
-                return failure["error_code"]
-            try:
-                return await self._kc._shared.fetch(ref, reuse=reuse)
-            except SecretSourceError as exc:
-                if exc.permanent:
-                    await self._kc.record_failure(str(ref), exc.code)
-                raise
-
-        return await self._single_flight(("", "checked" if reuse else "checked anew", str(ref)), check_then_fetch)
-
     async def _fetch_direct(self, ref: SecretRef) -> Lookup:
-        if self._kc.source is None:
+        if self._fetcher.source is None:
             raise KeychainUnavailable("the keychain database cannot be reached, and there is no Secret Manager source")
-        secret = await self._kc.source.access(ref)
+        secret = await self._fetcher.source.access(ref)
         metrics.READ_OUTCOMES["direct"].inc()
         log.warning("keychain cannot be read: served %s straight from Secret Manager", ref.secret_name)
         return Lookup("direct", value_from_payload(secret.payload))
@@ -98,19 +83,17 @@ class ReadThrough:
 
     async def _read_through(self, identity: RowIdentity, scope: Scope, ref: SecretRef, ttl_seconds: int | None
                             ) -> Lookup:
-        """Fetch the reference, shared with every fetch of it in flight or just done (in this process and in any
-        other: the warmer's, another reader's), then write the row in a short transaction, fenced by the secret's
-        generation: fetched again (three times at most) only if the secret was invalidated meanwhile. No connection
-        is held while waiting for a fetch another caller in this process makes. A permanent refusal is recorded (the
-        next reads get CachedFailure) and raised."""
+        """Fetch the reference (the fetcher: shared with every fetch of it in flight or just done, in this process
+        and in any other), then write the row in a short transaction, fenced by the secret's generation: fetched
+        again (three times at most) only if the secret was invalidated meanwhile. A permanent refusal is recorded
+        (the next reads get CachedFailure) and raised."""
         for _ in range(3):
-            fetched = await self._kc.fetch_checked(ref)
+            fetched = await self._fetcher.fetch(ref)
             if isinstance(fetched, str):
                 raise CachedFailure(identity.credential_name, fetched)
-            secret, generation = fetched
-            entry = Entry(identity.credential_name, scope, value_from_payload(secret.payload),
-                          sources=(Provenance(ref, secret.version_name),), ttl_seconds=ttl_seconds,
-                          fences=((ref.secret, generation),))
+            entry = Entry(identity.credential_name, scope, value_from_payload(fetched.value.payload),
+                          sources=(Provenance(ref, fetched.value.version_name),), ttl_seconds=ttl_seconds,
+                          fences=((ref.secret, fetched.generation),))
             try:
                 written = await self._write_together(entry)
             except KeychainError as exc:  # the row is a cache fill, not what the reader asked for
@@ -120,8 +103,8 @@ class ReadThrough:
                 return Lookup("direct", entry.value)
             if written:
                 return Lookup("hit", entry.value)
+            self._fetcher.forget(ref.secret)  # invalidated since it was fetched: fetch the new value
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
-
     async def _write_together(self, entry: Entry) -> bool:
         """A read-through's row, written with those of the other read-throughs of this moment in one transaction
         (a burst of first reads would otherwise queue a transaction each on the pool). True when written, False when
@@ -139,7 +122,7 @@ class ReadThrough:
             self._to_write = []
             latest = {identity: e for identity, e, _ in batch}  # a statement writes a row once
             try:
-                fenced = await self._kc.put_many(list(latest.values()))
+                fenced = await self._rows.put_many(list(latest.values()))
             except Exception as exc:
                 for _, _, written in batch:
                     if not written.done():

@@ -12,7 +12,6 @@ import difflib
 import importlib.metadata
 import logging
 import os
-from functools import lru_cache
 from typing import Mapping, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
@@ -41,8 +40,8 @@ class Settings(BaseSettings):
         "KEYCHAIN_SCHEMA",
         default="keychain_warmer",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="Schema of this project's tables (its keychain, fences, shared fetches). Not NoETL's `noetl`, "
-        "whose own `keychain` table has the same name.",
+        description="Schema of this project's tables (its keychain, fences, shared fetches, copies): a schema of its "
+        "own (`keychain migrate` refuses one holding another program's tables).",
     )
     keys: SecretStr = env(
         "KEYCHAIN_KEYS",
@@ -72,8 +71,9 @@ class Settings(BaseSettings):
         "KEYCHAIN_SHARED_FETCH_SECONDS",
         default=10.0,
         ge=0,
-        description="A fetched secret version is shared by every process for this long: one Secret Manager call per "
-        "version per burst across replicas and readers (0: no sharing).",
+        description="A fetched secret version is reused for this long, by this process (in memory, dropped when the "
+        "window ends) and by every other (sealed, in the database): one Secret Manager call per version per burst "
+        "across batches, replicas and readers (0: no reuse).",
     )
     secret_manager_max_calls_per_minute: int = env(
         "SECRET_MANAGER_MAX_CALLS_PER_MINUTE",
@@ -88,18 +88,6 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a NOT_FOUND / PERMISSION_DENIED answer is remembered before asking again.",
     )
-    fence_retention_seconds: int = env(
-        "KEYCHAIN_FENCE_RETENTION_SECONDS",
-        default=7 * 86400,
-        gt=0,
-        description="How long a finished execution stays fenced against late writes (longer than any redelivery).",
-    )
-    sweep_batch_size: int = env(
-        "KEYCHAIN_SWEEP_BATCH_SIZE", default=5000, gt=0, description="Expired rows deleted per sweep statement."
-    )
-    rekey_batch_size: int = env(
-        "KEYCHAIN_REKEY_BATCH_SIZE", default=500, gt=0, description="Rows re-encrypted per rekey transaction."
-    )
 
     # --- Secret Manager ---------------------------------------------------------------------------------------
     secret_manager_endpoint: str | None = env(
@@ -109,12 +97,6 @@ class Settings(BaseSettings):
     )
     secret_manager_timeout_seconds: float = env(
         "SECRET_MANAGER_TIMEOUT_SECONDS", default=10.0, gt=0, description="Deadline of one Secret Manager call."
-    )
-    secret_manager_retry_attempts: int = env(
-        "SECRET_MANAGER_RETRY_ATTEMPTS",
-        default=5,
-        ge=1,
-        description="Attempts per access when Secret Manager answers UNAVAILABLE or times out.",
     )
     secret_manager_retry_initial_seconds: float = env(
         "SECRET_MANAGER_RETRY_INITIAL_SECONDS", default=0.2, gt=0, description="First retry backoff."
@@ -179,8 +161,3 @@ def load_settings(settings_class: type[S] = Settings, *, warn_unknown: bool = Fa
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigurationError(f"bad configuration: {problems}") from None
-
-
-@lru_cache(maxsize=1)
-def settings_from_env() -> Settings:
-    return load_settings()

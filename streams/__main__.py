@@ -25,9 +25,9 @@ def main() -> None:
 
             KeyRing.parse(settings.keys.get_secret_value())
             if "noetl" in settings.targets:
-                from .targets import noetl_kek
+                from .targets.noetl.kek import kek_for
 
-                noetl_kek(settings)  # NoETL's key-encryption key, as NoETL's own variables name it
+                kek_for(settings)  # NoETL's key-encryption key, as NoETL's own variables name it
         except ConfigurationError as exc:
             sys.exit(f"error: {exc}")
 

@@ -1,7 +1,7 @@
-"""The faust wiring of the worker's work: one durable consume loop and what feeds it (the execution events straight
-through aiokafka, streams/consumer.py; the rotation notices through a faust agent), the leader-only timers (sweep and
-keep-warm, reconciliation) and the rotation bridge service. Each is thin: the work itself is in the domain modules
-(warm, invalidate, bridge)."""
+"""The faust wiring of the worker's work: what feeds the one durable consume loop (streams/durable.py: the execution
+events straight through aiokafka, streams/consumer.py; the rotation notices through a faust agent), the leader-only
+timers (sweep and keep-warm, reconciliation) and the rotation bridge service. Each is thin: the work itself is in the
+domain modules (warm, invalidate, bridge)."""
 
 from __future__ import annotations
 
@@ -9,84 +9,19 @@ import asyncio
 import gc
 import logging
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 from aiokafka.admin import AIOKafkaAdminClient
 from mode import Service
 
 from .app import app, runtime, settings
-from .batches import Handled, Record, handle_batch
+from .batches import Record
 from .bridge import RotationBridge
 from .consumer import EventsConsumer
+from .durable import consume_durably
 from .topics import execution_events, publish_rotation, rotations, send_dead_letter
 
 log = logging.getLogger(__name__)
-
-
-async def consume_durably(
-    batches: AsyncIterator[tuple[list[Record], Any]],
-    acknowledge: Callable[[Any], Awaitable[None]],
-    what: str,
-    handle: Callable[[list[Record], Callable[[], None]], Awaitable[Handled]],
-    in_flight: int = 1,
-) -> None:
-    """The one way a batch is consumed: handled (held through database outages), its dead letters sent and
-    acknowledged by the broker, and only then its offsets acknowledged. `batches` yields each batch's records with
-    the token its source acknowledges it by (`acknowledge`): a faust agent's events (`faust_events`) or aiokafka's offsets
-    (streams/consumer.py).
-
-    `in_flight`: batches handled at once. The next batch starts once the earlier ones are done or waiting on
-    something other than this process (the handler calls its second argument when it starts waiting for Secret
-    Manager or for its write): events that arrive during a fetch are warmed meanwhile instead of queueing behind it,
-    a burst's next batch is planned while the database writes the previous one, and a burst that keeps the process
-    busy is still handled a full batch at a time. Offsets acknowledged out of order are committed only up to the
-    first one still in flight (the source keeps the gaps); every handler is idempotent and fenced, so a batch handled
-    beside an earlier one loses nothing and writes nothing stale."""
-    await runtime.ready()
-    slots = asyncio.Semaphore(in_flight)
-    free = asyncio.Event()  # no batch is keeping this process busy: the next one may start
-    free.set()
-    running: set[asyncio.Future[None]] = set()
-    failed: list[BaseException] = []
-
-    async def consume(records: list[Record], token: Any) -> None:
-        try:
-            result = await handle_batch(records, lambda batch: handle(batch, free.set))
-            for dead in result.dead:
-                await send_dead_letter(dead.record.key, dead.record.value, dead.reason, dead.detail,
-                                       {"source": dead.record.source})
-            await acknowledge(token)  # rows written durably, dead letters taken by the broker: offsets may commit
-            log.log(logging.INFO if result.dead or _work_done(result) else logging.DEBUG, "batch: %d %s, %s",
-                    len(records), what, result.summary())
-        finally:
-            free.set()
-            slots.release()
-
-    def done(task: asyncio.Future[None]) -> None:
-        running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            failed.append(task.exception())
-
-    try:
-        async for records, token in batches:
-            await slots.acquire()
-            await free.wait()
-            free.clear()
-            if failed:  # a batch failed past its own handling (not the database, not bad input): the loop stops
-                raise failed[0]
-            task = asyncio.ensure_future(consume(records, token))
-            running.add(task)
-            task.add_done_callback(done)
-        await asyncio.gather(*running, return_exceptions=True)  # the source ended (stopping): let them finish
-    finally:  # cancelled: batches not finished are not acknowledged, and come again to whoever consumes next
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-
-
-def _work_done(result: Handled) -> bool:
-    """A batch that only held records to ignore (NoETL's step records) logs at DEBUG: they are most of the stream."""
-    return any(getattr(result, count, 0) for count in ("started", "finished", "applied"))
 
 
 async def faust_events(stream) -> AsyncIterator[tuple[list[Record], tuple]]:
@@ -128,7 +63,8 @@ class Executions(Service):
         # A loop that fails past its own handling crashes the worker (restarted by its supervisor), as an agent does.
         self.consuming = self.add_future(consume_durably(
             self.consumer.batches(), self.consumer.acknowledge, "events",
-            lambda records, on_wait: runtime.warmer.handle(records, on_wait), settings.warm_batches_in_flight))
+            lambda records, on_wait: runtime.warmer.handle(records, on_wait), send_dead_letter,
+            settings.warm_batches_in_flight))
 
     async def on_stop(self) -> None:
         if self.consumer is not None:
@@ -157,8 +93,9 @@ def settle_garbage_collector() -> None:
 @app.agent(rotations)
 async def invalidations(stream):
     """Stop serving what a rotation notice makes wrong, then refresh running executions' rows."""
+    await runtime.ready()
     await consume_durably(faust_events(stream), faust_acknowledge, "notices",
-                          lambda records, _: runtime.invalidator.handle(records))
+                          lambda records, _: runtime.invalidator.handle(records), send_dead_letter)
 
 
 @app.task

@@ -1,21 +1,12 @@
-"""The faust app and the runtime it shares with its agents (keychain pool, Secret Manager source, targets, warmer)."""
+"""The faust app, and the runtime (streams/runtime.py) it shares with its agents, timers and HTTP endpoints."""
 
 from __future__ import annotations
-
-import asyncio
 
 import faust
 from mode import Service
 
-from keychain.sources import SecretManagerSource
-from keychain.store import Keychain
-
-from .catalog import Catalog
-from .invalidate import Invalidator
+from .runtime import Runtime
 from .settings import WorkerSettings, worker_settings_from_env
-from .targets import Target, open_targets
-from .targets.keychain import KeychainTarget
-from .warm import Warmer
 
 
 def logging_config(settings: WorkerSettings) -> dict | None:
@@ -56,54 +47,6 @@ def create_app(settings: WorkerSettings) -> faust.App:
         producer_acks=-1,
         logging_config=logging_config(settings),
     )
-
-
-class Runtime:
-    """Opened on first use by whichever agent or timer needs it first; closed when the worker stops."""
-
-    def __init__(self, settings: WorkerSettings):
-        self.settings = settings
-        self.keychain: Keychain | None = None
-        self.targets: list[Target] = []
-        self.catalog: Catalog | None = None
-        self.warmer: Warmer | None = None
-        self.invalidator: Invalidator | None = None
-        self.bridge = None  # the rotation bridge, when this worker runs one
-        self.last_sweep: dict | None = None
-        self._lock = asyncio.Lock()
-
-    async def ready(self) -> "Runtime":
-        async with self._lock:
-            if self.keychain is None:
-                source = SecretManagerSource(self.settings)
-                # A long-running worker keeps its pool open: a burst should not wait for connections.
-                pool = {"pool_min_size": self.settings.pool_max_size}
-                keychain = await Keychain(self.settings.model_copy(update=pool), source=source).open()
-                await keychain.migrate()
-                await keychain.prepare_fetching()
-                self.catalog = await Catalog.open(self.settings, keychain.pool)
-                self.targets = await open_targets(self.settings, keychain)
-                self.keychain = keychain
-                self.warmer = Warmer(self.settings, keychain, self.catalog, self.targets)
-                self.invalidator = Invalidator(self.settings, keychain, self.warmer, source)
-        return self
-
-    async def sweep(self) -> dict[str, int]:
-        """The leader's sweep of every target's store (with the library's own bookkeeping: fences, shared fetches,
-        negative cache, which every target relies on). Rows deleted, by target."""
-        if not any(isinstance(t, KeychainTarget) for t in self.targets):
-            await self.keychain.sweep()  # our table is empty, the bookkeeping is not
-        return {target.name: await target.sweep() for target in self.targets}
-
-    async def close(self) -> None:
-        async with self._lock:
-            if self.keychain is not None:
-                await self.catalog.close()
-                for target in self.targets:
-                    await target.close()
-                await self.keychain.close()
-                self.keychain = self.warmer = self.invalidator = self.catalog = None
-                self.targets = []
 
 
 settings = worker_settings_from_env()

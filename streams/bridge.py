@@ -1,6 +1,6 @@
 """Pub/Sub -> Kafka bridge for Secret Manager notifications.
 
-The bridge long-polls the subscription (unary Pull, at most KEYCHAIN_PUBSUB_MAX_MESSAGES at a time, on the event
+The bridge long-polls the subscription (unary Pull, at most MAX_MESSAGES at a time, on the event
 loop), forwards each notification to Kafka and acknowledges it only after Kafka acknowledged the produced notice
 (handed back at once if producing failed, so Pub/Sub redelivers). Malformed messages go to the dead-letter topic, then
 are acked. Errors are retried with backoff.
@@ -22,6 +22,11 @@ from .events import BadEvent
 from .notices import notice_from_pubsub
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGES = 100  # notifications held at once (flow control)
+# The lease of each notification: what a crashed bridge held is redelivered after it (deploy/gcp/main.tf sets the same
+# on the subscription).
+ACK_DEADLINE_SECONDS = 10
 
 PULL_WAIT_SECONDS = 30.0  # a long poll: a pull returns at once when a notification is there, else by this time
 
@@ -73,7 +78,7 @@ class RotationBridge:
             try:
                 self._pulling = True
                 response = await self._client.pull(
-                    subscription=self.subscription, max_messages=self.settings.pubsub_max_messages,
+                    subscription=self.subscription, max_messages=MAX_MESSAGES,
                     timeout=PULL_WAIT_SECONDS, retry=None,
                 )
                 backoff = 0.5
@@ -97,7 +102,7 @@ class RotationBridge:
         ack_ids = [r.ack_id for r in received]
         lease = self._client.modify_ack_deadline(  # the lease a crashed bridge's notifications wait out
             subscription=self.subscription, ack_ids=ack_ids,
-            ack_deadline_seconds=self.settings.pubsub_ack_deadline_seconds)
+            ack_deadline_seconds=ACK_DEADLINE_SECONDS)
         outcomes = await asyncio.gather(lease, *(self._forward(r.message) for r in received), return_exceptions=True)
         done = [ack_id for ack_id, ok in zip(ack_ids, outcomes[1:]) if ok is True]
         again = [ack_id for ack_id, ok in zip(ack_ids, outcomes[1:]) if ok is not True]

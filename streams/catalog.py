@@ -26,6 +26,8 @@ from .events import BadEvent, ExecutionEvent
 
 log = logging.getLogger(__name__)
 
+MAX_PLAYBOOK_BYTES = 1024 * 1024  # larger catalog playbooks are refused (invalid_playbook)
+
 MAX_ALIASES = 100  # a playbook reuses an anchor a few times; a billion-laughs document needs thousands
 
 
@@ -62,6 +64,7 @@ def parse_playbook(content: str | None, payload: Any, *, max_bytes: int) -> dict
 
 
 class Catalog:
+    cache_size = 1000  # parsed playbooks kept, by catalog id
     """Reads playbooks from NoETL's catalog table through `pool` (the keychain's, or one of its own)."""
 
     def __init__(self, settings: WorkerSettings, pool: asyncpg.Pool, *, owns_pool: bool = False):
@@ -156,10 +159,10 @@ class Catalog:
             delay = min(delay * 2, 1.0)
         try:  # in a thread: a large YAML document takes a while in pure Python, and the event loop must go on
             parsed: dict[str, Any] | BadEvent = await asyncio.to_thread(
-                parse_playbook, row["content"], row["payload"], max_bytes=self.settings.max_playbook_bytes)
+                parse_playbook, row["content"], row["payload"], max_bytes=MAX_PLAYBOOK_BYTES)
         except BadEvent as bad:  # a catalog row never changes: remember the refusal too
             parsed = bad
         self._cache[row["catalog_id"]] = parsed
-        while len(self._cache) > self.settings.catalog_cache_size:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return row["catalog_id"]

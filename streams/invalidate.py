@@ -8,19 +8,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from keychain.errors import SecretSourceError
+from keychain.invalidation import Selection
 from keychain.refs import SecretRef
 from keychain.sources import SecretManagerSource
-from keychain.store import Keychain, secret_match
+from keychain.store import Keychain
 
 from . import metrics
 from .batches import DATABASE_DOWN, DeadLetter, Record
 from .events import BadEvent
 from .notices import RotationNotice, notice_from_kafka
 from .settings import WorkerSettings
-from .targets import together
+from .targets.base import together
 from .warm import Warmer
 
 log = logging.getLogger(__name__)
+
+RECONCILE_BATCH = 50  # secrets compared per reconciliation round (GetSecretVersion: the read quota is 600 a minute)
 
 
 @dataclass
@@ -40,11 +43,11 @@ class Applied:
 
 
 class Invalidator:
-    """Every invalidation the worker makes goes through `_invalidate`: fenced and marked stale (or dropped) in one
-    transaction by the library, every target's rows with it (the noetl target's in NoETL's table), the burst window
-    forgotten, running executions' rows refreshed in every target. Its doors: rotation notices (`apply`, by event
-    type), the operator (`invalidate_secret`, POST /invalidate; the CLI calls the library's
-    `Keychain.invalidate_secret`, whose stale rows `refresh_stale` picks up), and reconciliation."""
+    """Every invalidation goes through `invalidate`, whichever door it came through: a rotation notice (`apply`),
+    the operator (POST /invalidate, and `keychain invalidate` through the `keychain.invalidation` entry point:
+    streams/runtime.py), reconciliation. One transaction of the library (Maintenance.invalidate) stops serving
+    the selected rows in every target (the noetl target's in NoETL's table), fenced; it is counted by cause in
+    keychain_invalidations_total; then running executions' rows are refreshed in every target."""
 
     def __init__(self, settings: WorkerSettings, keychain: Keychain, warmer: Warmer, source: SecretManagerSource):
         self.settings = settings
@@ -79,43 +82,42 @@ class Invalidator:
             metrics.INVALIDATIONS.labels(notice.event_type).inc()
             log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
             return Applied(0, 0, 0.0)
-        return await self._invalidate(notice.secret_id, match, cause=notice.event_type, notice_id=notice.notice_id,
-                                      occurred_at=notice.occurred_at)
+        return await self.invalidate(Selection.matching(notice.secret_id, match), cause=notice.event_type,
+                                     notice_id=notice.notice_id, occurred_at=notice.occurred_at)
 
-    async def invalidate_secret(self, secret: str | SecretRef, version: str | None = None) -> Applied:
-        """The operator's invalidation, with the library's meaning (`Keychain.invalidate_secret`), refreshed at once."""
-        ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
-        return await self._invalidate(ref.secret, secret_match(ref, version), cause="operator")
-
-    async def _invalidate(self, secret_id: str, match: dict, *, cause: str, notice_id: str | None = None,
-                          occurred_at: datetime | None = None) -> Applied:
-        drop = self.settings.rewarm_mode == "drop"
-        besides = [b for b in (t.stop_serving(secret_id, match, drop=drop) for t in self.warmer.targets) if b]
-        changed = await self.keychain.invalidate_matching(secret_id, match, notice_id=notice_id, drop=drop,
-                                                          beside=together(besides))
+    async def invalidate(self, selection: Selection, *, cause: str, notice_id: str | None = None,
+                         occurred_at: datetime | None = None, refresh: bool = True) -> Applied:
+        """THE invalidation. `cause`: a notice's event type, `operator` or `reconcile` (a closed set: the metric's
+        label). `refresh`: re-warm running executions' rows now (else the leader's next maintenance round does)."""
+        drop = self.settings.rewarm_mode == "drop" and selection.kind == "secret"
+        besides = [b for b in (t.stop_serving(selection, drop=drop) for t in self.warmer.targets) if b]
+        changed = await self.keychain.maintenance.invalidate(selection, notice_id=notice_id, drop=drop,
+                                                             beside=together(besides))
         lag_ms = (datetime.now(timezone.utc) - (occurred_at or datetime.now(timezone.utc))).total_seconds() * 1000
         metrics.INVALIDATIONS.labels(cause).inc()
         if changed:
             self.last_lag_ms = round(lag_ms, 1)
             metrics.INVALIDATED_ROWS.inc(changed)
             metrics.INVALIDATION_LAG_SECONDS.observe(max(0.0, lag_ms / 1000))
-        self.warmer.forget_secret(secret_id)
-        refreshed = 0 if drop else await self.refresh(secret_id, match)
-        log.info("invalidation (%s%s) of secret %s: %s rows invalidated, %d refreshed, lag %.0f ms", cause,
-                 f" {notice_id}" if notice_id else "", secret_id, "duplicate, no" if changed is None else changed,
-                 refreshed, lag_ms)
+        refreshed = 0
+        if refresh and not drop:
+            refreshed = await (self.refresh(selection) if selection.kind == "secret" else self.refresh_stale())
+        log.info("invalidation (%s%s) of %s: %s rows invalidated, %d refreshed, lag %.0f ms", cause,
+                 f" {notice_id}" if notice_id else "", selection.describe(),
+                 "duplicate, no" if changed is None else changed, refreshed, lag_ms)
         return Applied(changed, refreshed, lag_ms)
 
     async def refresh_stale(self, limit: int = 100) -> int:
-        """Refresh rows invalidated elsewhere (the CLI, another process) and not refreshed yet."""
+        """Refresh rows invalidated and not refreshed yet (by the CLI, another process, or an invalidation of a
+        credential, an execution or everything)."""
         secret_ids = {s for target in self.warmer.targets for s in await target.stale_secret_ids(limit)}
-        return sum([await self.refresh(secret_id, {}) for secret_id in sorted(secret_ids)])
+        return sum([await self.refresh(Selection.matching(secret_id, {})) for secret_id in sorted(secret_ids)])
 
-    async def refresh(self, secret_id: str, match: dict) -> int:
-        """Re-warm the stale rows of a secret in every target (each secret fetched once for all of them); finished
+    async def refresh(self, selection: Selection) -> int:
+        """Re-warm a secret's stale rows in every target (each secret fetched once for all of them); finished
         executions have none left."""
         async def refresh(target) -> int:
-            wants = await target.stale_wants(secret_id, match)
+            wants = await target.stale_wants(selection)
             return (await self.warmer.warm(wants, target=target, skip_ready=False))[1]
 
         # side by side: every target's rows wait for the same one fetch, and come back at the same moment
@@ -125,7 +127,8 @@ class Invalidator:
         """Catch notices that never arrived: compare what `latest` rows hold with the secret's latest version.
         Returns how many secrets were found behind (and invalidated)."""
         behind = 0
-        for row in await self.keychain.latest_secrets_to_check(self.settings.reconcile_batch):
+        maintenance = self.keychain.maintenance
+        for row in await maintenance.latest_secrets_to_check(RECONCILE_BATCH):
             ref = SecretRef.parse(row["ref"])
             try:
                 latest = await self.source.latest_version(ref)
@@ -133,12 +136,13 @@ class Invalidator:
                 log.warning("reconcile %s: %s", ref.secret_name, exc.code)
                 continue
             finally:
-                await self.keychain.mark_checked(row["secret_id"])
+                await maintenance.mark_checked(row["secret_id"])
             changed = 0
             for version in sorted(set(row["versions"]) - {latest}):
                 # Only the rows still holding the old version through `latest` or an alias (the summary may name a
                 # version whose rows were rewritten since: then nothing changes, and its summary row goes).
-                applied = await self._invalidate(ref.secret, {"pinned": False, "version": version}, cause="reconcile")
+                applied = await self.invalidate(Selection.matching(ref.secret, {"pinned": False, "version": version}),
+                                                cause="reconcile")
                 changed += applied.changed or 0
             if changed:
                 behind += 1

@@ -17,7 +17,7 @@ DEAD_LETTERS_NOT_SENT = Counter(
 )
 INVALIDATIONS = Counter(
     "keychain_invalidations_total",
-    "Invalidations applied, by cause (a Secret Manager event type, operator, reconcile)", ["event_type"]
+    "Invalidations applied, by cause (a Secret Manager event type, operator, reconcile)", ["cause"]
 )
 INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
 INVALIDATION_LAG_SECONDS = Histogram(

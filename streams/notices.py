@@ -23,8 +23,6 @@ VERSION_EVENTS = frozenset({
 })
 SECRET_EVENTS = frozenset({"SECRET_CREATE", "SECRET_UPDATE", "SECRET_DELETE", "SECRET_ROTATE"})
 IGNORED = frozenset({"TOPIC_CONFIGURED"})
-# Events after which no cached value is wrong: logged and counted, nothing dropped.
-NO_VALUE_CHANGE = frozenset({"SECRET_CREATE", "SECRET_ROTATE", "SECRET_VERSION_ENABLE"})
 
 
 class RotationNotice(BaseModel):

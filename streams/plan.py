@@ -27,7 +27,7 @@ from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .resolve import Skip, resolve
 from .settings import WorkerSettings
-from .targets import Target, TargetPlan
+from .targets.base import Target, TargetPlan
 
 log = logging.getLogger(__name__)
 

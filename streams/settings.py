@@ -64,13 +64,7 @@ class WorkerSettings(Settings):
         default=10.0,
         gt=0,
         description="Consumer group session timeout: how long a replica that died without leaving (SIGKILL, a lost "
-        "node) holds its partitions before the others take them over.",
-    )
-    broker_heartbeat_interval_seconds: float = env(
-        "KEYCHAIN_BROKER_HEARTBEAT_INTERVAL_SECONDS",
-        default=1.0,
-        gt=0,
-        description="Consumer heartbeat interval (well under the session timeout; a third of it at most).",
+        "node) holds its partitions before the others take them over. Heartbeats go at a tenth of it.",
     )
     broker_rebalance_timeout_seconds: float = env(
         "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS",
@@ -97,15 +91,6 @@ class WorkerSettings(Settings):
         description="Batches of execution events handled at once: the next starts while the earlier ones wait for "
         "Secret Manager or their write, so events that arrive during a fetch do not queue behind it.",
     )
-    warm_concurrency: int = env(
-        "KEYCHAIN_WARM_CONCURRENCY", default=32, ge=1, description="Secret Manager calls in flight per worker."
-    )
-    warm_fetch_window_seconds: float = env(
-        "KEYCHAIN_WARM_FETCH_WINDOW_SECONDS",
-        default=10.0,
-        ge=0,
-        description="A fetched version is reused for this long by later batches: one call per secret per burst.",
-    )
     warm_deadline_seconds: float = env(
         "KEYCHAIN_WARM_DEADLINE_SECONDS",
         default=30.0,
@@ -114,9 +99,6 @@ class WorkerSettings(Settings):
     )
     max_event_bytes: int = env(
         "KEYCHAIN_MAX_EVENT_BYTES", default=1_048_576, ge=1, description="Larger events go to the dead-letter topic."
-    )
-    max_playbook_bytes: int = env(
-        "KEYCHAIN_MAX_PLAYBOOK_BYTES", default=1_048_576, ge=1, description="Larger catalog playbooks are refused."
     )
     catalog_dsn: str | None = env(
         "KEYCHAIN_CATALOG_DSN",
@@ -168,16 +150,6 @@ class WorkerSettings(Settings):
         default=None,
         description="`host:port` of a local Cloud KMS gRPC server (plain, no TLS); unset = the real service.",
     )
-    noetl_data_keys_ahead: int = env(
-        "KEYCHAIN_NOETL_DATA_KEYS_AHEAD",
-        default=256,
-        ge=0,
-        description="With Cloud KMS: data keys wrapped ahead of need (each used once), so a burst does not wait for "
-        "Encrypt calls.",
-    )
-    catalog_cache_size: int = env(
-        "KEYCHAIN_CATALOG_CACHE_SIZE", default=1000, ge=1, description="Parsed playbooks kept, by catalog id."
-    )
     catalog_wait_seconds: float = env(
         "KEYCHAIN_CATALOG_WAIT_SECONDS",
         default=5.0,
@@ -200,26 +172,12 @@ class WorkerSettings(Settings):
         gt=0,
         description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
     )
-    reconcile_batch: int = env(
-        "KEYCHAIN_RECONCILE_BATCH",
-        default=50,
-        ge=1,
-        description="Secrets compared per reconciliation (reads; the project quota is 600 per minute).",
-    )
-    pubsub_max_messages: int = env(
-        "KEYCHAIN_PUBSUB_MAX_MESSAGES",
-        default=100,
-        ge=1,
-        description="Flow control: notifications held by the bridge at once.",
-    )
-    pubsub_ack_deadline_seconds: int = env(
-        "KEYCHAIN_PUBSUB_ACK_DEADLINE_SECONDS",
-        default=10,
-        ge=10,
-        le=600,
-        description="Lease per notification; what a crashed bridge held is redelivered after it.",
-    )
 
+
+    @property
+    def broker_heartbeat_interval_seconds(self) -> float:
+        """A tenth of the session timeout: well inside it, even with a heartbeat or two lost."""
+        return self.broker_session_timeout_seconds / 10
 
     @property
     def targets(self) -> tuple[str, ...]:

@@ -3,11 +3,13 @@
 Per batch: finishes first (fence + purge in each target, so a start in the same batch or redelivered later writes
 nothing); other event types are counted and ignored; then every start's playbook (from the event or NoETL's catalog,
 one lookup per catalog row), each target's plan of it (the rows it wants), minus those already warm. Each distinct
-secret version is fetched ONCE per burst for every target (an in-memory window shared by consecutive batches, and
-Keychain.fetch_checked across processes), with bounded concurrency and the calls-per-minute budget all processes
-share. Rows are written as soon as their secrets are in hand, one durable statement per target and round, so an
-execution whose secret is UNAVAILABLE does not hold back the others; it is retried until the warm deadline, then
-dead-lettered for replay. The caller acknowledges the batch only after `handle` returns.
+secret version is fetched ONCE per burst for every target (the library's fetcher: its window, shared by consecutive
+batches and by every process), with bounded concurrency and the calls-per-minute budget all processes share. Rows
+are written as soon as their secrets are in hand, one durable statement per target and round, so an execution whose
+secret is UNAVAILABLE does not hold back the others. One deadline per warm (KEYCHAIN_WARM_DEADLINE_SECONDS) bounds
+everything it waits for: the fetcher's retries of Secret Manager, and the warm's own retries of a target's write that
+failed (Cloud KMS down, say); past it the event is dead-lettered for replay with a closed reason. The caller
+acknowledges the batch only after `handle` returns.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from keychain.errors import PERMANENT_ERRORS, SecretSourceError
+from keychain.fetcher import Fetched
 from keychain.refs import SecretRef
 from keychain.store import Keychain
 
@@ -29,10 +32,15 @@ from .catalog import Catalog
 from .events import BadEvent, ExecutionEvent, parse_event
 from .plan import plans_of
 from .settings import WorkerSettings
-from .targets import Fetched, Filled, Target, together
+from .targets.base import Filled, Target, together
 from .targets.keychain import KeychainTarget
 
 log = logging.getLogger(__name__)
+
+# A want not written as ready, and why: Secret Manager's refusal, or one of these (the dead letter's reason).
+UNAVAILABLE = "UNAVAILABLE"  # Secret Manager kept answering UNAVAILABLE until the deadline
+WRITE_FAILED = "WRITE_FAILED"  # the target could not write the row before the deadline
+WARM_CONCURRENCY = 32  # Secret Manager calls in flight per worker (the shared budget bounds the rate)
 
 
 @dataclass
@@ -64,26 +72,13 @@ def _timed(step: str) -> Iterator[None]:
 class Warmer:
     def __init__(self, settings: WorkerSettings, keychain: Keychain, catalog: Catalog | None = None,
                  targets: list[Target] | None = None):
-        """`keychain` fetches through its Secret Manager source (Keychain.fetch_checked: once across processes);
+        """`keychain` fetches through its Secret Manager source (its fetcher: once across processes);
         `targets`: where the rows go (default: the keychain's own table)."""
         self.settings = settings
         self.keychain = keychain
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
         self.targets: list[Target] = targets or [KeychainTarget(keychain, project=settings.google_cloud_project)]
-        self._concurrency = asyncio.Semaphore(settings.warm_concurrency)
-        # The burst window: ref -> (fetched at, value, the secret's rotation generation read before the fetch).
-        self._recent: dict[str, tuple[float, Fetched]] = {}
-
-    def forget(self, refs: set[str] | None = None) -> None:
-        """Drop fetched values from the burst window (all, or those of some references)."""
-        if refs is None:
-            self._recent.clear()
-        else:
-            for ref in refs:
-                self._recent.pop(ref, None)
-
-    def forget_secret(self, secret_id: str) -> None:
-        self.forget({ref for ref in self._recent if SecretRef.parse(ref).secret == secret_id})
+        self._concurrency = asyncio.Semaphore(WARM_CONCURRENCY)
 
     # --- events -----------------------------------------------------------------------------------------------------
     async def handle(self, records: list[Record], on_wait: Callable[[], None] = lambda: None) -> BatchResult:
@@ -146,15 +141,20 @@ class Warmer:
             codes = {target_refused[w] for target_refused, target_wants in zip(refused, wants) for w in target_wants
                      if w in target_refused}
             for code in sorted(codes):
-                detail = "Secret Manager did not give a secret this execution names"
-                result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
+                if code == WRITE_FAILED:
+                    result.dead.append(DeadLetter(record, "write_failed", "a target could not write this execution's "
+                                                  "rows before the warm deadline"))
+                else:
+                    detail = "Secret Manager did not give a secret this execution names"
+                    result.dead.append(DeadLetter(record, f"secret_{code.lower()}", detail))
         return result
 
     async def _finish(self, execution_id: int) -> int:
         """The library's finish (the execution fenced, its rows gone) with every target's own rows deleted in the
         same transaction. Returns rows deleted."""
         purges = [p for p in (target.purge(execution_id) for target in self.targets) if p is not None]
-        deleted = await self.keychain.finish_execution(execution_id, beside=together([p.delete for p in purges]))
+        deleted = await self.keychain.maintenance.finish_execution(execution_id,
+                                                                   beside=together([p.delete for p in purges]))
         for purge in purges:
             purge.committed()
         return deleted
@@ -179,107 +179,103 @@ class Warmer:
     # --- warming ----------------------------------------------------------------------------------------------------
     async def warm(
         self, wants: list, *, target: Target | None = None, skip_ready: bool = True, fresh: bool = False,
-        on_wait: Callable[[], None] = lambda: None,
+        on_wait: Callable[[], None] = lambda: None, deadline: float | None = None,
     ) -> tuple[dict, int]:
         """Write a ready row for each wanted credential in `target` (the first target by default; a refusal as the
         target records one). `fresh`: fetch anew, reusing no value fetched a moment ago (keep-warm). `on_wait`:
-        called before each wait for Secret Manager or for the write. Returns (error code of each want not written as
-        ready, rows written)."""
+        called before each wait for Secret Manager or for the write. `deadline` (time.monotonic(); default
+        KEYCHAIN_WARM_DEADLINE_SECONDS from now): what is not written by then is given up. Returns (why each want
+        was not written as ready: Secret Manager's refusal, UNAVAILABLE or WRITE_FAILED; rows written)."""
         target = target or self.targets[0]
         if not wants:
             return {}, 0
         if skip_ready:
             with _timed("check"):
                 wants = await target.not_yet_warm(wants)
+        deadline = deadline or time.monotonic() + self.settings.warm_deadline_seconds
         todo = list(dict.fromkeys(wants))
-        refs = {str(ref) for w in todo for ref in w.refs}
-        values = {} if fresh else self._from_window(refs)
+        values: dict[str, Fetched] = {}
         errors: dict[str, str] = {}
+        fetching: dict[str, asyncio.Future[Fetched | str]] = {}
         refused: dict = {}
         written = 0
-        deadline = time.monotonic() + self.settings.warm_deadline_seconds
-        delay = self.settings.secret_manager_retry_initial_seconds
-        while True:
-            pending = {str(r) for w in todo for r in w.refs} - values.keys() - errors.keys()
-            if pending:
-                on_wait()
-            with _timed("fetch"):
-                await self._fetch_round(pending, values, errors, fresh)
-            filled, waiting = [], []
-            for want in todo:
-                codes = [errors[str(r)] for r in want.refs if str(r) in errors]
-                permanent = [c for c in codes if c in PERMANENT_ERRORS]
-                if permanent:
-                    refused[want] = permanent[0]
-                    filled.append(Filled(want, error_code=permanent[0]))
-                elif codes:
-                    waiting.append(want)
-                else:
-                    filled.append(Filled(want, {str(r): values[str(r)] for r in want.refs}))
-            if filled:  # the database works on the statement: this process is free
-                on_wait()
-            with _timed("write"):
-                fenced = await target.write(filled) if filled else []
-            written += len(filled) - len(fenced)
-            invalidated = [f.want for f in fenced]
-            if invalidated:  # the secret was invalidated while we fetched: fetch its new value
-                again = {str(r) for w in invalidated for r in w.refs}
-                self.forget(again)
-                for ref in again:
-                    values.pop(ref, None)
-            todo = waiting + invalidated
-            if not todo:
-                return refused, written
-            if time.monotonic() + delay > deadline:
+        retry_delay = self.settings.secret_manager_retry_initial_seconds
+        try:
+            while todo:
+                needed = {str(r) for w in todo for r in w.refs}
+                for ref in sorted(needed - values.keys() - errors.keys() - fetching.keys()):
+                    fetching[ref] = asyncio.ensure_future(self._fetch(ref, fresh, deadline))
+                self._collect(fetching, values, errors)
+                filled, waiting = [], []
                 for want in todo:
-                    refused[want] = "UNAVAILABLE"
-                return refused, written
-            if not waiting:  # only invalidated ones: nothing to wait for
-                continue
-            log.warning("Secret Manager unavailable for %d credential(s); retrying in %.2fs", len(waiting), delay)
-            on_wait()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.settings.secret_manager_retry_max_seconds)
-            for ref in [r for r, code in errors.items() if code not in PERMANENT_ERRORS]:
-                del errors[ref]
+                    codes = [errors[str(r)] for r in want.refs if str(r) in errors]
+                    permanent = [c for c in codes if c in PERMANENT_ERRORS]
+                    if permanent:
+                        refused[want] = permanent[0]
+                        filled.append(Filled(want, error_code=permanent[0]))
+                    elif codes:
+                        refused[want] = codes[0]
+                    elif all(str(r) in values for r in want.refs):
+                        filled.append(Filled(want, {str(r): values[str(r)] for r in want.refs}))
+                    else:
+                        waiting.append(want)
+                if not filled:  # nothing to write yet: wait for the next fetch to end
+                    if waiting:
+                        on_wait()
+                        with _timed("fetch"):
+                            await asyncio.wait(fetching.values(), return_when=asyncio.FIRST_COMPLETED)
+                    todo = waiting
+                    continue
+                on_wait()  # the database works on the statement: this process is free
+                with _timed("write"):
+                    outcome = await target.write(filled)
+                written += len(outcome.written)
+                for fenced in outcome.fenced:  # invalidated while we fetched: fetch its new value
+                    for ref in fenced.want.refs:
+                        values.pop(str(ref), None)
+                        self.keychain.fetcher.forget(ref.secret)
+                failed = [f.want for f in outcome.failed]
+                if failed and time.monotonic() + retry_delay > deadline:
+                    refused.update(dict.fromkeys(failed, WRITE_FAILED))
+                    failed = []
+                elif failed:
+                    log.warning("%d row(s) not written by target %s; retrying in %.2fs", len(failed), target.name,
+                                retry_delay)
+                    on_wait()
+                    await asyncio.sleep(retry_delay)
+                    retry_delay = min(retry_delay * 2, self.settings.secret_manager_retry_max_seconds)
+                todo = waiting + [f.want for f in outcome.fenced] + failed
+        finally:
+            for future in fetching.values():
+                future.cancel()
+        return refused, written
 
-    async def refresh_globals(self) -> int:
-        """Keep warm: fetch again the global credentials that are read and about to expire (our table's: NoETL's rows
-        are all an execution's). Returns rows written."""
-        written = 0
-        for target in self.targets:
-            if isinstance(target, KeychainTarget):
-                wants = await target.globals_to_refresh(self.settings.ttl_seconds / 4)
-                written += (await self.warm(wants, target=target, skip_ready=False, fresh=True))[1]
-        return written
-
-    # --- fetching ---------------------------------------------------------------------------------------------------
-    def _from_window(self, refs: set[str]) -> dict[str, Fetched]:
-        now = time.monotonic()
-        window = self.settings.warm_fetch_window_seconds
-        self._recent = {ref: item for ref, item in self._recent.items() if now - item[0] < window}
-        return {ref: self._recent[ref][1] for ref in refs if ref in self._recent}
-
-    async def _fetch_round(self, refs: set[str], values: dict[str, Fetched], errors: dict[str, str],
-                           fresh: bool = False) -> None:
-        """At most one call per reference, concurrently, shared with every other process and batch
-        (Keychain.fetch_checked: the negative cache first, permanent refusals remembered); fills `values` and
-        `errors` (error codes)."""
-        if not refs:
-            return
-        ordered = sorted(refs)
-        outcomes = await asyncio.gather(*(self._fetch(ref, fresh) for ref in ordered))
-        for ref, outcome in zip(ordered, outcomes):
+    @staticmethod
+    def _collect(fetching: dict[str, asyncio.Future[Fetched | str]], values: dict[str, Fetched],
+                 errors: dict[str, str]) -> None:
+        """Move the fetches that ended into `values` or `errors` (an error code)."""
+        for ref in [ref for ref, future in fetching.items() if future.done()]:
+            outcome = fetching.pop(ref).result()
             if isinstance(outcome, Fetched):
                 values[ref] = outcome
-                self._recent[ref] = (time.monotonic(), values[ref])
             else:
                 errors[ref] = outcome
 
-    async def _fetch(self, ref: str, fresh: bool = False) -> Fetched | str:
+    async def refresh_globals(self) -> int:
+        """Keep warm: fetch again the global credentials that are read and about to expire, in every target that
+        keeps any. Returns rows written."""
+        written = 0
+        for target in self.targets:
+            wants = await target.globals_to_refresh(self.settings.ttl_seconds / 4)
+            written += (await self.warm(wants, target=target, skip_ready=False, fresh=True))[1]
+        return written
+
+    # --- fetching ----------------------------------------------------------------------------------------------------
+    async def _fetch(self, ref: str, fresh: bool, deadline: float) -> Fetched | str:
+        """The library's fetcher (the one door: negative cache, window, single flight, across processes, its retries
+        within `deadline`), WARM_CONCURRENCY at a time; an error code when it gives none."""
         async with self._concurrency:
             try:
-                fetched = await self.keychain.fetch_checked(SecretRef.parse(ref), reuse=not fresh)
+                return await self.keychain.fetcher.fetch(SecretRef.parse(ref), reuse=not fresh, deadline=deadline)
             except SecretSourceError as exc:
                 return exc.code
-        return fetched if isinstance(fetched, str) else Fetched(*fetched)

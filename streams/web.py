@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from keychain import metrics
 from keychain.errors import InvalidReference
+from keychain.invalidation import Selection
 from keychain.model import storable_text
 from keychain.refs import SecretRef
 
@@ -66,7 +67,7 @@ async def metrics_page(_: web.Request) -> web.Response:
 
 
 def _counts(counter) -> dict[str, float]:
-    return {s.labels.get("outcome") or s.labels.get("reason") or s.labels.get("event_type") or s.labels.get("kind")
+    return {s.labels.get("outcome") or s.labels.get("reason") or s.labels.get("cause") or s.labels.get("kind")
             or "total": s.value for metric in counter.collect() for s in metric.samples if s.name.endswith("_total")}
 
 
@@ -74,7 +75,7 @@ async def stats(_: web.Request) -> web.Response:
     await runtime.ready()
     reads = _counts(metrics.READS)
     total = sum(reads.values())
-    rows = await runtime.keychain.stats()
+    rows = await runtime.keychain.maintenance.stats()
     return web.json_response({
         "reads": reads,
         "hit_ratio": round(reads.get("hit", 0) / total, 4) if total else None,
@@ -117,35 +118,45 @@ async def invalidate(request: web.Request) -> web.Response:
     if scheme.lower() != "bearer" or not hmac.compare_digest(credential.encode(), token.encode()):
         return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
     try:
-        what, target = _one_instruction(await request.text())
+        what, value = _one_instruction(await request.text())
+    except ValueError as bad:
+        return _bad_request(str(bad))
+    try:
+        selection = _selection(what, value)
     except ValueError as bad:
         return _bad_request(str(bad))
     await runtime.ready()
-    try:
-        if what in ("secret", "version"):
-            ref = SecretRef.parse(target)
-            if what == "version" and not ref.pinned:
-                return _bad_request("version must name a version number")
-            # a secret: every row of it (whatever version the reference names); a version: that version's rows
-            applied = await runtime.invalidator.invalidate_secret(ref.secret_name if what == "secret" else ref)
-            return web.json_response({"invalidated": applied.changed, "refreshed": applied.refreshed})
-        if what == "execution_id":
-            if not (isinstance(target, int) and not isinstance(target, bool) and 0 < target < 2**63):
-                return _bad_request("execution_id must be a positive 64-bit integer")
-            return web.json_response({"invalidated": await runtime.keychain.invalidate(execution_id=target)})
-        if what == "credential":
-            try:
-                name = storable_text(target) if isinstance(target, str) and target else None
-            except ValueError as bad:
-                return _bad_request(f"credential {bad}")
-            if name is None:
-                return _bad_request("credential must be a non-empty string")
-            return web.json_response({"invalidated": await runtime.keychain.invalidate(credential=name)})
-        if what == "all" and target is True:
-            return web.json_response({"invalidated": await runtime.keychain.invalidate(everything=True)})
-    except (InvalidReference, TypeError, AttributeError):
-        return _bad_request()
-    return _bad_request()
+    applied = await runtime.invalidator.invalidate(selection, cause="operator")
+    return web.json_response({"invalidated": applied.changed, "refreshed": applied.refreshed})
+
+
+def _selection(what: str, value: Any) -> Selection:
+    """The body's instruction as an invalidation's selection; ValueError (the reason) for one it cannot be."""
+    if what in ("secret", "version"):
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be a string")
+        try:
+            ref = SecretRef.parse(value)
+        except InvalidReference:
+            raise ValueError(f"{what} is not a Secret Manager name") from None
+        if what == "version" and not ref.pinned:
+            raise ValueError("version must name a version number")
+        # a secret: every row of it (whatever version the reference names); a version: that version's rows
+        return Selection.of(secret=ref.secret_name if what == "secret" else ref)
+    if what == "execution_id":
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63):
+            raise ValueError("execution_id must be a positive 64-bit integer")
+        return Selection.of(execution_id=value)
+    if what == "credential":
+        if not (isinstance(value, str) and value):
+            raise ValueError("credential must be a non-empty string")
+        try:
+            return Selection.of(credential=storable_text(value))
+        except ValueError as bad:
+            raise ValueError(f"credential {bad}") from None
+    if what == "all" and value is True:
+        return Selection.of(everything=True)
+    raise ValueError("unknown instruction")
 
 
 def _one_instruction(text: str) -> tuple[str, Any]:

@@ -11,15 +11,28 @@ import pytest
 
 from keychain import Keychain, SecretManagerSource
 from keychain.crypto import KeyRing
-from devtools.stack import LocalStack
+from devtools.stack import LocalStack, pubsub_unavailable_reason
 from streams.settings import WorkerSettings
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Tests that need the real services are marked `services`; `make check` runs the others, in seconds."""
+    """Tests that need the real services are marked `services`; `make check` runs the others, in seconds. Tests that
+    need the Pub/Sub emulator (`pubsub`) skip with the reason where it is not installed, except in CI (CI=true),
+    where they fail: CI must run them."""
+    missing = pubsub_unavailable_reason()
     for item in items:
         if "stack" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.services)
+        if missing and item.get_closest_marker("pubsub"):
+            if os.environ.get("CI"):
+                item.add_marker(pytest.mark.usefixtures("pubsub_required_in_ci"))
+            else:
+                item.add_marker(pytest.mark.skip(reason=missing))
+
+
+@pytest.fixture
+def pubsub_required_in_ci():
+    pytest.fail(f"CI runs the Pub/Sub tests: {pubsub_unavailable_reason()}")
 
 
 @pytest.fixture(scope="session")
@@ -213,7 +226,7 @@ def noetl_key():
 @pytest.fixture(scope="session")
 def kms_server():
     """The Cloud KMS test server (the real gRPC API, for the official client)."""
-    from keychain.testing.kms_server import CloudKmsTestServer
+    from devtools.kms_server import CloudKmsTestServer
 
     server = CloudKmsTestServer().start()
     yield server
@@ -245,3 +258,7 @@ def pytest_runtest_makereport(item, call):
             lines = [line.rstrip() for line in worker.lines
                      if any(word in line for word in ("WARNING", "ERROR", "Error", "dead letter", "Traceback", "  File "))]
             report.sections.append((f"worker {n} (warnings and errors)", "\n".join(lines[-150:])))
+
+
+# NoETL's fixtures (tests/noetl_harness.py), for every test module that meets NoETL.
+from .noetl_harness import noetl, noetl_settings, parts  # noqa: E402, F401

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from devtools.stack import pubsub_unavailable_reason
 
-pytestmark = pytest.mark.services  # the benchmarks start their own services
+pytestmark = [pytest.mark.services, pytest.mark.bench]  # `make bench-quick`; they start their own services
 
 ROOT = Path(__file__).parent.parent
 KEYS = {
@@ -66,7 +65,7 @@ def test_benchmark_reports_its_figures(name):
         assert figures["expired_rows"] == 100_000  # all swept (the benchmark checks it), readers never missed
 
 
-@pytest.mark.skipif(pubsub_unavailable_reason() is not None, reason=str(pubsub_unavailable_reason()))
+@pytest.mark.pubsub
 def test_invalidate_benchmark_reports_its_figures():
     figures = run_quick("invalidate")
     assert KEYS["invalidate"] <= set(figures)

@@ -19,8 +19,7 @@ def start(execution_id, catalog_id, path="test/cache_simple", **extra):
 
 @pytest.fixture
 def catalog_settings(settings):
-    return settings.model_copy(update={"catalog_schema": settings.schema_name, "catalog_wait_seconds": 0.3,
-                                       "catalog_cache_size": 2})
+    return settings.model_copy(update={"catalog_schema": settings.schema_name, "catalog_wait_seconds": 0.3})
 
 
 async def test_by_id_cached_a_row_never_changes(catalog_settings, keychain, db, execution_id):
@@ -72,6 +71,7 @@ async def test_the_cache_is_bounded(catalog_settings, keychain, db, execution_id
     for i in range(3):
         await register(db, catalog_settings.schema_name, execution_id + i, f"p/{i}", f"workload: {{i: {i}}}")
     catalog = Catalog(catalog_settings, keychain.pool)
+    catalog.cache_size = 2
     for i in range(3):
         await catalog.playbook_for(start(execution_id, execution_id + i))
     assert list(catalog._cache) == [execution_id + 1, execution_id + 2]  # size 2: the least recently used went

@@ -6,6 +6,7 @@ import random
 
 import asyncpg
 
+from keychain.invalidation import Selection
 from keychain import Keychain, SecretManagerSource
 from keychain.errors import KeychainError
 from keychain.model import Scope
@@ -54,7 +55,7 @@ async def test_writers_racing_on_overlapping_rows_never_deadlock(stack, settings
     before_pg, before_retries = await deadlocks_seen(settings.dsn), deadlock_retries()
     readers = [Keychain(s, source=SecretManagerSource(s)) for s in
                [make_settings(stack, settings.schema_name, key_spec, shared_fetch_seconds=0.0) for _ in range(3)]]
-    warm_settings = make_settings(stack, settings.schema_name, key_spec, warm_fetch_window_seconds=0.0)
+    warm_settings = make_settings(stack, settings.schema_name, key_spec)
     warmer = Warmer(warm_settings, keychain)
     invalidator = Invalidator(warm_settings, keychain, warmer, keychain.source)
     failures: list[BaseException] = []
@@ -70,7 +71,7 @@ async def test_writers_racing_on_overlapping_rows_never_deadlock(stack, settings
                                                                      enumerate(rng.sample(secrets, 3))))
                       for g in range(4)]
             # Rows that are expired already (the sweep's work), some of them held by names the writers rewrite.
-            await keychain.put_many([])
+            await keychain.rows.put_many([])
             for e in executions[:2]:
                 await keychain.put(f"{unique}-exec-{secrets[0]}", "old", execution_id=e, ttl_seconds=1)
             await asyncio.sleep(1.05 if round_ == 0 else 0)
@@ -92,19 +93,19 @@ async def test_writers_racing_on_overlapping_rows_never_deadlock(stack, settings
                 await asyncio.sleep(rng.random() * 0.05)
                 secret_id = rng.choice(secrets)
                 sm.add_version(secret_id, f"value-{secret_id}-r{round_}")
-                await invalidator.invalidate_secret(ref_of(secret_id).secret_name)
+                await invalidator.invalidate(Selection.of(secret=ref_of(secret_id).secret_name), cause="operator")
 
             async def purge_one() -> None:
                 await asyncio.sleep(rng.random() * 0.05)
-                await keychain.finish_execution(executions[-1])
+                await keychain.maintenance.finish_execution(executions[-1])
 
             async def sweep() -> None:
                 await asyncio.sleep(rng.random() * 0.05)
-                await keychain.sweep()
+                await keychain.maintenance.sweep()
 
             async def rekey() -> None:
                 await asyncio.sleep(rng.random() * 0.05)
-                await keychain.rekey(batch_size=7)
+                await keychain.maintenance.rekey(batch_size=7)
 
             work = [warmer.warm(shuffled(wants), skip_ready=False), warmer.warm(shuffled(wants), skip_ready=False),
                     *(read_through(r) for r in readers), invalidate_one(), purge_one(), sweep(), rekey()]

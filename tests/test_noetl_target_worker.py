@@ -9,7 +9,7 @@ from devtools.noetl_schema import register_playbook
 
 from .streams_harness import wait_for
 from .conftest import make_settings
-from .test_noetl_target import PLAYBOOK, PROJECT, Noetl, calls
+from .noetl_harness import PLAYBOOK, PROJECT, Noetl, calls
 from .test_web import http
 
 TOKEN = "noetl-admin-token"

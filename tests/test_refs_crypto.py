@@ -119,7 +119,6 @@ def test_scope_rules():
     assert Scope.of(execution_id=5).scope_id == "5"
     assert Scope.of(session_id="abc").type == "session"
     assert Scope.of().type == "global"
-    assert Scope.of(execution_id=5, scope="local").type == "execution"
     with pytest.raises(ValueError):
         Scope.of(scope="execution")
     with pytest.raises(ValueError):

@@ -41,8 +41,7 @@ async def test_postgres_restarted_mid_stream_loses_nothing(stack, settings, key_
         sm.create_secret(s)
         sm.add_version(s, f"value-{s}")
     sm.delay_seconds = 0.02
-    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="10",
-                               KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")).start()
+    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="10")).start()
     try:
         total = 200
         messages = [start_event(execution_id + i, [REF.format(secret_ids[i % 4])]) for i in range(total)]
@@ -146,8 +145,7 @@ async def test_flaky_secret_manager_warms_everything_in_the_end(stack, settings,
     events = [start_event(execution_id + i, [REF.format(secret_ids[(i + k) % 10]) for k in range(3)])
               for i in range(executions)]
     events += [start_event(execution_id + 1000 + i, [missing]) for i in range(5)]
-    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="25",
-                               KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")).start()
+    worker = Worker(worker_env(stack, settings, key_spec, unique, KEYCHAIN_WARM_BATCH_SIZE="25")).start()
     try:
         await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], f"events-{unique}", events)
         ready = "SELECT count(*) FROM keychain WHERE state = 'ready'"

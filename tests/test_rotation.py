@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from keychain.invalidation import Selection
 from keychain import CachedFailure, Keychain, SecretManagerSource
 from keychain.model import Scope
 from keychain.refs import SecretRef
@@ -113,7 +114,7 @@ async def test_duplicates_apply_once_and_order_does_not_matter(parts, keychain, 
     # delivered out of order, each twice
     results = [await invalidator.apply(n) for n in (disable, add, disable, add)]
     assert [r.changed is None for r in results] == [False, False, True, True]
-    assert (await keychain.generations([secret_id]))[secret_id] == 2
+    assert (await keychain.maintenance.generations([secret_id]))[secret_id] == 2
     assert await value(keychain, "latest", execution_id) == "v2-value"
     with pytest.raises(CachedFailure):
         await keychain.get("pinned1", execution_id=execution_id)
@@ -205,7 +206,7 @@ async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain
     await warmer.warm([want("latest", secret_id, execution_id=execution_id), want("pinned", secret_id, "1")])
     assert await held(keychain, secret_id) == ["1"]  # the pinned row is not summarised: it cannot fall behind
     plan = "\n".join(r[0] for r in await keychain.pool.fetch(
-        "EXPLAIN " + keychain._q["latest_secrets_to_check"].replace("$1", "50")))
+        "EXPLAIN " + keychain._db.q["latest_secrets_to_check"].replace("$1", "50")))
     assert " on keychain " not in plan and "keychain_latest_held" in plan, plan
 
     sm.add_version(secret_id, "v2-value")
@@ -227,7 +228,7 @@ async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain
     # Once every row of its bucket has expired, the sweep removes a summary row.
     await keychain.pool.execute(
         "UPDATE keychain_latest_held SET held_until = now() - interval '1 second' WHERE secret_id = $1", secret_id)
-    await keychain.sweep()
+    await keychain.maintenance.sweep()
     assert await keychain.pool.fetchval(
         "SELECT count(*) FROM keychain_latest_held WHERE secret_id = $1", secret_id) == 0
 
@@ -283,12 +284,12 @@ async def test_one_invalidation_three_doors_one_meaning(parts, keychain, sm, sec
                     ((None, SecretRef.parse(f"projects/test-project/secrets/{secret_id}")),))
     await warmer.warm([pinned, floating])
     # the library (CLI): one version, by its number, through the other project spelling
-    assert await keychain.invalidate_secret(f"projects/{NUMBER}/secrets/{secret_id}/versions/1") == 1
+    assert await keychain.maintenance.invalidate(Selection.of(secret=f"projects/{NUMBER}/secrets/{secret_id}/versions/1")) == 1
     assert await value(keychain, "pinned", execution_id) == "stale"
     assert await value(keychain, "floating", execution_id) == "second"
     assert await invalidator.refresh_stale() == 1  # the worker's maintenance round
     assert await value(keychain, "pinned", execution_id) == first
     # the worker (POST /invalidate): the whole secret, refreshed at once
-    applied = await invalidator.invalidate_secret(f"projects/test-project/secrets/{secret_id}")
+    applied = await invalidator.invalidate(Selection.of(secret=f"projects/test-project/secrets/{secret_id}"), cause="operator")
     assert applied.changed == 2 and applied.refreshed == 2
-    assert await keychain.stale_secret_ids() == []
+    assert await keychain.maintenance.stale_secret_ids() == []

@@ -10,7 +10,6 @@ from google.cloud import pubsub_v1
 from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
 
-from devtools.stack import pubsub_unavailable_reason
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def test_fault_injection(client, sm, secret):
     assert time.monotonic() - started >= 0.2
 
 
-@pytest.mark.skipif(pubsub_unavailable_reason() is not None, reason=str(pubsub_unavailable_reason()))
+@pytest.mark.pubsub
 def test_notifications_like_the_real_service(client, sm, stack, unique):
     project = stack.env["GOOGLE_CLOUD_PROJECT"]
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()

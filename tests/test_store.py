@@ -5,6 +5,7 @@ import asyncpg
 import grpc
 import pytest
 
+from keychain.invalidation import Selection
 from keychain import CachedFailure, DecryptionError, Keychain, SecretManagerSource, SecretNotFound, SecretUnavailable
 from keychain.crypto import KeyRing
 from keychain.model import Entry, Provenance, Scope
@@ -56,7 +57,7 @@ async def test_every_read_outcome_is_one_round_trip(settings, keychain, db, exec
                                                         "read_flush_seconds": 3600})).open()
     try:
         scope = Scope.of(execution_id=execution_id)
-        await reader.put_many([Entry(name, scope, "v") for name in ("ready", "expired", "stale")]
+        await reader.rows.put_many([Entry(name, scope, "v") for name in ("ready", "expired", "stale")]
                               + [Entry("failed", scope, error_code="NOT_FOUND")])
         await db.execute("UPDATE keychain SET expires_at = now() - interval '1 second' "
                          "WHERE credential_name = 'expired'")
@@ -165,13 +166,13 @@ async def test_the_secret_manager_budget_is_shared_by_every_process(stack, setti
     async with Keychain(budget, source=SecretManagerSource(budget)) as a, \
             Keychain(budget, source=SecretManagerSource(budget)) as b:
         assert (await a.get_or_fetch("n", ref_of(secret_ids[0]), execution_id=execution_id)).value == f"value-{secret_ids[0]}"
-        await b.fetch_checked(SecretRef.parse(ref_of(secret_ids[1])))
+        await b.fetcher.fetch(SecretRef.parse(ref_of(secret_ids[1])))
         assert 0.9 < await tokens() < 1.5  # two calls taken (a token refills every 20 s)
-        await b.fetch_checked(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
+        await b.fetcher.fetch(SecretRef.parse(ref_of(secret_ids[0])))  # answered by a's fetch: no call
         await a.get_or_fetch("m", ref_of(secret_ids[1]), execution_id=execution_id)  # the same
         assert 0.9 < await tokens() < 1.5
-        await a.fetch_checked(SecretRef.parse(ref_of(secret_ids[2])))
-        waiting = asyncio.create_task(b.fetch_checked(SecretRef.parse(ref_of(secret_ids[3]))))
+        await a.fetcher.fetch(SecretRef.parse(ref_of(secret_ids[2])))
+        waiting = asyncio.create_task(b.fetcher.fetch(SecretRef.parse(ref_of(secret_ids[3]))))
         await asyncio.sleep(0.5)
         assert not waiting.done() and sm.access_count(secret_ids[3], code=None) == 0  # the budget is spent
         assert await tokens() < -0.5  # b waits its turn
@@ -271,7 +272,7 @@ async def test_rows_sealed_before_the_write_binding_still_read_and_rekey_binds_t
         await db.execute("UPDATE keychain SET data = $1, write_id = NULL WHERE credential_name = $2",
                          legacy, f"legacy-{i}")
     assert (await keychain.get("legacy-0", execution_id=execution_id)).value == "legacy-value-0"
-    assert await keychain.rekey() == (3, 0)  # same key, but bound now
+    assert await keychain.maintenance.rekey() == (3, 0)  # same key, but bound now
     assert await db.fetchval("SELECT count(*) FROM keychain WHERE write_id IS NULL") == 0
     assert (await keychain.get("legacy-1", execution_id=execution_id)).value == "legacy-value-1"
     # and a format 1 ciphertext is refused in a row that has a write id (no downgrade)
@@ -297,8 +298,8 @@ async def test_key_rotation_and_rekey(keychain, stack, settings, key_spec, db, e
         assert (await kc.get("cred-3", execution_id=execution_id)).value == {"n": 3}  # old rows still read
         await kc.put("fresh", 1)  # new rows use the new key
         assert await db.fetchval("SELECT key_id FROM keychain WHERE credential_name = 'fresh'") == "k2"
-        assert await kc.rekey(batch_size=7) == (25, 0)
-        assert await kc.rekey() == (0, 0)
+        assert await kc.maintenance.rekey(batch_size=7) == (25, 0)
+        assert await kc.maintenance.rekey() == (0, 0)
     assert await db.fetchval("SELECT count(*) FROM keychain WHERE key_id <> 'k2'") == 0
     only_new = make_settings(stack, settings.schema_name, new_key)
     async with Keychain(only_new) as kc:
@@ -324,7 +325,7 @@ async def test_rekey_under_concurrent_reads_fails_no_read(keychain, stack, setti
                 i += 7
 
         readers = [asyncio.create_task(read_loop(k)) for k in range(4)]
-        assert await rekeyer.rekey(batch_size=10) == (200, 0)
+        assert await rekeyer.maintenance.rekey(batch_size=10) == (200, 0)
         stop.set()
         await asyncio.gather(*readers)  # any failed read raises here
     assert reads > 0
@@ -342,12 +343,12 @@ async def test_no_plaintext_in_table_or_logs(keychain, sm, secret, db, execution
     assert value not in repr(await keychain.get("openai", execution_id=execution_id))
 
 
-async def test_purge_execution_deletes_only_that_execution(keychain, execution_id):
+async def test_finish_execution_deletes_only_that_execution(keychain, execution_id):
     await keychain.put("a", 1, execution_id=execution_id)
     await keychain.put("b", 2, execution_id=execution_id)
     await keychain.put("a", 3, execution_id=execution_id + 1)
     await keychain.put("a", 4)
-    assert await keychain.purge_execution(execution_id) == 2
+    assert await keychain.maintenance.finish_execution(execution_id) == 2
     assert (await keychain.get("a", execution_id=execution_id)).outcome == "miss"
     assert (await keychain.get("a", execution_id=execution_id + 1)).value == 3
     assert (await keychain.get("a")).value == 4
@@ -357,21 +358,21 @@ async def test_sweep_deletes_exactly_the_expired_rows(keychain, db, execution_id
     for i in range(30):
         await keychain.put(f"c{i}", i, execution_id=execution_id)
     await db.execute("UPDATE keychain SET expires_at = now() - interval '1 minute' WHERE credential_name ~ '^c[0-9]$'")
-    assert await keychain.sweep(batch_size=3) == 10
+    assert await keychain.maintenance.sweep(batch_size=3) == 10
     names = {r[0] for r in await db.fetch("SELECT credential_name FROM keychain")}
     assert names == {f"c{i}" for i in range(10, 30)}
-    assert await keychain.sweep() == 0
+    assert await keychain.maintenance.sweep() == 0
 
 
 async def test_invalidate_matches_project_id_and_number(keychain, sm, secret, execution_id):
     secret_id, _ = secret
     await keychain.get_or_fetch("by-id", ref_of(secret_id), execution_id=execution_id)
     await keychain.put("unrelated", "x", execution_id=execution_id)
-    assert await keychain.invalidate(secret=f"projects/1014428265962/secrets/{secret_id}") == 1
+    assert await keychain.maintenance.invalidate(Selection.of(secret=f"projects/1014428265962/secrets/{secret_id}")) == 1
     assert (await keychain.get("by-id", execution_id=execution_id)).outcome == "stale"
     assert await keychain.get("unrelated", execution_id=execution_id)
     await keychain.get_or_fetch("again", ref_of(secret_id), execution_id=execution_id)
-    assert await keychain.invalidate(secret=f"projects/{PROJECT}/secrets/{secret_id}") == 1
+    assert await keychain.maintenance.invalidate(Selection.of(secret=f"projects/{PROJECT}/secrets/{secret_id}")) == 1
 
 
 async def test_invalidate_by_credential_execution_and_all(keychain, execution_id):
@@ -379,12 +380,12 @@ async def test_invalidate_by_credential_execution_and_all(keychain, execution_id
     await keychain.put("a", 1)
     await keychain.put("b", 1, execution_id=execution_id)
     await keychain.put("c", 1, execution_id=execution_id + 1)
-    assert await keychain.invalidate(credential="a") == 2
-    assert await keychain.invalidate(execution_id=execution_id) == 1
-    assert await keychain.invalidate(everything=True) == 1
+    assert await keychain.maintenance.invalidate(Selection.of(credential="a")) == 2
+    assert await keychain.maintenance.invalidate(Selection.of(execution_id=execution_id)) == 1
+    assert await keychain.maintenance.invalidate(Selection.of(everything=True)) == 1
     assert not await keychain.get("c", execution_id=execution_id + 1)
     with pytest.raises(ValueError):
-        await keychain.invalidate(credential="a", everything=True)
+        await keychain.maintenance.invalidate(Selection.of(credential="a", everything=True))
 
 
 async def test_put_many_with_provenance(keychain, db, execution_id):
@@ -394,7 +395,7 @@ async def test_put_many_with_provenance(keychain, db, execution_id):
               sources=(Provenance(ref, "projects/1014428265962/secrets/s/versions/4"),))
         for i in range(100)
     ]
-    await keychain.put_many(entries)
+    await keychain.rows.put_many(entries)
     assert await db.fetchval("SELECT count(*) FROM keychain WHERE sources @> '[{\"version\": \"4\", \"pinned\": false}]'") == 100
     assert (await keychain.get("n42", execution_id=execution_id + 42)).value == "v42"
 
@@ -403,8 +404,8 @@ async def test_finish_fences_later_writes_and_read_through(keychain, sm, secret,
     secret_id, value = secret
     await keychain.put("a", 1, execution_id=execution_id)
     await keychain.put("g", 1)
-    assert await keychain.finish_execution(execution_id) == 1
-    assert await keychain.finish_execution(execution_id) == 0  # idempotent
+    assert await keychain.maintenance.finish_execution(execution_id) == 1
+    assert await keychain.maintenance.finish_execution(execution_id) == 0  # idempotent
     await keychain.put("a", 2, execution_id=execution_id)  # a late warm, or a redelivered start event
     assert (await keychain.get("a", execution_id=execution_id)).outcome == "miss"
     late = await keychain.get_or_fetch("b", ref_of(secret_id), execution_id=execution_id)
@@ -419,12 +420,12 @@ async def test_writes_racing_finish_leave_nothing(keychain, settings, execution_
         for round_ in range(20):
             eid = execution_id + round_
             writes = [keychain.put(f"c{i}", i, execution_id=eid) for i in range(5)]
-            await asyncio.gather(*writes[:2], other.finish_execution(eid), *writes[2:])
+            await asyncio.gather(*writes[:2], other.maintenance.finish_execution(eid), *writes[2:])
             assert await db.fetchval("SELECT count(*) FROM keychain WHERE execution_id = $1", eid) == 0
 
 
 async def test_failed_entries_surface_as_errors(keychain, execution_id):
-    await keychain.put_many([Entry("broken", Scope.of(execution_id=execution_id), error_code="NOT_FOUND")])
+    await keychain.rows.put_many([Entry("broken", Scope.of(execution_id=execution_id), error_code="NOT_FOUND")])
     with pytest.raises(CachedFailure, match="NOT_FOUND"):
         await keychain.get("broken", execution_id=execution_id)
 
@@ -433,13 +434,11 @@ async def test_existing_rows_and_failures(keychain, execution_id):
     await keychain.put("a", 1, execution_id=execution_id)
     await keychain.put("b", 1, execution_id=execution_id, ttl_seconds=5)
     wanted = [Scope.of(execution_id=execution_id).identity(n) for n in ("a", "b", "c")]
-    assert await keychain.existing_rows(wanted) == {wanted[0]: (True, frozenset()), wanted[1]: (True, frozenset())}
-    assert await keychain.existing_rows(wanted, min_remaining_seconds=60) == {
+    assert await keychain.rows.existing(wanted) == {wanted[0]: (True, frozenset()), wanted[1]: (True, frozenset())}
+    assert await keychain.rows.existing(wanted, min_remaining_seconds=60) == {
         wanted[0]: (True, frozenset()), wanted[1]: (False, frozenset())}
-    await keychain.record_failure("projects/p/secrets/x/versions/1", "NOT_FOUND")
-    assert await keychain.active_failures(["projects/p/secrets/x/versions/1", "other"]) == {
-        "projects/p/secrets/x/versions/1": "NOT_FOUND"
-    }
+    await keychain.fetcher.record_failure("projects/p/secrets/x/versions/1", "NOT_FOUND")
+    assert await keychain.fetcher.fetch(SecretRef.parse("projects/p/secrets/x/versions/1")) == "NOT_FOUND"
 
 
 async def test_the_first_read_of_each_written_value_measures_the_warm_lead(keychain, execution_id):
@@ -483,15 +482,15 @@ async def test_a_fetch_waits_for_the_process_holding_its_reference_and_no_longer
     secret_id, value = secret
     ref = SecretRef.parse(ref_of(secret_id))
     holder = await asyncpg.connect(settings.dsn)
-    assert await holder.fetchval(keychain._q["try_lock_fetch"], str(ref))
+    assert await holder.fetchval(keychain._db.q["try_lock_fetch"], str(ref))
     impatient = make_settings(stack, settings.schema_name, key_spec, fetch_lock_timeout_seconds=0.5)
     async with Keychain(impatient, source=SecretManagerSource(impatient)) as other:
         with pytest.raises(SecretUnavailable):
-            await other.fetch_checked(ref)
+            await other.fetcher.fetch(ref)
         assert sm.access_count(secret_id) == 0
-        waiting = asyncio.create_task(keychain.fetch_checked(ref))
+        waiting = asyncio.create_task(keychain.fetcher.fetch(ref))
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await holder.close()  # the fetching process dies
-        fetched, _ = await asyncio.wait_for(waiting, 10)
+        fetched = (await asyncio.wait_for(waiting, 10)).value
     assert fetched.payload.decode() == value and sm.access_count(secret_id) == 1

@@ -137,7 +137,7 @@ async def test_worker_killed_mid_batch_loses_nothing(streams, keychain, sm, uniq
         sm.add_version(s, f"value-{s}")
     sm.delay_seconds = 0.1
     total = 300
-    worker = streams.start_worker(KEYCHAIN_WARM_BATCH_SIZE="20", KEYCHAIN_WARM_FETCH_WINDOW_SECONDS="0")
+    worker = streams.start_worker(KEYCHAIN_WARM_BATCH_SIZE="20")
     await streams.send(*[start_event(execution_id + i, [REF.format(secret_ids[i % 5])]) for i in range(total)])
     for _ in range(2):
         await wait_for(lambda: streams.rows(), what="some progress")

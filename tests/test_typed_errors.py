@@ -7,6 +7,7 @@ import inspect
 import asyncpg
 import pytest
 
+from keychain.invalidation import Selection
 from keychain import Keychain, metrics
 from keychain.errors import InvalidArgument, KeychainConflict, KeychainDatabaseError, KeychainError
 from keychain.model import Scope
@@ -39,10 +40,16 @@ async def inject(db: asyncpg.Connection, sqlstate: str, times: int | None) -> No
 
 
 def test_every_public_method_turns_driver_errors_into_typed_ones():
-    public = [name for name, member in inspect.getmembers(Keychain, inspect.iscoroutinefunction)
-              if not name.startswith("_")]
+    """Of every layer a caller reaches: the readers' Keychain, and the rows, fetcher and maintenance it hands on."""
+    from keychain.fetcher import Fetcher
+    from keychain.maintenance import Maintenance
+    from keychain.rows import Rows
+
+    public = [(layer, name) for layer in (Keychain, Rows, Fetcher, Maintenance)
+              for name, member in inspect.getmembers(layer, inspect.iscoroutinefunction) if not name.startswith("_")]
     assert len(public) > 20
-    untyped = [name for name in public if not getattr(getattr(Keychain, name), "typed_errors", False)]
+    untyped = [f"{layer.__name__}.{name}" for layer, name in public
+               if not getattr(getattr(layer, name), "typed_errors", False)]
     assert not untyped, f"public methods that may hand a caller the driver's errors: {untyped}"
 
 
@@ -83,9 +90,10 @@ async def test_every_other_database_error_is_a_typed_error_without_the_drivers_t
     await db.execute("ALTER TABLE keychain RENAME TO keychain_gone")  # an operator's mistake, a wrong schema
     try:
         identity = Scope.of(execution_id=execution_id).identity("kept")
-        calls = [lambda: keychain.get("kept", execution_id=execution_id), keychain.stats, keychain.sweep,
-                 lambda: keychain.purge_execution(execution_id), lambda: keychain.invalidate(credential="kept"),
-                 lambda: keychain.existing_rows([identity]), keychain.rekey]
+        calls = [lambda: keychain.get("kept", execution_id=execution_id), keychain.maintenance.stats,
+                 keychain.maintenance.sweep, lambda: keychain.maintenance.finish_execution(execution_id),
+                 lambda: keychain.maintenance.invalidate(Selection.of(credential="kept")),
+                 lambda: keychain.rows.existing([identity]), keychain.maintenance.rekey]
         for call in calls:
             with pytest.raises(KeychainError) as raised:
                 await call()
@@ -100,7 +108,7 @@ async def test_arguments_the_keychain_cannot_take_are_typed_errors(keychain):
     with pytest.raises(InvalidArgument):
         await keychain.get("x", execution_id=1, session_id="s")
     with pytest.raises(InvalidArgument):
-        await keychain.invalidate(credential="a", execution_id=1)
+        await keychain.maintenance.invalidate(Selection.of(credential="a", execution_id=1))
     with pytest.raises(InvalidArgument):
         await keychain.put("x", 1, scope="everyone")
 

@@ -5,6 +5,7 @@ import asyncio
 import grpc
 import pytest
 
+from keychain.invalidation import Selection
 from keychain import Keychain, SecretManagerSource
 from keychain.model import Scope
 from keychain.refs import SecretRef
@@ -59,7 +60,7 @@ async def test_keep_warm_refreshes_read_global_rows_near_expiry(warmer, keychain
     assert (await keychain.get("amadeus")).value == {"client_id": value, "client_secret": "other-value"}
     await keychain.pool.execute("UPDATE keychain SET expires_at = now() + interval '1 second'")
     sm.add_version(secret_id, "rotated")
-    warmer.forget()
+    keychain.fetcher.forget()
     assert await warmer.refresh_globals() == 1  # only the row that was read since it was written
     assert (await keychain.get("amadeus")).value == {"client_id": "rotated", "client_secret": "other-value"}
     assert await keychain.pool.fetchval(
@@ -104,7 +105,7 @@ async def test_a_global_name_repointed_is_never_served_for_the_old_reference(war
         sm.add_version(secret_id, f"value-of-{secret_id}")
     ref_x = f"projects/test-project/secrets/{x}/versions/latest"
     await warmer.warm([want("shared", x)])
-    await keychain.invalidate(secret=f"projects/test-project/secrets/{x}")
+    await keychain.maintenance.invalidate(Selection.of(secret=f"projects/test-project/secrets/{x}"))
     repoints = metrics.GLOBAL_REPOINTS._value.get()
     await warmer.warm([want("shared", y)])
     assert metrics.GLOBAL_REPOINTS._value.get() == repoints + 1
@@ -130,7 +131,7 @@ async def test_a_read_through_takes_what_the_warmer_fetched_a_moment_ago(warmer,
     assert lookup.value == value and sm.access_count(secret_id) == calls
     # an invalidation of the secret is never undone by a shared value: the next read-through calls again
     sm.add_version(secret_id, "rotated")
-    await keychain.invalidate_secret(f"projects/test-project/secrets/{secret_id}")
+    await keychain.maintenance.invalidate(Selection.of(secret=f"projects/test-project/secrets/{secret_id}"))
     assert (await keychain.get_or_fetch(ref, ref, execution_id=execution_id + 2)).value == "rotated"
     assert sm.access_count(secret_id) == calls + 1
 

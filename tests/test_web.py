@@ -92,9 +92,11 @@ async def test_invalidate_needs_the_token(worker, keychain, sm, secret, executio
                         body={"secret": f"projects/1014428265962/secrets/{secret_id}"}, token=TOKEN)
     assert status == 200 and json.loads(body) == {"invalidated": 1, "refreshed": 1}
     assert (await keychain.get(ref, execution_id=execution_id)).value == "second-value"
+    # an execution's rows: stopped, then refreshed at once (the one path of every invalidation)
     status, body = http(worker.port, "/invalidate", method="POST", body={"execution_id": execution_id}, token=TOKEN)
-    assert status == 200 and json.loads(body) == {"invalidated": 1}
-    assert (await keychain.get(ref, execution_id=execution_id)).outcome == "stale"
+    assert status == 200 and json.loads(body) == {"invalidated": 1, "refreshed": 1}
+    assert (await keychain.get(ref, execution_id=execution_id)).value == "second-value"
+    assert sm.access_count(secret_id) == 2  # the warm, the refresh; the execution's refresh reused it (window)
 
 
 async def test_invalidate_is_disabled_without_a_token(stack, settings, key_spec, unique):

@@ -39,7 +39,7 @@ resource "google_pubsub_topic" "dead" {
 resource "google_pubsub_subscription" "warmer" {
   name                 = "keychain-warmer"
   topic                = google_pubsub_topic.events.id
-  ack_deadline_seconds = 10 # KEYCHAIN_PUBSUB_ACK_DEADLINE_SECONDS
+  ack_deadline_seconds = 10 # streams/bridge.py ACK_DEADLINE_SECONDS
   retry_policy {
     minimum_backoff = "1s"
     maximum_backoff = "60s"

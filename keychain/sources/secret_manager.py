@@ -1,8 +1,9 @@
 """Google Secret Manager through the official async client.
 
-The client does not verify the payload checksum, and by default retries only some methods: this module checks
-CRC32C itself, retries UNAVAILABLE / DEADLINE_EXCEEDED with jittered exponential backoff (tenacity), and turns every
-other refusal into a typed error that never carries the payload.
+The client does not verify the payload checksum: this module checks CRC32C itself, and turns every refusal into a
+typed error that never carries the payload. It makes ONE attempt per access, with the client's own retries off: the
+retries of UNAVAILABLE / DEADLINE_EXCEEDED belong to the fetcher (keychain/fetcher.py), which knows its caller's
+deadline and lets go of the cross-process lock between attempts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from google.cloud.secretmanager_v1 import SecretManagerServiceAsyncClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
     SecretManagerServiceGrpcAsyncIOTransport,
 )
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from .. import metrics
 from ..errors import (
@@ -71,7 +71,7 @@ class SecretManagerSource:
     def __init__(self, settings: Settings, client: SecretManagerServiceAsyncClient | None = None):
         self._settings = settings
         self._client = client
-        self.calls = 0  # accesses sent to Secret Manager by this source, retries included
+        self.calls = 0  # accesses sent to Secret Manager by this source
 
     @property
     def client(self) -> SecretManagerServiceAsyncClient:
@@ -89,25 +89,14 @@ class SecretManagerSource:
             return False
         return True
 
-    async def access(self, ref: SecretRef) -> SecretValue:
-        s = self._settings
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_TRANSIENT),
-            stop=stop_after_attempt(s.secret_manager_retry_attempts),
-            wait=wait_exponential_jitter(
-                multiplier=s.secret_manager_retry_initial_seconds,
-                jitter=s.secret_manager_retry_initial_seconds,
-                max=s.secret_manager_retry_max_seconds,
-            ),
-            reraise=True,
-        )
+    async def access(self, ref: SecretRef, *, timeout: float | None = None) -> SecretValue:
+        """One attempt, within `timeout` (default SECRET_MANAGER_TIMEOUT_SECONDS). UNAVAILABLE and
+        DEADLINE_EXCEEDED raise SecretUnavailable (transient: the fetcher retries it)."""
         try:
-            async for attempt in retrying:
-                with attempt:
-                    self.calls += 1
-                    response = await self._access_once(ref)
+            self.calls += 1
+            response = await self._access_once(ref, timeout or self._settings.secret_manager_timeout_seconds)
         except _TRANSIENT as exc:
-            raise SecretUnavailable(str(ref), f"after {s.secret_manager_retry_attempts} attempts: {type(exc).__name__}") from None
+            raise SecretUnavailable(str(ref), type(exc).__name__) from None
         except tuple(_PERMANENT) as exc:
             raise _PERMANENT[_permanent_type(exc)](str(ref)) from None
         except gexc.GoogleAPICallError as exc:
@@ -119,12 +108,10 @@ class SecretManagerSource:
                 raise ChecksumMismatch(str(ref), "payload CRC32C does not match")
         return SecretValue(version_name=response.name or ref.version_name, payload=payload.data)
 
-    async def _access_once(self, ref: SecretRef):
+    async def _access_once(self, ref: SecretRef, timeout: float):
         started = time.perf_counter()
         try:
-            response = await self.client.access_secret_version(
-                name=ref.version_name, retry=None, timeout=self._settings.secret_manager_timeout_seconds
-            )
+            response = await self.client.access_secret_version(name=ref.version_name, retry=None, timeout=timeout)
         except gexc.GoogleAPICallError as exc:
             metrics.SECRET_MANAGER_CALLS.labels(exc.grpc_status_code.name if exc.grpc_status_code else "ERROR").inc()
             raise

@@ -12,7 +12,7 @@
 --                                    that writes rows takes their locks in a CTE ... ORDER BY identity FOR UPDATE first
 --                                    (an INSERT ... ON CONFLICT inserts in that order), so the rows it may have to
 --                                    wait for are taken in the same order by every writer. A worker target's rows in
---                                    its own store (NoETL's keychain, by cache key) are taken here too, after ours
+--                                    its own store (by its own key) are taken here too, after ours
 --   5. the rows beside a row          keychain_latest_held (by key), keychain_fetch_failure (by ref), keychain_fetched
 --                                    (by ref), keychain_copy (by target, key): written after the rows, in key order
 -- Outside the order, because they never wait: the sweep's statements (FOR UPDATE SKIP LOCKED: a row someone else
@@ -138,18 +138,6 @@ WHERE scope_type = 'global' AND state = 'ready' AND sources <> '[]'
   AND expires_at < now() + make_interval(secs => $1) AND accessed_at > updated_at
 ORDER BY expires_at LIMIT $2;
 
--- name: delete_entry
--- One row: its only lock.
-DELETE FROM keychain WHERE credential_name = $1 AND scope_type = $2 AND scope_id = $3;
-
--- name: purge_execution
--- Every execution-scoped row of one execution (its finish event, or an operator).
-WITH doomed AS (  -- lock order 4
-    SELECT id FROM keychain WHERE scope_type = 'execution' AND execution_id = $1
-    ORDER BY credential_name COLLATE "C" FOR UPDATE
-)
-DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
-
 -- name: invalidate_credential
 WITH locked AS (  -- lock order 4
     SELECT id FROM keychain WHERE credential_name = $1 AND state = 'ready'
@@ -187,7 +175,7 @@ DELETE FROM keychain_fetched f USING doomed WHERE f.ref = doomed.ref;
 
 -- name: try_lock_fetch
 -- Cross-process single flight for one reference: a session lock on the fetcher's lock connection, held while it
--- calls Secret Manager (keychain/shared.py); false when another process holds it.
+-- calls Secret Manager (keychain/fetcher.py); false when another process holds it.
 SELECT pg_try_advisory_lock(hashtextextended('keychain.fetch:' || $1, 0));
 
 -- name: unlock_fetch
@@ -416,6 +404,14 @@ WITH locked AS (
 UPDATE keychain_copy c SET state = 'stale' FROM locked
 WHERE c.target = $1 AND c.copy_key = locked.copy_key
 RETURNING c.copy_key;
+
+-- name: mark_copies_stale
+-- The copies under these keys ($2) stop being ready: their rows in the target's store stopped being served.
+WITH locked AS (  -- lock order 5
+    SELECT copy_key FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[]) AND state = 'ready'
+    ORDER BY copy_key COLLATE "C" FOR UPDATE
+)
+UPDATE keychain_copy c SET state = 'stale' FROM locked WHERE c.target = $1 AND c.copy_key = locked.copy_key;
 
 -- name: mark_every_copy_stale_matching
 -- The library's own invalidation ($1 as mark_stale_matching's): copies of every target stop being ready, so that the

@@ -11,7 +11,7 @@ from keychain.store import Keychain
 from .. import metrics
 from ..events import ExecutionEvent
 from ..resolve import Want, resolve
-from . import Filled, TargetPlan
+from .base import Filled, Selection, TargetPlan, Written
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class KeychainTarget:
         """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, a global
         credential already shared). A global name that holds other secrets is written over: logged and counted, as
         two playbooks disagreeing on what one global name means is worth an operator's look."""
-        existing = await self.keychain.existing_rows((w.identity for w in wants), self.keychain.settings.ttl_seconds / 2)
+        existing = await self.keychain.rows.existing((w.identity for w in wants), self.keychain.settings.ttl_seconds / 2)
         todo = []
         for want in wants:
             found = existing.get(want.identity)
@@ -45,10 +45,12 @@ class KeychainTarget:
                 todo.append(want)
         return todo
 
-    async def write(self, filled: Sequence[Filled]) -> list[Filled]:
+    async def write(self, filled: Sequence[Filled]) -> Written[Filled]:
+        """One durable statement: all written or, when it raises, none (the warm's caller holds the batch)."""
         entries = {id(f): self._entry(f) for f in filled}
-        fenced = await self.keychain.put_many(list(entries.values()))
-        return [f for f in filled if entries[id(f)] in fenced]
+        fenced = await self.keychain.rows.put_many(list(entries.values()))
+        fenced_ids = {id(f) for f in filled if entries[id(f)] in fenced}
+        return Written([f for f in filled if id(f) not in fenced_ids], [f for f in filled if id(f) in fenced_ids], [])
 
     @staticmethod
     def _entry(filled: Filled) -> Entry:
@@ -67,25 +69,25 @@ class KeychainTarget:
     def purge(self, execution_id: int) -> None:
         return None  # the library's finish purges this table
 
-    def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool) -> None:
+    def stop_serving(self, selection: Selection, *, drop: bool) -> None:
         return None  # the library's invalidation is this table's
 
-    async def stale_wants(self, secret_id: str, match: dict[str, Any]) -> list[Want]:
-        rows = await self.keychain.stale_rows(secret_id, match)
+    async def stale_wants(self, selection: Selection) -> list[Want]:
+        rows = await self.keychain.maintenance.stale_rows(selection)
         return [Want.from_sources(row["credential_name"],
                                   Scope.of(execution_id=row["execution_id"], session_id=row["session_id"],
                                            scope=row["scope_type"]), row["sources"])
                 for row in rows]
 
     async def stale_secret_ids(self, limit: int) -> list[str]:
-        return await self.keychain.stale_secret_ids(limit)
+        return await self.keychain.maintenance.stale_secret_ids(limit)
 
     async def sweep(self) -> int:
-        return await self.keychain.sweep()
+        return await self.keychain.maintenance.sweep_rows()
 
     async def globals_to_refresh(self, within_seconds: float) -> list[Want]:
         """Keep warm: global rows that are read and about to expire."""
-        rows = await self.keychain.globals_to_refresh(within_seconds)
+        rows = await self.keychain.maintenance.globals_to_refresh(within_seconds)
         return [Want.from_sources(row["credential_name"], Scope.of(), row["sources"]) for row in rows]
 
     async def close(self) -> None:

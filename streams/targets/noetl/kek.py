@@ -11,7 +11,7 @@ variables, so the warmer wraps data keys exactly as NoETL's server unwraps them:
 
 Cloud KMS is kept off the warm's path: `DataKeys` keeps a small pool of data keys wrapped ahead (each used for one
 row only, as NoETL does: a fresh data key per row) and refills it in the background; a burst larger than the pool
-waits for Encrypt calls made several at a time.
+waits for Encrypt calls made several at a time; a failing KMS is left alone for a backoff.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ import base64
 import binascii
 import logging
 import os
+import random
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -113,7 +116,7 @@ class CloudKmsKek:
 
         answer = await self._connect().encrypt(
             request={"name": self.key_id, "plaintext": data_key, "plaintext_crc32c": google_crc32c.value(data_key)},
-            timeout=self._timeout)
+            retry=None, timeout=self._timeout)  # one attempt: DataKeys owns the retries (its backoff)
         if not answer.verified_plaintext_crc32c or answer.ciphertext_crc32c != google_crc32c.value(answer.ciphertext):
             raise ConfigurationError("Cloud KMS Encrypt: the answer failed its CRC32C check")
         _, found, version = answer.name.rpartition("cryptoKeyVersions/")
@@ -145,50 +148,99 @@ def kek_from(provider: str | None, encryption_key: str | None, gcp_kms_key: str 
                              f"(got {chosen[:40]!r})")
 
 
+def kek_for(settings) -> Kek:
+    """NoETL's key-encryption key from the worker's settings (NoETL's own variables)."""
+    key = settings.noetl_encryption_key.get_secret_value() if settings.noetl_encryption_key else None
+    return kek_from(settings.noetl_kms_provider, key, settings.noetl_gcp_kms_key, settings.kms_endpoint)
+
+
+class KekUnavailable(Exception):
+    """No data key could be wrapped: the key-encryption key (Cloud KMS) failed, and is not asked again until its
+    backoff ends."""
+
+
 class DataKeys:
     """Fresh data keys, each wrapped by the KEK and handed out once. With Cloud KMS, `ahead` of them are wrapped in
-    the background before they are needed, `concurrency` Encrypt calls at a time; a local KEK wraps in microseconds,
-    so nothing is kept ahead for it."""
+    the background before they are needed, by ONE refiller, `concurrency` Encrypt calls at a time; a local KEK wraps
+    in microseconds, so nothing is kept ahead for it. When Encrypt fails, nobody calls it again until a backoff
+    (doubling, jittered, up to MAX_BACKOFF_SECONDS) has passed: neither the refiller nor a take, which fails at once
+    meanwhile (the warm tries its rows again later)."""
 
-    def __init__(self, kek: Kek, *, ahead: int, concurrency: int = 8):
+    MAX_BACKOFF_SECONDS = 30.0
+    FIRST_BACKOFF_SECONDS = 0.25
+
+    def __init__(self, kek: Kek, *, ahead: int = 256, concurrency: int = 8):
         self.kek = kek
         self._ahead = ahead if kek.provider != "local" else 0
-        self._ready: asyncio.Queue[WrappedKey] = asyncio.Queue()
+        self._ready: deque[WrappedKey] = deque()
         self._concurrency = asyncio.Semaphore(concurrency)
-        self._filling: set[asyncio.Task[None]] = set()
-
-    async def take(self) -> WrappedKey:
-        if not self._ahead:
-            return await self.kek.wrap(os.urandom(DATA_KEY_BYTES))
-        self._refill()
-        if self._ready.empty():  # a burst beyond the pool: wrap this one now (several calls in flight meanwhile)
-            async with self._concurrency:
-                return await self.kek.wrap(os.urandom(DATA_KEY_BYTES))
-        return self._ready.get_nowait()
+        self._batch = concurrency
+        self._wanted = asyncio.Event()
+        self._refiller: asyncio.Task[None] | None = None
+        self._failures = 0  # in a row
+        self._retry_at = 0.0  # time.monotonic(): no Encrypt call before it
+        self.wrap_calls = 0
 
     async def take_many(self, count: int) -> list[WrappedKey]:
-        return list(await asyncio.gather(*(self.take() for _ in range(count))))
+        """`count` data keys: from those wrapped ahead, the rest wrapped now. KekUnavailable while the KEK is in its
+        backoff, or when a wrap fails now (the keys taken are put back)."""
+        taken = [self._ready.popleft() for _ in range(min(count, len(self._ready)))]
+        self._wanted.set()
+        missing = count - len(taken)
+        if not missing:
+            return taken
+        try:
+            if time.monotonic() < self._retry_at:
+                raise KekUnavailable("the key-encryption key failed a moment ago; not asked again yet")
+            wrapped = await asyncio.gather(*(self._wrap() for _ in range(missing)))
+        except Exception as exc:
+            self._ready.extendleft(reversed(taken))
+            if not isinstance(exc, KekUnavailable):
+                self._failed(exc)
+            raise KekUnavailable(type(exc).__name__) from None
+        self._failures = 0
+        return taken + list(wrapped)
 
     def start(self) -> None:
-        """Fill the pool now (the worker's start), so the first burst does not wait for Cloud KMS."""
-        self._refill()
+        """Start the refiller (the worker's start), so the first burst does not wait for Cloud KMS."""
+        if self._ahead and self._refiller is None:
+            self._wanted.set()
+            self._refiller = asyncio.ensure_future(self._refill())
 
-    def _refill(self) -> None:
-        missing = self._ahead - self._ready.qsize() - len(self._filling)
-        for _ in range(max(0, missing)):
-            task = asyncio.ensure_future(self._wrap_one())
-            self._filling.add(task)
-            task.add_done_callback(self._filling.discard)
+    async def _refill(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            while len(self._ready) < self._ahead:
+                pause = self._retry_at - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                count = min(self._batch, self._ahead - len(self._ready))
+                results = await asyncio.gather(*(self._wrap() for _ in range(count)), return_exceptions=True)
+                self._ready.extend(r for r in results if isinstance(r, WrappedKey))
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    self._failed(errors[0])
+                else:
+                    self._failures = 0
 
-    async def _wrap_one(self) -> None:
-        try:
-            async with self._concurrency:
-                self._ready.put_nowait(await self.kek.wrap(os.urandom(DATA_KEY_BYTES)))
-        except Exception as exc:  # the next take wraps its own, and refills again
-            log.warning("a data key could not be wrapped ahead (%s)", type(exc).__name__)
+    async def _wrap(self) -> WrappedKey:
+        async with self._concurrency:
+            self.wrap_calls += 1
+            return await self.kek.wrap(os.urandom(DATA_KEY_BYTES))
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        backoff = min(self.MAX_BACKOFF_SECONDS, self.FIRST_BACKOFF_SECONDS * 2 ** (self._failures - 1))
+        backoff = random.uniform(backoff / 2, backoff)
+        self._retry_at = time.monotonic() + backoff
+        log.warning("the key-encryption key failed (%s, %d in a row): no data key is wrapped for %.1fs",
+                    type(exc).__name__, self._failures, backoff)
 
     async def close(self) -> None:
-        for task in list(self._filling):
-            task.cancel()
-        await asyncio.gather(*self._filling, return_exceptions=True)
+        if self._refiller is not None:
+            self._refiller.cancel()
+            await asyncio.gather(self._refiller, return_exceptions=True)
+            self._refiller = None
+        self._ready.clear()
         await self.kek.close()

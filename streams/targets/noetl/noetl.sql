@@ -36,6 +36,20 @@ WITH locked AS (
 UPDATE {noetl}.keychain k SET expires_at = least(k.expires_at, now())
 FROM locked WHERE k.cache_key = locked.cache_key;
 
+-- name: expire_where
+-- An operator's invalidation ($1: a keychain name, $2: an execution id, or both NULL: every row), whoever wrote the
+-- rows: they stop being served at once (NoETL's server misses, and fetches itself, unless the re-warm came first).
+WITH locked AS (
+    SELECT cache_key FROM {noetl}.keychain
+    WHERE ($1::text IS NULL OR keychain_name = $1)
+      AND ($2::bigint IS NULL OR execution_id = $2 OR parent_execution_id = $2)
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY cache_key COLLATE "C" FOR UPDATE
+)
+UPDATE {noetl}.keychain k SET expires_at = now()
+FROM locked WHERE k.cache_key = locked.cache_key
+RETURNING k.cache_key;
+
 -- name: delete_rows
 -- An invalidation with KEYCHAIN_REWARM_MODE=drop.
 WITH doomed AS (

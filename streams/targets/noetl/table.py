@@ -2,7 +2,7 @@
 
 Writes: the rows NoETL's server itself would write on a miss (noetl.sql `upsert_rows`), each sealed in NoETL's
 envelope under a fresh data key (envelope.py, kek.py), inside the library's fenced transaction
-(Keychain.write_fenced: the secrets' rotation generations, the executions' finish), and recorded as copies in our own
+(Rows.write_fenced: the secrets' rotation generations, the executions' finish), and recorded as copies in our own
 schema (keychain/copies.py) with what each cache key was resolved from. NoETL's tables are reached over the
 keychain's own connection when they are in its database (one transaction for both), else over KEYCHAIN_CATALOG_DSN
 (a transaction there, committed inside ours).
@@ -27,6 +27,7 @@ import asyncpg
 from keychain import metrics as library_metrics
 from keychain.copies import Copies, Copy
 from keychain.database import affected, typed_errors
+from keychain.maintenance import SWEEP_BATCH_SIZE
 from keychain.model import Provenance
 from keychain.queries import parse_named_statements
 from keychain.refs import SecretRef
@@ -35,10 +36,10 @@ from keychain.store import Keychain
 from ... import metrics
 from ...events import ExecutionEvent
 from ...settings import WorkerSettings
-from .. import Filled, Purge, TargetPlan
+from ..base import Filled, Purge, Selection, TargetPlan, Written
 from .aliases import NoetlWant, noetl_plan
 from .envelope import seal
-from .kek import DataKeys
+from .kek import DataKeys, kek_for
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,10 @@ class NoetlTarget:
         self._ttl = settings.noetl_ttl_seconds
 
     @classmethod
-    async def open(cls, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys) -> "NoetlTarget":
+    async def open(cls, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys | None = None
+                   ) -> "NoetlTarget":
+        """`data_keys`: NoETL's key-encryption key's data keys (default: from NoETL's own variables)."""
+        data_keys = data_keys or DataKeys(kek_for(settings))
         pool = None
         if settings.catalog_dsn:
             pool = await asyncpg.create_pool(settings.catalog_dsn, min_size=1, max_size=settings.pool_max_size,
@@ -147,20 +151,23 @@ class NoetlTarget:
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
         return await self._pool.fetch(self._q[name], *args)
 
-    async def write(self, filled: Sequence[Filled]) -> list[Filled]:
+    async def write(self, filled: Sequence[Filled]) -> Written[Filled]:
         """NoETL keeps no refusals in its keychain (its server asks Secret Manager itself, and fails): a refused
-        secret writes nothing. Nor does a value that is not UTF-8, which NoETL's server refuses."""
+        secret writes nothing (`skipped`). Nor does a value that is not UTF-8, which NoETL's server refuses. Rows whose
+        data keys could not be wrapped (Cloud KMS unreachable) are `failed`: the warm tries them again."""
         values = [(f, self._value(f)) for f in filled if f.error_code is None]
         usable = [(f, value) for f, value in values if value is not None]
+        usable_ids = {id(f) for f, _ in usable}
+        skipped = [f for f in filled if id(f) not in usable_ids]
         if not usable:
-            return []
+            return Written([], [], [], skipped)
         try:  # before any lock is taken: Cloud KMS is never waited for while holding one
             keys = await self.data_keys.take_many(len(usable))
         except Exception as exc:  # NoETL's server cannot open rows either while its KEK is unreachable
             metrics.NOETL_NOT_SEALED.inc(len(usable))
-            log.warning("%d NoETL rows not warmed: their data keys could not be wrapped (%s)", len(usable),
+            log.warning("%d NoETL rows not sealed yet: their data keys could not be wrapped (%s)", len(usable),
                         type(exc).__name__)
-            return []
+            return Written([], [], [f for f, _ in usable], skipped)
         rows = [(f, seal(value, key)) for (f, value), key in zip(usable, keys)]
 
         async def write(conn: asyncpg.Connection, fresh: list[tuple[Filled, str]]) -> None:
@@ -173,9 +180,10 @@ class NoetlTarget:
             await self.copies.record(conn, [self._copy(f) for f, _ in fresh])
             library_metrics.ROWS_WRITTEN.labels(self.name).inc(len(fresh))
 
-        fenced = await self.keychain.write_fenced(rows, fences=lambda row: row[0].fences,
-                                                  execution_id=lambda row: row[0].want.execution_id, write=write)
-        return [f for f, _ in fenced]
+        fenced = {id(f) for f, _ in await self.keychain.rows.write_fenced(
+            rows, fences=lambda row: row[0].fences, execution_id=lambda row: row[0].want.execution_id, write=write)}
+        return Written([f for f, _ in rows if id(f) not in fenced], [f for f, _ in rows if id(f) in fenced], [],
+                       skipped)
 
     @staticmethod
     def _value(filled: Filled) -> Any:
@@ -215,25 +223,37 @@ class NoetlTarget:
 
         return Purge(delete, committed)
 
-    def stop_serving(self, secret_id: str, match: dict[str, Any], *, drop: bool):
-        patterns = copy_patterns(secret_id, match)
+    def stop_serving(self, selection: Selection, *, drop: bool):
+        """NoETL's rows an invalidation reaches stop being served (expired; deleted with `drop`, for a secret's), and
+        their copies are marked stale (the re-warm writes them again). A secret's rows are found by their copies
+        (what each cache key was resolved from); a credential's by its keychain name, an execution's by its id or
+        its parent's, and all of them: whoever wrote them, NoETL's server included."""
 
         async def stop(conn: asyncpg.Connection) -> int:  # the rows first, then the copies: the lock order
-            keys = await self.copies.matching(conn, patterns)
-            if not keys:
-                return 0
+            if selection.kind == "secret":
+                patterns = copy_patterns(selection.secret_id, selection.match)
+                keys = await self.copies.matching(conn, patterns)
+                if not keys:
+                    return 0
+                async with self._tables(conn) as tables:
+                    stopped = affected(await tables.execute(self._q["delete_rows" if drop else "expire_rows"], keys))
+                await self.copies.stop_serving(conn, patterns, drop=drop)
+                return stopped
             async with self._tables(conn) as tables:
-                stopped = affected(await tables.execute(self._q["delete_rows" if drop else "expire_rows"], keys))
-            await self.copies.stop_serving(conn, patterns, drop=drop)
-            return stopped
+                rows = await tables.fetch(self._q["expire_where"], selection.credential, selection.execution_id)
+            await self.copies.mark_stale(conn, [r["cache_key"] for r in rows])
+            return len(rows)
 
         return stop
 
-    async def stale_wants(self, secret_id: str, match: dict[str, Any]) -> list[NoetlWant]:
-        stale = await self.copies.stale(self.keychain.pool, copy_patterns(secret_id, match))
+    async def stale_wants(self, selection: Selection) -> list[NoetlWant]:
+        stale = await self.copies.stale(self.keychain.pool, copy_patterns(selection.secret_id, selection.match))
         return [NoetlWant(c.detail["alias"], c.detail["catalog_id"], c.execution_id, c.parent_execution_id,
                           tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in c.sources))
                 for c in stale if c.execution_id is not None]
+
+    async def globals_to_refresh(self, within_seconds: float) -> list[NoetlWant]:
+        return []  # every row of NoETL's keychain is an execution's; its server refreshes a row it reads late itself
 
     async def stale_secret_ids(self, limit: int) -> list[str]:
         return await self.copies.stale_secret_ids(self.keychain.pool, limit)
@@ -241,7 +261,7 @@ class NoetlTarget:
     @typed_errors
     async def sweep(self) -> int:
         """NoETL's expired rows, whoever wrote them, in bounded batches (never an auto_renew row)."""
-        batch, total = self.settings.sweep_batch_size, 0
+        batch, total = SWEEP_BATCH_SIZE, 0
         while True:
             deleted = await self._pool.fetch(self._q["sweep_expired"], batch)
             warmed = await self.copies.forget(self.keychain.pool, [r["cache_key"] for r in deleted])

@@ -6,7 +6,7 @@ ciphertext of any version of the key it names (refusing another key's with INVAL
 and says whether the primary was used. The CRC32C fields are filled and checked as the real service does. Calls are
 counted per method, faults can be injected, and every plaintext it was given is kept so tests can look for leaks.
 
-Run alone: `python -m keychain.testing.kms_server --port 8086 --key projects/p/locations/global/keyRings/r/cryptoKeys/k`.
+Run alone: `python -m devtools.kms_server --port 8086 --key projects/p/locations/global/keyRings/r/cryptoKeys/k`.
 (Needs `google-cloud-kms`, which the worker's extra installs.)
 """
 
@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.cloud.kms_v1 import types
 
-from .grpc_server import ThreadedGrpcServer
+from keychain.testing.grpc_server import ThreadedGrpcServer
 
 log = logging.getLogger(__name__)
 

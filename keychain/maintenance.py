@@ -1,0 +1,202 @@
+"""The maintenance API, for the stream worker and the CLI: an execution's end, invalidation, the sweep, rekeying,
+statistics, and what re-warming and reconciliation read. A Keychain holds one (`keychain.maintenance`), on the same
+connection pool, fetcher and read counts; readers never need it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, Iterable
+
+import asyncpg
+
+from . import metrics
+from .crypto import KeyRing, new_write_id
+from .database import Connector, affected, typed_errors
+from .errors import DecryptionError
+from .fetcher import Fetcher
+from .invalidation import Selection
+from .model import RowIdentity
+from .reads import ReadCounts
+
+log = logging.getLogger("keychain")
+
+# What a worker target does in its own store inside one of the library's transactions; returns its rows changed.
+Beside = Callable[[asyncpg.Connection], Awaitable[int]]
+
+SWEEP_BATCH_SIZE = 5000  # expired rows deleted per statement: short locks, few round trips
+REKEY_BATCH_SIZE = 500  # rows re-encrypted per transaction
+# How long a finished execution stays fenced against late writes (and applied notices, and copies whose rows someone
+# else removed, are remembered): longer than any redelivery.
+FENCE_RETENTION_SECONDS = 7 * 86400
+
+# Our rows an invalidation reaches, by kind: (statement, its arguments).
+_MARK_STALE = {
+    "credential": lambda s: ("invalidate_credential", s.credential),
+    "execution": lambda s: ("invalidate_execution", s.execution_id),
+    "everything": lambda s: ("invalidate_all",),
+}
+
+
+class Maintenance:
+    def __init__(self, connector: Connector, keyring: KeyRing, fetcher: Fetcher, reads: ReadCounts):
+        self._db = connector
+        self._keyring = keyring
+        self._fetcher = fetcher
+        self._reads = reads
+
+    # --- an execution's end -----------------------------------------------------------------------------------------
+    @typed_errors
+    async def finish_execution(self, execution_id: int, *, beside: Beside | None = None) -> int:
+        """The execution ended: delete its rows and fence it, so no warm or read-through still in flight, nor a
+        redelivered start event, can write rows for it afterwards (nor any `write_fenced`). Idempotent. `beside`:
+        what a worker target deletes from its own store, in the same transaction (it returns its rows deleted).
+        Returns rows deleted (this table's, and beside's)."""
+        purged = 0  # this table's rows, of the attempt that committed
+
+        async def finish(conn: asyncpg.Connection) -> int:
+            nonlocal purged
+            await conn.execute(self._db.q["lock_execution"], execution_id)
+            purged = await conn.fetchval(self._db.q["finish_execution"], execution_id)
+            return purged + (await beside(conn) if beside is not None else 0)
+
+        total = await self._db.transaction("finish_execution", finish)
+        metrics.PURGED_ROWS.labels("keychain").inc(purged)
+        return total
+
+    # --- invalidation -----------------------------------------------------------------------------------------------
+    @typed_errors
+    async def invalidate(self, selection: Selection, *, notice_id: str | None = None, drop: bool = False,
+                         beside: Beside | None = None) -> int | None:
+        """THE invalidation, atomically, in the lock order: the selected rows stop being served at once (marked
+        stale; deleted with `drop`, for a secret's), and `beside` (a worker target's rows in its own store) in the
+        same transaction. A secret's invalidation also bumps its generation (no fetch in flight writes an older
+        value afterwards), marks every target's copies of it stale, and forgets its remembered refusals and shared
+        fetches; `everything` bumps every generation. Returns rows changed (ours and beside's), or None when
+        `notice_id` was applied before (a duplicate)."""
+
+        async def invalidate(conn: asyncpg.Connection) -> int | None:
+            q = self._db.q
+            if notice_id is not None and await conn.fetchval(q["record_notice"], notice_id) is None:
+                return None
+            if selection.kind == "secret":
+                await conn.fetchval(q["bump_generation"], selection.secret_id)
+                statement, *args = ("delete_matching" if drop else "mark_stale_matching", selection.sources_pattern)
+            else:
+                if selection.kind == "everything":
+                    await conn.execute(q["bump_all_generations"])
+                statement, *args = _MARK_STALE[selection.kind](selection)
+            changed = affected(await conn.execute(q[statement], *args))
+            if beside is not None:  # a target's rows in its own store: lock order 4, as ours
+                changed += await beside(conn)
+            if selection.kind == "secret":
+                match = selection.match
+                await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_pattern)  # copies.py
+                await conn.execute(q["clear_failures_of_secret"], selection.secret_id)
+                await conn.execute(q["forget_fetches_of_secret"], selection.secret_id)
+                if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`
+                    await conn.execute(q["forget_latest_held"], selection.secret_id, match.get("version"))
+            return changed
+
+        changed = await self._db.transaction("invalidate", invalidate)
+        if selection.kind in ("secret", "everything"):
+            self._fetcher.forget(selection.secret_id)  # this process's window (other processes' writes are fenced)
+        return changed
+
+    @typed_errors
+    async def stale_rows(self, selection: Selection, limit: int = 10_000) -> list[asyncpg.Record]:
+        """A secret's rows an invalidation stopped serving (what a re-warm writes again)."""
+        return await self._db.fetch("stale_rows_matching", selection.sources_pattern, limit)
+
+    @typed_errors
+    async def stale_secret_ids(self, limit: int = 100) -> list[str]:
+        """Secrets that still have rows not served (invalidated, not yet refreshed)."""
+        return [row["secret_id"] for row in await self._db.fetch("stale_secret_ids", limit)]
+
+    @typed_errors
+    async def latest_secrets_to_check(self, limit: int) -> list[asyncpg.Record]:
+        return await self._db.fetch("latest_secrets_to_check", limit)
+
+    @typed_errors
+    async def mark_checked(self, secret_id: str) -> None:
+        await self._db.statement("mark_checked", "mark_checked", secret_id)
+
+    @typed_errors
+    async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
+        """The rotation generation of each secret (0 when never invalidated)."""
+        ids = list(secret_ids)
+        found = dict(await self._db.fetch("secret_generations", ids))
+        return {secret_id: found.get(secret_id, 0) for secret_id in ids}
+
+    @typed_errors
+    async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:
+        """Global rows read since written that expire within `within_seconds` (this process's reads counted first;
+        other processes' within their KEYCHAIN_READ_FLUSH_SECONDS)."""
+        await self._reads.flush()
+        return await self._db.fetch("globals_to_refresh", float(within_seconds), limit)
+
+    # --- the sweep --------------------------------------------------------------------------------------------------
+    @typed_errors
+    async def sweep(self, batch_size: int | None = None) -> int:
+        """Delete expired rows, then the bookkeeping past its use; returns the rows deleted."""
+        swept = await self.sweep_rows(batch_size)
+        await self.sweep_bookkeeping(batch_size)
+        return swept
+
+    @typed_errors
+    async def sweep_rows(self, batch_size: int | None = None) -> int:
+        """This table's expired rows, in bounded batches; returns how many."""
+        batch = batch_size or SWEEP_BATCH_SIZE
+        total = 0
+        while True:
+            deleted = affected(await self._db.statement("sweep", "sweep_expired", batch))
+            total += deleted
+            metrics.SWEPT_ROWS.labels("keychain").inc(deleted)
+            if deleted < batch:
+                return total
+
+    @typed_errors
+    async def sweep_bookkeeping(self, batch_size: int | None = None) -> None:
+        """What every target relies on, past its use: remembered refusals, the reconciliation summary, shared
+        fetches, finished executions' fences, applied notices, copies whose rows someone else removed."""
+        settings = self._db.settings
+        retention = float(FENCE_RETENTION_SECONDS)
+        await self._db.statement("sweep", "sweep_failures")
+        await self._db.statement("sweep", "sweep_latest_held")
+        await self._db.statement("sweep", "sweep_shared_fetches", float(settings.shared_fetch_seconds) * 2)
+        await self._db.statement("sweep", "sweep_fences", retention)
+        await self._db.statement("sweep", "sweep_notices", retention)
+        await self._db.statement("sweep", "sweep_copies", retention, batch_size or SWEEP_BATCH_SIZE)
+
+    # --- keys and figures -------------------------------------------------------------------------------------------
+    @typed_errors
+    async def rekey(self, batch_size: int | None = None) -> tuple[int, int]:
+        """Re-encrypt every row under the active key, online. Returns (rows rekeyed, rows that failed to decrypt)."""
+        batch = batch_size or REKEY_BATCH_SIZE
+        active = self._keyring.active_key_id
+        last_id, done, failed = 0, 0, 0
+        while True:
+            rows = await self._db.fetch("rekey_candidates", last_id, active, batch)
+            if not rows:
+                return done, failed
+            columns: tuple[list[Any], ...] = ([], [], [], [], [])  # ids, key ids, data, write ids, old data
+            for row in rows:
+                identity = RowIdentity(row["credential_name"], row["scope_type"], row["scope_id"])
+                try:
+                    value = self._keyring.open(identity, row["key_id"], row["data"], row["write_id"])
+                except DecryptionError as exc:
+                    failed += 1
+                    log.warning("rekey skipped row %s: %s", row["id"], exc)
+                    continue
+                write_id = new_write_id()
+                kid, data = self._keyring.seal(identity, value, write_id)
+                for column, item in zip(columns, (row["id"], kid, data, write_id, row["data"])):
+                    column.append(item)
+            if columns[0]:
+                done += affected(await self._db.transaction("rekey", lambda conn: conn.execute(
+                    self._db.q["rekey_rows"], *columns)))
+            last_id = rows[-1]["id"]
+
+    @typed_errors
+    async def stats(self) -> list[dict[str, Any]]:
+        await self._reads.flush()  # this process's hits included
+        return [dict(row) for row in await self._db.fetch("stats")]
