@@ -2,7 +2,8 @@
 server is Rust and cannot be built here). Written from noetl/server v3.83 as facts, not translated line by line:
 
 `GET /api/credentials/{alias}?include_data=true&execution_id=E` (`src/services/credential.rs`):
-1. `noetl.credential` first: by id when the alias is a number, else by name. A credential found wins.
+1. `noetl.credential` first: by id when the alias parses as an i64 (Rust's `parse::<i64>`: a sign, ASCII digits),
+   else by name. A credential found wins.
 2. The execution's start record: `SELECT catalog_id, context->'workload' FROM noetl.event WHERE execution_id = E AND
    event_type IN ('playbook.initialized', 'playbook_started') LIMIT 1`; none: not found.
 3. The keychain (`src/services/keychain.rs`, `src/db/queries/keychain.rs`): the row of cache key
@@ -10,12 +11,14 @@ server is Rust and cannot be built here). Written from noetl/server v3.83 as fac
    the envelope (`src/crypto/envelope.rs`); a row it cannot open is a miss ("a cache error degrades to a fresh
    resolution").
 4. A miss: the catalog row's YAML `content`, the playbook's first `keychain:` entry named `alias`; `provider: gcp`
+   passes the residency gate first (`src/secrets/residency.rs`: the entry's `region`, else NOETL_SERVER_REGION, against
+   NOETL_SERVER_REGION; `strict` refuses a mismatch unless `allowed_regions` names the server's region), then
    fetches from Secret Manager (`src/secrets/resolver.rs`, `gcp.rs`): with `map`, each field's template rendered
    against the workload (undefined names render empty), the value `{field: text}`; without, the text of the secret
-   named by the alias. Names: `projects/...` as written (at `latest` without `/versions/`), a bare name in
-   GOOGLE_CLOUD_PROJECT at `latest`; the payload must be UTF-8. Then the row is upserted with a 600 s TTL:
+   named by the alias (`map: {}`: `{}`, no fetch). Names: `projects/...` as written (at `latest` without
+   `/versions/`), a bare name in GOOGLE_CLOUD_PROJECT (else GCP_PROJECT) at `latest`; the payload must be UTF-8. Then the row is upserted with a 600 s TTL:
    `INSERT ... ON CONFLICT (cache_key) DO UPDATE SET data_encrypted, expires_at, auto_renew, renew_config`.
-Left out, as the warmer does not depend on it: the refresh a hit starts in its last 60 s, token providers, regions.
+Left out, as the warmer does not depend on it: the refresh a hit starts in its last 60 s, token providers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +54,9 @@ class NoetlServerReads:
 
     def __init__(self, conn: asyncpg.Connection, schema: str = "noetl", *, encryption_key: str | None = None,
                  kms_endpoint: str | None = None, kms_key: str | None = None,
-                 secret_manager_endpoint: str | None = None, project: str | None = None):
+                 secret_manager_endpoint: str | None = None, project: str | None = None, server_region: str = ""):
         self.conn, self.schema = conn, schema
+        self.server_region = server_region
         self._kek = AESGCM(base64.b64decode(encryption_key)) if encryption_key else None
         self._kms_endpoint, self._kms_key = kms_endpoint, kms_key
         self._sm_endpoint, self._project = secret_manager_endpoint, project
@@ -60,7 +65,7 @@ class NoetlServerReads:
     async def get_credential(self, alias: str, execution_id: int) -> Answer:
         s = self.schema
         credential = None
-        if alias.isdigit():
+        if re.fullmatch(r"[+-]?[0-9]+", alias) and -2**63 <= int(alias) < 2**63:  # Rust's parse::<i64>
             credential = await self.conn.fetchrow(f"SELECT data_encrypted FROM {s}.credential WHERE id = $1", int(alias))
         credential = credential or await self.conn.fetchrow(
             f"SELECT data_encrypted FROM {s}.credential WHERE name = $1", alias)
@@ -107,6 +112,11 @@ class NoetlServerReads:
         entry = next((e for e in playbook.get("keychain") or [] if e.get("name") == alias), None)
         if entry is None or entry.get("provider") != "gcp":
             return None
+        region = entry.get("region") or self.server_region
+        policy, allowed = entry.get("residency") or "none", entry.get("allowed_regions") or []
+        if (region and policy == "strict" and region != self.server_region
+                and not (self.server_region and self.server_region in allowed)):
+            return None  # ResidencyViolation: refused before any fetch
         if entry.get("map") is None:
             return await self._fetch(alias)
         return {f: await self._fetch(_templates.from_string(t).render(workload)) for f, t in entry["map"].items()}

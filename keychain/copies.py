@@ -64,18 +64,16 @@ class Copies:
         rows = await conn.fetch(self._q["copies_of"], self.target, keys) if keys else []
         return {r["copy_key"]: (r["ready"], frozenset(r["secret_ids"])) for r in rows}
 
+    async def of_children(self, conn: asyncpg.Connection | asyncpg.Pool, parent_execution_id: int) -> list[str]:
+        """The keys of the copies written for executions this one started."""
+        return [r["copy_key"] for r in await conn.fetch(self._q["copies_of_children"], self.target,
+                                                         parent_execution_id)]
+
     async def matching(self, conn: asyncpg.Connection, patterns: list[dict[str, Any]]) -> list[str]:
         """The keys of the copies matching any pattern, without locking them: inside an invalidation (the secret's
         state row held exclusively, so no copy of it is written meanwhile), for the target to lock and stop serving
-        its rows first (lock order 4) before `stop_serving` takes the copies (lock order 5)."""
+        its rows first (lock order 4) before `mark_stale` or `forget` takes the copies (lock order 5)."""
         rows = await conn.fetch(self._q["copies_matching"], self.target, [json.dumps([p]) for p in patterns])
-        return [r["copy_key"] for r in rows]
-
-    async def stop_serving(self, conn: asyncpg.Connection, patterns: list[dict[str, Any]], *, drop: bool) -> list[str]:
-        """An invalidation: the copies matching any pattern are marked stale (or forgotten, with `drop`); returns
-        their keys."""
-        statement = "forget_copies_matching" if drop else "mark_copies_stale_matching"
-        rows = await conn.fetch(self._q[statement], self.target, [json.dumps([p]) for p in patterns])
         return [r["copy_key"] for r in rows]
 
     async def mark_stale(self, conn: asyncpg.Connection, keys: list[str]) -> None:
@@ -91,7 +89,15 @@ class Copies:
     async def stale_secret_ids(self, pool: asyncpg.Pool, limit: int = 100) -> list[str]:
         return [r["secret_id"] for r in await pool.fetch(self._q["stale_copy_secret_ids"], self.target, limit)]
 
-    async def forget(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> dict[str, int]:
-        """The copies of rows the target deleted from its store: forgotten; returns {key: values it held}."""
+    async def forget(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]
+                     ) -> dict[str, tuple[int, dict[str, Any]]]:
+        """The copies of rows the target deleted from its store: forgotten; returns {key: (values it held, its
+        detail)}."""
         rows = await conn.fetch(self._q["forget_copies"], self.target, keys) if keys else []
-        return {r["copy_key"]: r["fields"] for r in rows}
+        return {r["copy_key"]: (r["fields"], json.loads(r["detail"])) for r in rows}
+
+    async def details(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]
+                      ) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
+        """The copies under these keys: {key: (their sources, their detail)}."""
+        rows = await conn.fetch(self._q["copy_details"], self.target, keys) if keys else []
+        return {r["copy_key"]: (json.loads(r["sources"]), json.loads(r["detail"])) for r in rows}

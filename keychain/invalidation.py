@@ -24,6 +24,8 @@ class Selection:
     match: dict[str, Any] = field(default_factory=dict, hash=False)
     credential: str | None = None
     execution_id: int | None = None
+    # A version just added (a SECRET_VERSION_ADD notice): a copy that already holds it, or a newer one, is current.
+    added_version: str | None = None
 
     @classmethod
     def of(cls, *, credential: str | None = None, execution_id: int | None = None,
@@ -47,9 +49,9 @@ class Selection:
         return cls("everything")
 
     @classmethod
-    def matching(cls, secret_id: str, match: dict[str, Any]) -> "Selection":
+    def matching(cls, secret_id: str, match: dict[str, Any], *, added_version: str | None = None) -> "Selection":
         """The rows of one secret whose `sources` element also contains `match` (a rotation notice's rule)."""
-        return cls("secret", secret_id=secret_id, match=dict(match))
+        return cls("secret", secret_id=secret_id, match=dict(match), added_version=added_version)
 
     @property
     def sources_pattern(self) -> str:

@@ -90,7 +90,8 @@ class Maintenance:
                 changed += await beside(conn)
             if selection.kind == "secret":
                 match = selection.match
-                await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_pattern)  # copies.py
+                if beside is None:  # no worker target stopped its copies itself: every target's, stale (copies.py)
+                    await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_pattern)
                 await conn.execute(q["clear_failures_of_secret"], selection.secret_id)
                 await conn.execute(q["forget_fetches_of_secret"], selection.secret_id)
                 if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`

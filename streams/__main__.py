@@ -24,7 +24,7 @@ def main() -> None:
             from .worker import app
 
             KeyRing.parse(settings.keys.get_secret_value())
-            if "noetl" in settings.targets:
+            if "noetl" in settings.targets and not settings.noetl_api_url:  # direct writes: NoETL's key is needed
                 from .targets.noetl.kek import kek_for
 
                 kek_for(settings)  # NoETL's key-encryption key, as NoETL's own variables name it

@@ -76,14 +76,14 @@ class Invalidator:
         return result
 
     async def apply(self, notice: RotationNotice) -> Applied:
-        """A Secret Manager notice: what its event type makes wrong (RotationNotice.match)."""
-        match = notice.match()
-        if match is None:
+        """A Secret Manager notice: what its event type makes wrong (RotationNotice.selection)."""
+        selection = notice.selection()
+        if selection is None:
             metrics.INVALIDATIONS.labels(notice.event_type).inc()
             log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
             return Applied(0, 0, 0.0)
-        return await self.invalidate(Selection.matching(notice.secret_id, match), cause=notice.event_type,
-                                     notice_id=notice.notice_id, occurred_at=notice.occurred_at)
+        return await self.invalidate(selection, cause=notice.event_type, notice_id=notice.notice_id,
+                                     occurred_at=notice.occurred_at)
 
     async def invalidate(self, selection: Selection, *, cause: str, notice_id: str | None = None,
                          occurred_at: datetime | None = None, refresh: bool = True) -> Applied:

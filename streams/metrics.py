@@ -36,6 +36,11 @@ WARM_STEP_SECONDS = Histogram(
 WARM_STEP = {step: WARM_STEP_SECONDS.labels(step) for step in ("plan", "check", "fetch", "write")}
 
 # --- the noetl target (streams/targets/noetl/) ---------------------------------------------------------------------
+NOETL_RESIDENCY_VIOLATIONS = Counter(
+    "keychain_noetl_residency_violations_total",
+    "Aliases warmed for NoETL's server under `residency: advisory` whose region is not the server's (its server "
+    "resolves them too, and logs the violation)",
+)
 NOETL_SKIPPED_ALIASES = Counter(
     "keychain_noetl_skipped_aliases_total",
     "Keychain aliases of started executions not warmed into NoETL's keychain, by reason (closed set: "

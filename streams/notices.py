@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from keychain.errors import InvalidReference
+from keychain.invalidation import Selection
 from keychain.refs import SecretRef
 
 from .events import BadEvent
@@ -62,6 +63,14 @@ class RotationNotice(BaseModel):
         if kind == "SECRET_UPDATE":
             return {"alias": True}
         return None
+
+    def selection(self) -> Selection | None:
+        """What this notice invalidates (None: nothing). A version added tells which version is current now."""
+        match = self.match()
+        if match is None:
+            return None
+        added = self.version_number if self.event_type == "SECRET_VERSION_ADD" else None
+        return Selection.matching(self.secret_id, match, added_version=added)
 
     def to_kafka(self) -> tuple[bytes, bytes]:
         return self.secret_id.encode(), self.model_dump_json().encode()

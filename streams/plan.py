@@ -73,7 +73,8 @@ async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
                 plan = resolve(event, playbook, project=settings.google_cloud_project)
                 answer.update(rows=[w.as_json() for w in plan.wants], skipped=[s.as_json() for s in plan.skipped])
             if "noetl" in settings.targets:
-                plan = noetl_plan(event, playbook, project=settings.google_cloud_project)
+                plan = noetl_plan(event, playbook, project=settings.noetl_project,
+                                  server_region=settings.noetl_server_region)
                 shadowed = await shadowed_aliases(pool, noetl_statements(settings.catalog_schema),
                                                   {w.alias for w in plan.wants})
                 plan.skipped += [Skip(w.alias, "credential_shadowed") for w in plan.wants if w.alias in shadowed]

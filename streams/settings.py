@@ -17,6 +17,12 @@ class WorkerSettings(Settings):
         default=None,
         description="Project of short Pub/Sub subscription names, and of `keychain:` entries without `map`.",
     )
+    gcp_project: str | None = env(
+        "GCP_PROJECT",
+        default=None,
+        description="Project of a bare secret name in NoETL's keychain entries when GOOGLE_CLOUD_PROJECT is unset (as "
+        "NoETL's server reads them).",
+    )
     pubsub_emulator_host: str | None = env(
         "PUBSUB_EMULATOR_HOST", default=None, description="The Google client's own variable for the emulator."
     )
@@ -122,6 +128,12 @@ class WorkerSettings(Settings):
         description="Where the worker warms, purges, invalidates and sweeps: `keychain` (this project's table, read "
         "with the keychain library), `noetl` (NoETL's own `keychain` table, read by NoETL's server) or `both`.",
     )
+    noetl_server_region: str = env(
+        "NOETL_SERVER_REGION",
+        default="",
+        description="NoETL's server's region, as its server reads it: a keychain entry under `residency: strict` "
+        "whose `region` differs (and whose `allowed_regions` do not name the server's) is not warmed for it.",
+    )
     noetl_ttl_seconds: int = env(
         "KEYCHAIN_NOETL_TTL_SECONDS",
         default=600,
@@ -134,10 +146,30 @@ class WorkerSettings(Settings):
         description="NoETL's key-encryption key provider, as NoETL's server reads it: `local` (NOETL_ENCRYPTION_KEY) or "
         "`gcp-kms` (NOETL_GCP_KMS_KEY).",
     )
+    noetl_api_url: str | None = env(
+        "KEYCHAIN_NOETL_API_URL",
+        default=None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="NoETL's server (`http://noetl-server:8082`): set, the noetl target writes and invalidates NoETL's "
+        "rows through its keychain API, which seals them itself: the warmer holds no NoETL key and writes nothing into "
+        "NoETL's tables (purge and sweep still need DELETE on them). Unset: the rows are written directly.",
+    )
+    noetl_api_token: SecretStr | None = env(
+        "KEYCHAIN_NOETL_API_TOKEN",
+        default=None,
+        description="Bearer token for the gateway in front of NoETL's server, when there is one.",
+    )
     noetl_encryption_key: SecretStr | None = env(
         "NOETL_ENCRYPTION_KEY",
         default=None,
-        description="NoETL's local key-encryption key (base64 of 32 bytes), the same as NoETL's server's.",
+        description="NoETL's local key-encryption key (base64 of 32 bytes), the same as NoETL's server's (direct "
+        "writes only).",
+    )
+    noetl_encryption_key_file: str | None = env(
+        "NOETL_ENCRYPTION_KEY_FILE",
+        default=None,
+        description="A file holding NOETL_ENCRYPTION_KEY (a mounted secret; a trailing newline is stripped), when "
+        "NOETL_ENCRYPTION_KEY is not set.",
     )
     noetl_gcp_kms_key: str | None = env(
         "NOETL_GCP_KMS_KEY",
@@ -173,6 +205,11 @@ class WorkerSettings(Settings):
         description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
     )
 
+
+    @property
+    def noetl_project(self) -> str | None:
+        """The project NoETL's server gives a bare secret name: GOOGLE_CLOUD_PROJECT, then GCP_PROJECT."""
+        return self.google_cloud_project or self.gcp_project
 
     @property
     def broker_heartbeat_interval_seconds(self) -> float:

@@ -287,3 +287,62 @@ async def test_reconciliation_and_the_cli_reach_noetl_rows(parts, noetl, keychai
     answer = await noetl.server.get_credential("openai_token", execution_id)
     assert (answer.source, answer.value["api_key"]) == ("keychain", "mapped-v2")
     assert noetl.server.provider_fetches == 0
+
+
+async def test_only_a_row_served_as_it_was_warmed_counts_as_a_first_use_from_the_cache(parts, noetl, noetl_secrets,
+                                                                                      execution_id):
+    """NoETL's server counts a read before it opens the row: a row it could not open (it then fetched and wrote the
+    row again itself) is not a first use served from the cache, nor a Secret Manager call saved."""
+    import base64
+    import os
+
+    from streams.targets.noetl.envelope import seal
+    from streams.targets.noetl.kek import LocalKek
+
+    warmer, _ = parts
+    await warmer.handle([await noetl.started(execution_id)])
+    plain_key = f"{noetl.names['plain']}:{noetl.catalog_id}:{execution_id}"
+    other_kek = LocalKek(base64.b64encode(os.urandom(32)).decode())  # not the server's
+    unopenable = seal("sealed-for-someone-else", await other_kek.wrap(os.urandom(32)))
+    await noetl.db.execute(f"UPDATE {noetl.schema}.keychain SET data_encrypted = $1 WHERE cache_key = $2",
+                           unopenable, plain_key)
+    assert (await noetl.server.get_credential(noetl.names["plain"], execution_id)).source == "provider"
+    assert (await noetl.row(plain_key))["access_count"] == 1  # counted, though it could not be opened
+    assert (await noetl.server.get_credential("openai_token", execution_id)).source == "keychain"
+    rows_before, saved_before = counts(metrics.NOETL_ROWS_SEEN), counts(metrics.NOETL_CALLS_SAVED)
+    await warmer.handle([Record(*as_message(finish_record(execution_id, noetl.catalog_id)))])
+    rows = counts(metrics.NOETL_ROWS_SEEN)
+    assert rows.get("warmed_read", 0) - rows_before.get("warmed_read", 0) == 1  # openai_token only
+    assert rows.get("server_written", 0) - rows_before.get("server_written", 0) == 1  # the row it wrote again
+    assert rows.get("warmed_unread", 0) - rows_before.get("warmed_unread", 0) == 0
+    assert counts(metrics.NOETL_CALLS_SAVED)["total"] - saved_before.get("total", 0) == 2  # the map's two fields
+
+
+async def test_a_late_notice_for_a_version_a_row_already_holds_keeps_it_served(parts, noetl, sm, noetl_secrets,
+                                                                             execution_id):
+    """The warm ran after version 2 was added and its notice comes after: the rows already hold version 2 and stay
+    served (no needless miss for NoETL's server). A row the server wrote again itself holds a version nobody knows:
+    it is invalidated all the same. A newer version reaches them all."""
+    warmer, invalidator = parts
+    sm.add_version(noetl_secrets["mapped"], "mapped-v2")
+    sm.add_version(noetl_secrets["plain"], "plain-v2")
+    await warmer.handle([await noetl.started(execution_id)])
+    plain_key = f"{noetl.names['plain']}:{noetl.catalog_id}:{execution_id}"
+    await noetl.db.execute(f"UPDATE {noetl.schema}.keychain SET expires_at = now() - interval '1 s' "
+                           "WHERE cache_key = $1", plain_key)
+    assert (await noetl.server.get_credential(noetl.names["plain"], execution_id)).source == "provider"
+    fetched = noetl.server.provider_fetches
+    late = await invalidator.invalidate(notice("SECRET_VERSION_ADD", noetl_secrets["mapped"], "2").selection(),
+                                        cause="SECRET_VERSION_ADD", refresh=False)
+    assert late.changed == 0
+    answer = await noetl.server.get_credential("openai_token", execution_id)
+    assert (answer.source, answer.value["api_key"]) == ("keychain", "mapped-v2")
+    rewritten = await invalidator.invalidate(notice("SECRET_VERSION_ADD", noetl_secrets["plain"], "2").selection(),
+                                             cause="SECRET_VERSION_ADD", refresh=False)
+    assert rewritten.changed == 1  # the server's own row: what it holds is unknown
+    sm.add_version(noetl_secrets["mapped"], "mapped-v3")
+    newer = await invalidator.apply(notice("SECRET_VERSION_ADD", noetl_secrets["mapped"], "3"))
+    assert (newer.changed, newer.refreshed) == (1, 1)
+    answer = await noetl.server.get_credential("openai_token", execution_id)
+    assert (answer.source, answer.value["api_key"]) == ("keychain", "mapped-v3")
+    assert noetl.server.provider_fetches == fetched

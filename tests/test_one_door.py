@@ -100,6 +100,7 @@ async def test_a_row_that_cannot_be_sealed_is_retried_then_dead_lettered_and_kms
         # 256 data keys wanted ahead, two rows to seal: without the backoff, every take started the whole refill
         assert kms_server.calls["Encrypt"] - encrypts_before <= 8 * 6
         kms_server.fail_next.pop("Encrypt", None)
+        await asyncio.sleep(targets[0].data_keys.backoff_remaining)  # KMS is next asked when its backoff ends
         result = await warmer.handle([started])
         assert (result.dead, result.rows_written) == ([], 2) and await noetl.rows() == 2
     finally:

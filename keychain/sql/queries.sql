@@ -391,19 +391,14 @@ SELECT copy_key, state = 'ready' AS ready,
        ARRAY(SELECT DISTINCT s->>'secret_id' FROM jsonb_array_elements(sources) s) AS secret_ids
 FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[]);
 
+-- name: copy_details
+SELECT copy_key, sources, detail FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[]);
+
+-- name: copies_of_children
+SELECT copy_key FROM keychain_copy WHERE target = $1 AND parent_execution_id = $2;
+
 -- name: copies_matching
 SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[]) ORDER BY copy_key COLLATE "C";
-
--- name: mark_copies_stale_matching
--- An invalidation ($2: `sources` patterns, a copy matching any of them): the copies that stop being served, their
--- keys returned for the target to stop serving them in its store. Lock order 5.
-WITH locked AS (
-    SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[])
-    ORDER BY copy_key COLLATE "C" FOR UPDATE
-)
-UPDATE keychain_copy c SET state = 'stale' FROM locked
-WHERE c.target = $1 AND c.copy_key = locked.copy_key
-RETURNING c.copy_key;
 
 -- name: mark_copies_stale
 -- The copies under these keys ($2) stop being ready: their rows in the target's store stopped being served.
@@ -422,14 +417,6 @@ WITH locked AS (
 )
 UPDATE keychain_copy c SET state = 'stale' FROM locked
 WHERE (c.target, c.copy_key) = (locked.target, locked.copy_key);
-
--- name: forget_copies_matching
-WITH doomed AS (
-    SELECT copy_key FROM keychain_copy WHERE target = $1 AND sources @> ANY($2::jsonb[])
-    ORDER BY copy_key COLLATE "C" FOR UPDATE
-)
-DELETE FROM keychain_copy c USING doomed WHERE c.target = $1 AND c.copy_key = doomed.copy_key
-RETURNING c.copy_key;
 
 -- name: stale_copies
 -- What a re-warm writes again: stale copies matching $2 (any of the patterns), of executions still running.
@@ -452,7 +439,7 @@ WITH doomed AS (
     ORDER BY copy_key COLLATE "C" FOR UPDATE
 )
 DELETE FROM keychain_copy c USING doomed WHERE c.target = $1 AND c.copy_key = doomed.copy_key
-RETURNING c.copy_key, c.fields;
+RETURNING c.copy_key, c.fields, c.detail;
 
 -- name: sweep_copies
 -- Copies long past their expiry whose rows were removed by someone else (never seen by a purge or a sweep).

@@ -5,13 +5,19 @@ key it would look for it (facts from noetl/server: `src/services/credential.rs`,
 - A step's `{{ keychain.<alias>.* }}` or `auth: <alias>` makes the server look in `noetl.keychain` under the cache key
   `{alias}:{catalog_id}:{execution_id}` (scope `local`, whatever the playbook's `scope:` says), the catalog id and
   the workload being the execution's start record's (`playbook_started`: `catalog_id`, `context.workload`).
-- On a miss it finds the playbook's first `keychain:` entry of that name. Only `provider: gcp` is Google Secret
-  Manager (its other providers are AWS, Azure, Vault, Kubernetes, IAM token minting); an entry without a provider is
-  NoETL's credential table (`credential:`) or a token it mints.
+- On a miss it finds the playbook's first `keychain:` entry of that name (a later entry of the same name is never
+  read, even when the first is not Secret Manager's). Only `provider: gcp` is Google Secret Manager (its other
+  providers are AWS, Azure, Vault, Kubernetes, IAM token minting); an entry without a provider is NoETL's credential
+  table (`credential:`) or a token it mints.
+- Residency (`src/secrets/residency.rs`), before any fetch: the entry's `region` (else the server's own,
+  NOETL_SERVER_REGION) against the server's region. Unset region: allowed. `residency: none` (the default): allowed.
+  The same region, or the server's region in `allowed_regions`: allowed. Otherwise `strict` refuses the entry
+  (skipped `residency_denied`: a warmed row would bypass the gate) and `advisory` allows it, counted.
 - With `map`, the value is `{field: secret text}`, each field's template rendered against the start record's workload
   alone (its keys at the top level; nothing else); without `map`, the value is the text of the secret named by the
   alias. A name is used as Secret Manager names it: a full `projects/P/secrets/S/versions/V` as written, a full
-  `projects/P/secrets/S` at `latest`, a bare `S` in GOOGLE_CLOUD_PROJECT at `latest`.
+  `projects/P/secrets/S` at `latest`, a bare `S` in GOOGLE_CLOUD_PROJECT (else GCP_PROJECT) at `latest`. An empty
+  `map: {}` resolves to `{}` with no fetch at all.
 - `noetl.credential` is asked first: an alias a credential of that name (or id) shadows is never looked up in the
   keychain, so warming it would be pointless (skipped `credential_shadowed`, see the target).
 """
@@ -35,7 +41,9 @@ SKIP_REASONS = frozenset({
     "no_provider",          # an entry without `provider:` (even `kind: secret_manager`): the server fetches nothing
     "no_catalog_id",        # the start record names no catalog row: there is no cache key the server would read
     "credential_shadowed",  # noetl.credential has an entry of that name: the server serves it, not the keychain
+    "residency_denied",     # `residency: strict` and the entry's region is not the server's: the server refuses it
 })
+RESIDENCY_POLICIES = ("none", "advisory", "strict")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class NoetlWant:
     execution_id: int
     parent_execution_id: int | None
     fields: tuple[tuple[str | None, SecretRef], ...]  # (map field, reference); one (None, ref) without a map
+    residency_violation: bool = field(default=False, compare=False)  # `advisory`, and not the server's region
 
     refs: tuple[SecretRef, ...] = field(init=False, repr=False, compare=False)
     secrets: frozenset[str] = field(init=False, repr=False, compare=False)
@@ -62,8 +71,11 @@ class NoetlWant:
         return self.cache_key
 
     def as_json(self) -> dict[str, Any]:
-        return {"cache_key": self.cache_key, "alias": self.alias,
-                "refs": {name or "": str(ref) for name, ref in self.fields}}
+        answer = {"cache_key": self.cache_key, "alias": self.alias,
+                  "refs": {name or "": str(ref) for name, ref in self.fields}}
+        if self.residency_violation:
+            answer["residency"] = "violation_allowed"  # advisory: warmed, and counted
+        return answer
 
 
 @dataclass
@@ -77,9 +89,10 @@ def cache_key(alias: str, catalog_id: int, execution_id: int) -> str:
     return f"{alias}:{catalog_id}:{execution_id}"
 
 
-def noetl_plan(event: ExecutionEvent, playbook: dict[str, Any] | None, *, project: str | None) -> NoetlPlan:
+def noetl_plan(event: ExecutionEvent, playbook: dict[str, Any] | None, *, project: str | None,
+               server_region: str = "") -> NoetlPlan:
     """The rows NoETL's server would write on a miss for this start record, and the aliases it would not resolve
-    through Secret Manager (with the reason)."""
+    through Secret Manager (with the reason). `project`: of bare secret names; `server_region`: NOETL_SERVER_REGION."""
     plan = NoetlPlan()
     if event.workload is None or not isinstance(playbook, dict):  # a start record that carries no workload
         return plan
@@ -93,19 +106,38 @@ def noetl_plan(event: ExecutionEvent, playbook: dict[str, Any] | None, *, projec
     for index, entry in enumerate(entries):
         name = entry.get("name") if isinstance(entry, dict) else None
         where = name[:200] if isinstance(name, str) and name else f"keychain[{index}]"
-        if isinstance(name, str) and name in seen:  # the server takes an alias's first entry
-            continue
+        if isinstance(name, str):
+            if name in seen:  # the server reads an alias's first entry only, whatever became of it
+                continue
+            seen.add(name)
         try:
-            fields = _entry_fields(entry, event.workload, project)
+            fields, violation = _entry_fields(entry, event.workload, project, server_region)
         except Unusable as unusable:
             plan.skipped.append(Skip(where, unusable.reason))
             continue
-        seen.add(name)
-        plan.wants.append(NoetlWant(name, event.catalog_id, event.execution_id, event.parent_execution_id, fields))
+        plan.wants.append(NoetlWant(name, event.catalog_id, event.execution_id, event.parent_execution_id, fields,
+                                    violation))
     return plan
 
 
-def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None):
+def _residency(entry: dict[str, Any], server_region: str) -> bool:
+    """NoETL's residency gate for one entry (`evaluate`): Unusable("residency_denied") where the server refuses the
+    entry; True where it allows it as an advisory violation; False where it allows it."""
+    policy = entry.get("residency") or "none"
+    allowed = entry.get("allowed_regions", [])
+    if policy not in RESIDENCY_POLICIES or not isinstance(allowed, list):
+        raise Unusable("invalid_declaration")  # the server's playbook parse refuses it: it resolves nothing
+    region = entry.get("region") if isinstance(entry.get("region"), str) and entry.get("region") else server_region
+    if not region or policy == "none" or region == server_region or (server_region and server_region in allowed):
+        return False
+    if policy == "strict":
+        raise Unusable("residency_denied")
+    return True
+
+
+def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None, server_region: str):
+    """An entry's (map field, reference) pairs and whether it is an advisory residency violation, in the server's
+    order: the provider, then the residency gate, then the templates."""
     if not isinstance(entry, dict) or not storable(entry.get("name")):
         raise Unusable("invalid_declaration")
     provider = entry.get("provider")
@@ -113,13 +145,15 @@ def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None):
         raise Unusable("credential_table" if "credential" in entry else _kind(entry.get("kind")))
     if provider != SECRET_MANAGER_PROVIDER:
         raise Unusable("other_provider")
+    violation = _residency(entry, server_region)
     mapping = entry.get("map")
     if mapping is None:
-        return ((None, secret_manager_name(entry["name"], project)),)
-    if not isinstance(mapping, dict) or not mapping or not all(
+        return ((None, secret_manager_name(entry["name"], project)),), violation
+    if not isinstance(mapping, dict) or not all(
             storable(f, 256) and isinstance(t, str) for f, t in mapping.items()):
         raise Unusable("invalid_declaration")
-    return tuple((f, secret_manager_name(render_text(template, workload), project)) for f, template in mapping.items())
+    return tuple((f, secret_manager_name(render_text(template, workload), project))
+                 for f, template in mapping.items()), violation
 
 
 def _kind(kind: Any) -> str:

@@ -149,8 +149,15 @@ def kek_from(provider: str | None, encryption_key: str | None, gcp_kms_key: str 
 
 
 def kek_for(settings) -> Kek:
-    """NoETL's key-encryption key from the worker's settings (NoETL's own variables)."""
+    """NoETL's key-encryption key from the worker's settings (NoETL's own variables; the local key inline or from
+    NOETL_ENCRYPTION_KEY_FILE, its trailing newline stripped)."""
     key = settings.noetl_encryption_key.get_secret_value() if settings.noetl_encryption_key else None
+    if not key and settings.noetl_encryption_key_file:
+        try:
+            with open(settings.noetl_encryption_key_file, encoding="utf-8") as file:
+                key = file.read().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigurationError(f"NOETL_ENCRYPTION_KEY_FILE cannot be read ({exc.strerror})") from None
     return kek_from(settings.noetl_kms_provider, key, settings.noetl_gcp_kms_key, settings.kms_endpoint)
 
 
@@ -180,6 +187,11 @@ class DataKeys:
         self._failures = 0  # in a row
         self._retry_at = 0.0  # time.monotonic(): no Encrypt call before it
         self.wrap_calls = 0
+
+    @property
+    def backoff_remaining(self) -> float:
+        """Seconds before the KEK is asked again after a failure (0: it may be asked now)."""
+        return max(0.0, self._retry_at - time.monotonic())
 
     async def take_many(self, count: int) -> list[WrappedKey]:
         """`count` data keys: from those wrapped ahead, the rest wrapped now. KekUnavailable while the KEK is in its

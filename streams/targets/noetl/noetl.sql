@@ -19,7 +19,8 @@ FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6
 ORDER BY r.cache_key COLLATE "C"
 ON CONFLICT (cache_key) DO UPDATE
 SET data_encrypted = excluded.data_encrypted, expires_at = excluded.expires_at, auto_renew = excluded.auto_renew,
-    renew_config = excluded.renew_config;
+    renew_config = excluded.renew_config
+RETURNING k.cache_key, k.access_count;  -- the reads the row had before this write (an upsert keeps its count)
 
 -- name: fresh_rows
 -- Which of these cache keys hold a row NoETL's server would serve for at least $2 more seconds.
@@ -34,7 +35,8 @@ WITH locked AS (
     ORDER BY cache_key COLLATE "C" FOR UPDATE
 )
 UPDATE {noetl}.keychain k SET expires_at = least(k.expires_at, now())
-FROM locked WHERE k.cache_key = locked.cache_key;
+FROM locked WHERE k.cache_key = locked.cache_key
+RETURNING k.cache_key;
 
 -- name: expire_where
 -- An operator's invalidation ($1: a keychain name, $2: an execution id, or both NULL: every row), whoever wrote the
@@ -56,17 +58,21 @@ WITH doomed AS (
     SELECT cache_key FROM {noetl}.keychain WHERE cache_key = ANY($1::text[])
     ORDER BY cache_key COLLATE "C" FOR UPDATE
 )
-DELETE FROM {noetl}.keychain k USING doomed WHERE k.cache_key = doomed.cache_key;
+DELETE FROM {noetl}.keychain k USING doomed WHERE k.cache_key = doomed.cache_key
+RETURNING k.cache_key;
 
 -- name: purge_execution
 -- A finished execution's rows, and those of the executions it started (NoETL's `parent_execution_id`: "top-level
--- execution id for cleanup when parent completes"), whoever wrote them; with their read counts.
+-- execution id for cleanup when parent completes"; $2: the children's rows the warmer wrote through NoETL's API,
+-- which records no parent), whoever wrote them; with their read counts.
 WITH doomed AS (
-    SELECT cache_key FROM {noetl}.keychain WHERE execution_id = $1 OR parent_execution_id = $1
+    SELECT cache_key FROM {noetl}.keychain
+    WHERE execution_id = $1 OR parent_execution_id = $1 OR cache_key = ANY($2::text[])
     ORDER BY cache_key COLLATE "C" FOR UPDATE
 )
 DELETE FROM {noetl}.keychain k USING doomed WHERE k.cache_key = doomed.cache_key
-RETURNING k.cache_key, coalesce(k.access_count, 0) AS access_count;
+RETURNING k.cache_key, coalesce(k.access_count, 0) AS access_count,
+          encode(sha256(convert_to(k.data_encrypted, 'UTF8')), 'hex') AS sealed;
 
 -- name: sweep_expired
 -- One bounded batch of expired rows, whoever wrote them, never an auto_renew row (NoETL renews those from their
@@ -79,7 +85,24 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {noetl}.keychain k USING doomed WHERE k.cache_key = doomed.cache_key
-RETURNING k.cache_key, coalesce(k.access_count, 0) AS access_count;
+RETURNING k.cache_key, coalesce(k.access_count, 0) AS access_count,
+          encode(sha256(convert_to(k.data_encrypted, 'UTF8')), 'hex') AS sealed;
+
+-- name: held_rows
+-- What these rows hold now (the fingerprint of their envelope: whether each is still the one the warmer wrote), and
+-- their reads so far.
+SELECT cache_key, encode(sha256(convert_to(data_encrypted, 'UTF8')), 'hex') AS sealed,
+       coalesce(access_count, 0) AS access_count
+FROM {noetl}.keychain WHERE cache_key = ANY($1::text[]);
+
+-- name: rows_where
+-- The rows an invalidation reaches ($1: these cache keys; or $2: a keychain name, $3: an execution id, or all three
+-- NULL: every row), with what NoETL's keychain API names a row by (writes through the API: they are deleted there).
+SELECT cache_key, catalog_id, keychain_name, scope_type, execution_id FROM {noetl}.keychain
+WHERE ($1::text[] IS NULL OR cache_key = ANY($1::text[]))
+  AND ($2::text IS NULL OR keychain_name = $2)
+  AND ($3::bigint IS NULL OR execution_id = $3 OR parent_execution_id = $3)
+ORDER BY cache_key COLLATE "C";
 
 -- name: shadowed_aliases
 -- Aliases NoETL's server answers from its credential table (by id when the alias is a number, else by name), never

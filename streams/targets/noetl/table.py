@@ -17,7 +17,10 @@ warm (`keychain_noetl_rows_total{outcome}`; the Secret Manager calls saved: `key
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
+import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
@@ -26,7 +29,7 @@ import asyncpg
 
 from keychain import metrics as library_metrics
 from keychain.copies import Copies, Copy
-from keychain.database import affected, typed_errors
+from keychain.database import typed_errors
 from keychain.maintenance import SWEEP_BATCH_SIZE
 from keychain.model import Provenance
 from keychain.queries import parse_named_statements
@@ -38,6 +41,7 @@ from ...events import ExecutionEvent
 from ...settings import WorkerSettings
 from ..base import Filled, Purge, Selection, TargetPlan, Written
 from .aliases import NoetlWant, noetl_plan
+from .api import NoetlApi, NoetlApiError
 from .envelope import seal
 from .kek import DataKeys, kek_for
 
@@ -57,12 +61,26 @@ async def shadowed_aliases(pool: asyncpg.Pool, statements: dict[str, str], alias
     """The aliases NoETL's server answers from `noetl.credential` (it asks there first), never from its keychain."""
     if not aliases:
         return set()
-    ids = [int(a) for a in aliases if a.isdigit() and len(a) < 19]
+    ids = [i for i in map(i64, aliases) if i is not None]
     try:
         rows = await pool.fetch(statements["shadowed_aliases"], list(aliases), ids)
     except asyncpg.UndefinedTableError:  # a NoETL without a credential table shadows nothing
         return set()
     return {r["alias"] for r in rows}
+
+
+def fingerprint(sealed: str) -> str:
+    """The fingerprint of a row's envelope, as noetl.sql computes it (sha256 of its text, hex)."""
+    return hashlib.sha256(sealed.encode()).hexdigest()
+
+
+def i64(text: str) -> int | None:
+    """`text` as Rust's `str::parse::<i64>` reads it (NoETL's server looks a credential up by id when the alias
+    parses): an optional sign, ASCII digits only, within 64 bits; else None."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        return None
+    value = int(text)
+    return value if -2**63 <= value < 2**63 else None
 
 
 def copy_patterns(secret_id: str, match: dict[str, Any]) -> list[dict[str, Any]]:
@@ -79,12 +97,14 @@ def copy_patterns(secret_id: str, match: dict[str, Any]) -> list[dict[str, Any]]
 class NoetlTarget:
     name = "noetl"
 
-    def __init__(self, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys,
-                 noetl_pool: asyncpg.Pool | None = None):
-        """`noetl_pool`: a pool on NoETL's database when it is not the keychain's (KEYCHAIN_CATALOG_DSN)."""
+    def __init__(self, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys | None,
+                 noetl_pool: asyncpg.Pool | None = None, api: NoetlApi | None = None):
+        """`noetl_pool`: a pool on NoETL's database when it is not the keychain's (KEYCHAIN_CATALOG_DSN). `api`:
+        NoETL's keychain API, which seals and writes the rows (then `data_keys` is None: the warmer holds no key)."""
         self.settings = settings
         self.keychain = keychain
         self.data_keys = data_keys
+        self.api = api
         self.copies = Copies(self.name)
         self._q = noetl_statements(settings.catalog_schema)
         self._own_pool = noetl_pool
@@ -93,17 +113,26 @@ class NoetlTarget:
     @classmethod
     async def open(cls, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys | None = None
                    ) -> "NoetlTarget":
-        """`data_keys`: NoETL's key-encryption key's data keys (default: from NoETL's own variables)."""
-        data_keys = data_keys or DataKeys(kek_for(settings))
+        """Through NoETL's keychain API when KEYCHAIN_NOETL_API_URL is set; else directly, sealing with
+        `data_keys` (default: from NoETL's own variables)."""
+        api = None
+        if settings.noetl_api_url:
+            token = settings.noetl_api_token.get_secret_value() if settings.noetl_api_token else None
+            api, data_keys = NoetlApi(settings.noetl_api_url, token), None
+        else:
+            data_keys = data_keys or DataKeys(kek_for(settings))
+            data_keys.start()
         pool = None
         if settings.catalog_dsn:
             pool = await asyncpg.create_pool(settings.catalog_dsn, min_size=1, max_size=settings.pool_max_size,
                                              server_settings={"application_name": "keychain-warmer-noetl"})
-        data_keys.start()
-        return cls(settings, keychain, data_keys, pool)
+        return cls(settings, keychain, data_keys, pool, api)
 
     async def close(self) -> None:
-        await self.data_keys.close()
+        if self.api is not None:
+            await self.api.close()
+        if self.data_keys is not None:
+            await self.data_keys.close()
         if self._own_pool is not None:
             await self._own_pool.close()
 
@@ -123,9 +152,13 @@ class NoetlTarget:
 
     # --- the warm ---------------------------------------------------------------------------------------------------
     def plan(self, event: ExecutionEvent, playbook: dict[str, Any] | None) -> TargetPlan:
-        plan = noetl_plan(event, playbook, project=self.settings.google_cloud_project)
+        plan = noetl_plan(event, playbook, project=self.settings.noetl_project,
+                          server_region=self.settings.noetl_server_region)
         for skip in plan.skipped:
             metrics.NOETL_SKIPPED_ALIASES.labels(skip.reason).inc()
+        violations = sum(w.residency_violation for w in plan.wants)
+        if violations:  # advisory: warmed, as NoETL's server resolves them, and counted
+            metrics.NOETL_RESIDENCY_VIOLATIONS.inc(violations)
         return TargetPlan(plan.wants, plan.skipped)
 
     @typed_errors
@@ -153,35 +186,56 @@ class NoetlTarget:
 
     async def write(self, filled: Sequence[Filled]) -> Written[Filled]:
         """NoETL keeps no refusals in its keychain (its server asks Secret Manager itself, and fails): a refused
-        secret writes nothing (`skipped`). Nor does a value that is not UTF-8, which NoETL's server refuses. Rows whose
-        data keys could not be wrapped (Cloud KMS unreachable) are `failed`: the warm tries them again."""
+        secret writes nothing (`skipped`). Nor does a value that is not UTF-8, which NoETL's server refuses. Rows
+        that could not be sealed (Cloud KMS unreachable) or written (NoETL's API unreachable) are `failed`: the warm
+        tries them again."""
         values = [(f, self._value(f)) for f in filled if f.error_code is None]
         usable = [(f, value) for f, value in values if value is not None]
         usable_ids = {id(f) for f, _ in usable}
         skipped = [f for f in filled if id(f) not in usable_ids]
         if not usable:
             return Written([], [], [], skipped)
-        try:  # before any lock is taken: Cloud KMS is never waited for while holding one
-            keys = await self.data_keys.take_many(len(usable))
-        except Exception as exc:  # NoETL's server cannot open rows either while its KEK is unreachable
-            metrics.NOETL_NOT_SEALED.inc(len(usable))
-            log.warning("%d NoETL rows not sealed yet: their data keys could not be wrapped (%s)", len(usable),
-                        type(exc).__name__)
-            return Written([], [], [f for f, _ in usable], skipped)
-        rows = [(f, seal(value, key)) for (f, value), key in zip(usable, keys)]
+        if self.api is not None:
+            rows = usable  # NoETL's server seals them
+        else:
+            try:  # before any lock is taken: Cloud KMS is never waited for while holding one
+                keys = await self.data_keys.take_many(len(usable))
+            except Exception as exc:  # NoETL's server cannot open rows either while its KEK is unreachable
+                metrics.NOETL_NOT_SEALED.inc(len(usable))
+                log.warning("%d NoETL rows not sealed yet: their data keys could not be wrapped (%s)", len(usable),
+                            type(exc).__name__)
+                return Written([], [], [f for f, _ in usable], skipped)
+            rows = [(f, seal(value, key)) for (f, value), key in zip(usable, keys)]
 
-        async def write(conn: asyncpg.Connection, fresh: list[tuple[Filled, str]]) -> None:
+        async def write(conn: asyncpg.Connection, fresh: list[tuple[Filled, Any]]) -> None:
             wants = [f.want for f, _ in fresh]
             async with self._tables(conn) as tables:
-                await tables.execute(self._q["upsert_rows"], [w.cache_key for w in wants], [w.alias for w in wants],
-                                     [w.catalog_id for w in wants], [w.execution_id for w in wants],
-                                     [w.parent_execution_id for w in wants], [data for _, data in fresh],
-                                     float(self._ttl))
-            await self.copies.record(conn, [self._copy(f) for f, _ in fresh])
+                if self.api is None:
+                    reads_before = dict(await tables.fetch(
+                        self._q["upsert_rows"], [w.cache_key for w in wants], [w.alias for w in wants],
+                        [w.catalog_id for w in wants], [w.execution_id for w in wants],
+                        [w.parent_execution_id for w in wants], [data for _, data in fresh], float(self._ttl)))
+                    sealed = {w.cache_key: fingerprint(data) for w, (_, data) in zip(wants, fresh)}
+                else:  # inside the fenced transaction, as a direct write: an invalidation waits for it
+                    await asyncio.gather(*(self.api.put(w.catalog_id, w.alias, w.execution_id, value, self._ttl)
+                                           for w, (_, value) in zip(wants, fresh)))
+                    held = {r["cache_key"]: r for r in await tables.fetch(self._q["held_rows"],
+                                                                           [w.cache_key for w in wants])}
+                    if len(held) < len(wants):
+                        raise NoetlApiError("a row written through the API is not in KEYCHAIN_CATALOG_SCHEMA.keychain")
+                    reads_before = {key: row["access_count"] for key, row in held.items()}
+                    sealed = {key: row["sealed"] for key, row in held.items()}
+            await self.copies.record(conn, [self._copy(f, sealed[f.want.cache_key], reads_before[f.want.cache_key])
+                                            for f, _ in fresh if f.want.refs])  # `map: {}` holds no secret
             library_metrics.ROWS_WRITTEN.labels(self.name).inc(len(fresh))
 
-        fenced = {id(f) for f, _ in await self.keychain.rows.write_fenced(
-            rows, fences=lambda row: row[0].fences, execution_id=lambda row: row[0].want.execution_id, write=write)}
+        try:
+            fenced = {id(f) for f, _ in await self.keychain.rows.write_fenced(
+                rows, fences=lambda row: row[0].fences, execution_id=lambda row: row[0].want.execution_id,
+                write=write)}
+        except NoetlApiError as exc:
+            log.warning("%d NoETL rows not written yet: %s", len(rows), exc)
+            return Written([], [], [f for f, _ in rows], skipped)
         return Written([f for f, _ in rows if id(f) not in fenced], [f for f, _ in rows if id(f) in fenced], [],
                        skipped)
 
@@ -197,11 +251,14 @@ class NoetlTarget:
                 return None
         return texts[None] if list(texts) == [None] else texts
 
-    def _copy(self, filled: Filled) -> Copy:
+    def _copy(self, filled: Filled, sealed_fingerprint: str, reads_before: int) -> Copy:
+        """What the row came from, and how to tell later that it still holds what was warmed (its envelope's
+        fingerprint) and was read since (NoETL's server counts a read before it opens the row)."""
         want = filled.want
         sources = tuple(Provenance(ref, filled.values[str(ref)].value.version_name, name) for name, ref in want.fields)
         return Copy(want.cache_key, sources, self._ttl, want.execution_id, want.parent_execution_id,
-                    {"alias": want.alias, "catalog_id": want.catalog_id})
+                    {"alias": want.alias, "catalog_id": want.catalog_id, "sealed": sealed_fingerprint,
+                     "reads_before": reads_before})
 
     # --- purge, rotation, sweep ---------------------------------------------------------------------------------------
     def purge(self, execution_id: int) -> Purge:
@@ -212,8 +269,9 @@ class NoetlTarget:
 
         async def delete(conn: asyncpg.Connection) -> int:
             nonlocal deleted, warmed
+            children = await self.copies.of_children(conn, execution_id)  # API writes record no parent
             async with self._tables(conn) as tables:
-                deleted = await tables.fetch(self._q["purge_execution"], execution_id)
+                deleted = await tables.fetch(self._q["purge_execution"], execution_id, children)
             warmed = await self.copies.forget(conn, [r["cache_key"] for r in deleted])
             return len(deleted)
 
@@ -224,27 +282,56 @@ class NoetlTarget:
         return Purge(delete, committed)
 
     def stop_serving(self, selection: Selection, *, drop: bool):
-        """NoETL's rows an invalidation reaches stop being served (expired; deleted with `drop`, for a secret's), and
-        their copies are marked stale (the re-warm writes them again). A secret's rows are found by their copies
-        (what each cache key was resolved from); a credential's by its keychain name, an execution's by its id or
+        """NoETL's rows an invalidation reaches stop being served (expired; deleted with `drop`, for a secret's, and
+        always through NoETL's API in API mode), and their copies are marked stale (the re-warm writes them again).
+        A secret's rows are found by their copies (what each cache key was resolved from; a version's notice spares
+        the rows that already hold it: `_behind`); a credential's by its keychain name, an execution's by its id or
         its parent's, and all of them: whoever wrote them, NoETL's server included."""
 
         async def stop(conn: asyncpg.Connection) -> int:  # the rows first, then the copies: the lock order
+            keys = None
             if selection.kind == "secret":
-                patterns = copy_patterns(selection.secret_id, selection.match)
-                keys = await self.copies.matching(conn, patterns)
+                keys = await self.copies.matching(conn, copy_patterns(selection.secret_id, selection.match))
+                if keys and selection.added_version is not None:
+                    keys = await self._behind(conn, keys, selection.secret_id, selection.added_version)
                 if not keys:
                     return 0
-                async with self._tables(conn) as tables:
-                    stopped = affected(await tables.execute(self._q["delete_rows" if drop else "expire_rows"], keys))
-                await self.copies.stop_serving(conn, patterns, drop=drop)
-                return stopped
             async with self._tables(conn) as tables:
-                rows = await tables.fetch(self._q["expire_where"], selection.credential, selection.execution_id)
-            await self.copies.mark_stale(conn, [r["cache_key"] for r in rows])
-            return len(rows)
+                if self.api is not None:  # deleted through NoETL's API: the server misses until the re-warm
+                    rows = await tables.fetch(self._q["rows_where"], keys, selection.credential,
+                                              selection.execution_id)
+                    await asyncio.gather(*(self.api.delete(r["catalog_id"], r["keychain_name"], r["execution_id"],
+                                                           r["scope_type"]) for r in rows))
+                    stopped = [r["cache_key"] for r in rows]
+                elif keys is not None:
+                    statement = "delete_rows" if drop else "expire_rows"
+                    stopped = [r["cache_key"] for r in await tables.fetch(self._q[statement], keys)]
+                else:
+                    stopped = [r["cache_key"] for r in await tables.fetch(
+                        self._q["expire_where"], selection.credential, selection.execution_id)]
+            if drop:
+                await self.copies.forget(conn, keys or stopped)
+            else:
+                await self.copies.mark_stale(conn, keys if keys is not None else stopped)
+            return len(stopped)
 
         return stop
+
+    async def _behind(self, conn: asyncpg.Connection, keys: list[str], secret_id: str, added: str) -> list[str]:
+        """Of these copies, those a version just added makes old: all but the rows that still hold what the warmer
+        wrote (a row NoETL's server wrote again holds a version nobody knows) from this version or a newer one (the
+        warm ran after the version was added, and the notice came after it)."""
+        details = await self.copies.details(conn, keys)
+        async with self._tables(conn) as tables:
+            held = {r["cache_key"]: r["sealed"] for r in await tables.fetch(self._q["held_rows"], keys)}
+
+        def current(key: str) -> bool:
+            sources, detail = details.get(key, ([], {}))
+            versions = [s.get("version", "") for s in sources if s.get("secret_id") == secret_id]
+            return (held.get(key) is not None and held.get(key) == detail.get("sealed") and bool(versions)
+                    and all(v.isdigit() and added.isdigit() and int(v) >= int(added) for v in versions))
+
+        return [key for key in keys if not current(key)]
 
     async def stale_wants(self, selection: Selection) -> list[NoetlWant]:
         stale = await self.copies.stale(self.keychain.pool, copy_patterns(selection.secret_id, selection.match))
@@ -272,13 +359,19 @@ class NoetlTarget:
                 return total
 
     @staticmethod
-    def _account(deleted: list[asyncpg.Record], warmed: dict[str, int]) -> None:
-        """Rows that leave NoETL's table, told apart by whether the warmer wrote them and NoETL's server read them."""
+    def _account(deleted: list[asyncpg.Record], warmed: dict[str, tuple[int, dict[str, Any]]]) -> None:
+        """Rows that leave NoETL's table, told apart by whether the warmer wrote them and NoETL's server then served
+        them: a first use from the cache only when the row was read after the warm AND still held what was warmed
+        (the server counts a read before it opens the row; a row it could not open, it wrote again itself)."""
         for row in deleted:
-            fields = warmed.get(row["cache_key"])
-            if fields is None:
+            copy = warmed.get(row["cache_key"])
+            if copy is None:
                 metrics.NOETL_ROWS["server_written"].inc()
-            elif row["access_count"] > 0:
+                continue
+            fields, detail = copy
+            if row["sealed"] != detail.get("sealed"):
+                metrics.NOETL_ROWS["server_written"].inc()  # written again by the server: what it served was its own
+            elif row["access_count"] > detail.get("reads_before", 0):
                 metrics.NOETL_ROWS["warmed_read"].inc()
                 metrics.NOETL_CALLS_SAVED.inc(fields)
             else:
