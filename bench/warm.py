@@ -1,4 +1,6 @@
-"""Warming through the real broker: N execution-start events, each naming 3 secrets out of a pool of M.
+"""Warming through the real broker: N execution-start events, each naming 3 secrets out of a pool of M (one in
+REGIONAL_EVERY of them a regional secret, `projects/P/locations/europe-west1/...`, fetched from its location's
+endpoint: `regional_first_use_hit_ratio` is the first-use hit ratio of the executions whose first read names one).
 
 Reports events/s, event -> rows-ready latency, Secret Manager calls per event, the first-use hit ratio when each
 execution's first read comes FIRST_READ_AFTER_S after its event, and the worker's peak RSS; next to a Secret Manager
@@ -52,6 +54,8 @@ from .warm_noetl import noetl_burst
 
 SECRETS_PER_EVENT = 3
 POOL = 20
+REGIONAL_EVERY = 4  # of the pool's secrets, one in this many is regional
+REGION = "europe-west1"
 FIRST_READ_AFTER_S = 1.0
 FIRST_READ_DELAYS_MS = (0, 50, 100, 250, 500, 1000)
 CURVE_POOL = 10  # fresh secrets per delay
@@ -99,9 +103,11 @@ async def run(stack: LocalStack, quick: bool) -> dict:
     server = stack.secret_manager
     refs = []
     for i in range(POOL):
-        server.create_secret(f"warm-{i}")
-        server.add_version(f"warm-{i}", f"value-{i}-" + "x" * 40)
-        refs.append(f"projects/test-project/secrets/warm-{i}/versions/latest")
+        location = REGION if i % REGIONAL_EVERY == 0 else None
+        server.create_secret(f"warm-{i}", location=location)
+        server.add_version(f"warm-{i}", f"value-{i}-" + "x" * 40, location=location)
+        where = f"/locations/{location}" if location else ""
+        refs.append(f"projects/test-project{where}/secrets/warm-{i}/versions/latest")
     runs: dict[str, list[dict]] = {"inline": [], "catalog": []}
     for mode in ("inline", "catalog", "catalog", "inline"):
         runs[mode].append(await burst(stack, quick, mode, refs, len(runs[mode])))
@@ -172,13 +178,13 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
             sampler = asyncio.create_task(sample_rss(worker.pid, peak, stop))
             first_id = 10_000_000
             sent_at: dict[int, float] = {}
-            first_reads: list[tuple[bool, float]] = []
+            first_reads: list[tuple[bool, float, bool]] = []
 
             async def first_read(execution_id: int, ref: str) -> None:
                 await asyncio.sleep(FIRST_READ_AFTER_S)
                 started = time.perf_counter()
                 lookup = await kc.get(ref, execution_id=execution_id)
-                first_reads.append((bool(lookup), time.perf_counter() - started))
+                first_reads.append((bool(lookup), time.perf_counter() - started, "/locations/" in ref))
 
             producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
             await producer.start()
@@ -201,7 +207,8 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
             ready = await ready_moments(kc, first_id, events)
     latencies = [moment - sent_at[execution_id] for execution_id, moment in ready.items()]
     span = max(ready.values()) - min(sent_at.values())
-    hits = [hit for hit, _ in first_reads if hit]
+    hits = [hit for hit, _, _ in first_reads if hit]
+    regional = [hit for hit, _, is_regional in first_reads if is_regional]
     return {
         "events": events,
         "events_per_s": round(events / span, 1),
@@ -209,6 +216,7 @@ async def burst(stack: LocalStack, quick: bool, mode: str, refs: list[str], inde
         "ready_p99_ms": ms(percentile(latencies, 99)),
         "sm_calls_per_event": round((server.access_count() - calls_before) / events, 4),
         "first_use_hit_ratio": round(len(hits) / len(first_reads), 4),
+        "regional_first_use_hit_ratio": round(sum(regional) / len(regional), 4) if regional else None,
         "first_read_after_ms": FIRST_READ_AFTER_S * 1000,
         "sm_p50_ms": median_ms(sm_samples),
         "sm_p99_ms": ms(percentile(sm_samples, 99)),

@@ -10,7 +10,9 @@ Rust server's `playbook_started` with the catalog id and the workload, written t
 `workflow.initialized`, the records of every step, `playbook.completed`). The seed's executions read our table with
 the keychain library; the `kind: secrets` executions are read the way NoETL's server reads its own keychain
 (devtools/noetl_server.py: its cache key, its expiry check, its envelope). Then a rotation (AddSecretVersion ->
-notification -> invalidation and refresh, in both tables), executions finishing (purge) and a sweep.
+notification -> invalidation and refresh, in both tables), executions finishing (purge) and a sweep. One more
+execution names a regional secret of the same id (`projects/P/locations/europe-west1/...`, fetched from its
+location's endpoint), which the global secret's rotation leaves alone.
 Stops everything it started. The last line is one JSON object with the figures.
 """
 
@@ -70,6 +72,8 @@ workflow:
         Authorization: 'Bearer {{{{ keychain.openai_token.api_key }}}}'
 """
 SECRET_ID = "openai-api-key"
+REGION = "europe-west1"  # a regional secret of the same id: another secret
+REGIONAL_EXECUTION = EXECUTIONS[-1] + 100
 TOPIC = "secret-manager-events"
 SUBSCRIPTION = "keychain-warmer"
 STEP_GAP_SECONDS = 1.5  # from execution start to its first secret use (the seed measured 1.5 s)
@@ -116,7 +120,11 @@ async def play(stack: LocalStack) -> dict:
                                    secret={"topics": [{"name": topic}] if pubsub else []})
     secrets.add_secret_version(parent=secret.name, payload={"data": b"sk-demo-" + os.urandom(6).hex().encode()})
     ref = f"{secret.name}/versions/latest"
-    say(f"[3/7] secret {ref} (access latency {server.delay_seconds * 1000:.0f} ms)")
+    regional = secrets.create_secret(parent=f"projects/{project}/locations/{REGION}", secret_id=SECRET_ID,
+                                     secret={"topics": [{"name": topic}] if pubsub else []})
+    secrets.add_secret_version(parent=regional.name, payload={"data": b"sk-eu-" + os.urandom(6).hex().encode()})
+    regional_ref = f"{regional.name}/versions/latest"
+    say(f"[3/7] secret {ref} and the regional {regional_ref} (access latency {server.delay_seconds * 1000:.0f} ms)")
 
     async with Keychain(settings, source=SecretManagerSource(settings)) as keychain:
         migrated = await keychain.migrate() or "up to date"
@@ -132,7 +140,8 @@ async def play(stack: LocalStack) -> dict:
         noetl_server = NoetlServerReads(reads, noetl, encryption_key=noetl_key,
                                         secret_manager_endpoint=env["SECRET_MANAGER_ENDPOINT"], project=project)
         try:
-            return await scenario(keychain, noetl_server, server, secrets, secret.name, ref, env, pubsub)
+            return await scenario(keychain, noetl_server, server, secrets, secret.name, ref, env, pubsub,
+                                  regional_ref)
         finally:
             await reads.close()
             worker.stop()
@@ -145,7 +154,7 @@ async def noetl_started(noetl_server: NoetlServerReads, row: dict) -> dict:
     return row
 
 
-async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, env, pubsub) -> dict:
+async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, env, pubsub, regional_ref) -> dict:
     bootstrap, events_topic = env["KAFKA_BOOTSTRAP_SERVERS"], keychain.settings.events_topic
     # The worker is consuming once a probe's finish event has fenced its execution id.
     probe = 1
@@ -173,6 +182,14 @@ async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, en
             figures[f"{prefix}_reads"] += 1
             figures[f"{prefix}_hits"] += outcome == "hit"
             say(f"      execution {execution_id}  {step:<19} {outcome.upper():<4} {elapsed:8.2f} ms")
+    await produce(bootstrap, events_topic, records(
+        rust_playbook_started(REGIONAL_EXECUTION, CATALOG_ID, PATH, {"openai_secret_path": regional_ref}),
+        *step_records(REGIONAL_EXECUTION, CATALOG_ID, "start")))
+    await asyncio.sleep(STEP_GAP_SECONDS)
+    started = time.perf_counter()
+    regional = await keychain.get(regional_ref, execution_id=REGIONAL_EXECUTION)
+    say(f"      execution {REGIONAL_EXECUTION}  regional secret in {REGION}  {'HIT' if regional else 'MISS':<4} "
+        f"{(time.perf_counter() - started) * 1000:8.2f} ms")
     say(f"      {len(NOETL_EXECUTIONS)} executions of {NOETL_PATH}: its step asks NoETL's server for "
         "keychain.openai_token, which reads NoETL's own keychain")
     noetl_figures = {"noetl_first_use_hits": 0, "noetl_first_use_reads": 0}
@@ -213,6 +230,10 @@ async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, en
             stale_reads += bool(lookup) and lookup.value == old
     say(f"      rows refreshed with the new version {lag_ms:.0f} ms after AddSecretVersion; "
         f"{stale_reads} reads of the old version after it was invalidated")
+    regional_after = await keychain.get(regional_ref, execution_id=REGIONAL_EXECUTION)
+    regional_kept = bool(regional) and bool(regional_after) and regional_after.value == regional.value
+    say(f"      the regional secret's row {'was left alone' if regional_kept else 'WAS TOUCHED'} "
+        f"(another secret of the same id)")
     refreshed = f"SELECT count(*) FROM {noetl_server.schema}.keychain WHERE expires_at > now() " \
                 "AND execution_id = ANY($1::bigint[])"  # an invalidated row is expired until its new value is in
     await wait(lambda: _rows(keychain, refreshed, NOETL_EXECUTIONS), len(NOETL_EXECUTIONS))
@@ -226,7 +247,8 @@ async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, en
     say("[7/7] two executions finish (purge); the third's finish event is lost, its rows expire (sweep)")
     count = "SELECT count(*) FROM keychain WHERE execution_id = ANY($1::bigint[])"
     rows_before = await keychain.pool.fetchval(count, EXECUTIONS)
-    await produce(bootstrap, events_topic, records(*[finish_record(e, CATALOG_ID) for e in EXECUTIONS[:2]]))
+    await produce(bootstrap, events_topic, records(*[finish_record(e, CATALOG_ID)
+                                                     for e in (*EXECUTIONS[:2], REGIONAL_EXECUTION)]))
     await wait(lambda: _rows(keychain, count, EXECUTIONS[:2]), 0)
     purged = rows_before - await keychain.pool.fetchval(count, EXECUTIONS)
     await keychain.pool.execute("UPDATE keychain SET expires_at = now() WHERE execution_id = $1", EXECUTIONS[2])
@@ -251,6 +273,8 @@ async def scenario(keychain, noetl_server, server, secrets, secret_name, ref, en
         **figures,
         "dead_letters": len(dead),
         "first_use_hit_ratio": round(figures["first_use_hits"] / figures["first_use_reads"], 3),
+        "regional_first_use_hit": bool(regional),
+        "regional_kept_through_global_rotation": regional_kept,
         "hit_read_ms_p50": round(statistics.median(read_ms["hit"]), 3) if read_ms["hit"] else None,
         "miss_read_ms_p50": round(statistics.median(read_ms["miss"]), 3) if read_ms["miss"] else None,
         "sm_calls": server.access_count(),

@@ -139,8 +139,8 @@ def get(name: str, execution_id: int | None, global_scope: bool, session_id: str
 @main.command()
 @click.option("--credential", callback=credential_name, help="Every scope's entry of this credential name.")
 @click.option("--execution-id", type=EXECUTION_ID, help="Every entry of this execution.")
-@click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S), or the one "
-              "version a pinned reference names (projects/P/secrets/S/versions/N).")
+@click.option("--secret", help="Every entry holding any version of this secret (projects/P/secrets/S, or a regional "
+              "projects/P/locations/L/secrets/S), or the one version a pinned reference names (.../versions/N).")
 @click.option("--all", "everything", is_flag=True, help="Every entry.")
 def invalidate(credential: str | None, execution_id: int | None, secret: str | None, everything: bool) -> None:
     """Stop serving entries at once (a running worker refreshes them; otherwise they are read through or swept)."""

@@ -89,7 +89,7 @@ class Fetcher:
 
     def forget(self, secret_id: str | None = None) -> None:
         """Drop this process's values of one secret (its invalidation), or of all."""
-        for ref in [r for r in self._memory if secret_id is None or SecretRef.parse(r).secret == secret_id]:
+        for ref in [r for r in self._memory if secret_id is None or SecretRef.parse(r).secret_id == secret_id]:
             del self._memory[ref]
 
     @property
@@ -216,7 +216,7 @@ class Fetcher:
     async def _shared(self, ref: SecretRef, reuse: bool) -> tuple[int, SecretValue | None]:
         """The secret's generation now, and (when it is to be reused) the version of `ref` recorded within the window
         under it, or None."""
-        row = await self._db.fetchrow("shared_fetch", str(ref), float(self._settings.shared_fetch_seconds), ref.secret)
+        row = await self._db.fetchrow("shared_fetch", str(ref), float(self._settings.shared_fetch_seconds), ref.secret_id)
         if row["data"] is None or not reuse:
             return row["generation"], None
         sealed = self._keyring.open(_identity(ref), row["key_id"], row["data"], row["write_id"])
@@ -225,7 +225,7 @@ class Fetcher:
     async def _record(self, ref: SecretRef, generation: int, value: SecretValue) -> None:
         write_id = new_write_id()
         kid, data = self._keyring.seal(_identity(ref), base64.b64encode(value.payload).decode(), write_id)
-        await self._db.pool.execute(self._db.q["record_fetch"], str(ref), ref.secret, generation,
+        await self._db.pool.execute(self._db.q["record_fetch"], str(ref), ref.secret_id, generation,
                                     value.version_name, kid, data, write_id)
 
     async def _call(self, ref: SecretRef, deadline: float) -> SecretValue:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InvalidArgument
-from .refs import SecretRef
+from .refs import UNKNOWN_PROJECT, SecretRef
 
 Kind = Literal["secret", "credential", "execution", "everything"]  # a closed set
 
@@ -17,7 +17,8 @@ Kind = Literal["secret", "credential", "execution", "everything"]  # a closed se
 @dataclass(frozen=True)
 class Selection:
     """Entries to stop serving: those holding a secret (`secret_id`, narrowed by `match`: a `sources` element
-    pattern such as {"version": "3"} or {"pinned": False}), those of a credential name, of an execution, or all."""
+    pattern such as {"version": "3"} or {"pinned": False}; and by `secret_name` when the door named the secret's
+    project), those of a credential name, of an execution, or all."""
 
     kind: Kind
     secret_id: str | None = None
@@ -26,6 +27,11 @@ class Selection:
     execution_id: int | None = None
     # A version just added (a SECRET_VERSION_ADD notice): a copy that already holds it, or a newer one, is current.
     added_version: str | None = None
+    # projects/P[/locations/L]/secrets/S as a notice or the operator named it. With P a project NUMBER (as notices
+    # name it) only rows whose value came from that project's secret are reached: their `names` hold the name as
+    # Secret Manager answered it, which is by number; and rows whose project number was never told (a refusal: "*"
+    # in their names). A project id cannot be told from another project's number, so it narrows nothing.
+    secret_name: str | None = None
 
     @classmethod
     def of(cls, *, credential: str | None = None, execution_id: int | None = None,
@@ -39,7 +45,7 @@ class Selection:
         if secret is not None:
             ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
             version = version or (ref.version if ref.pinned else None)
-            return cls.matching(ref.secret, {"version": version} if version else {})
+            return cls.matching(ref.secret_id, {"version": version} if version else {}, secret_name=ref.secret_name)
         if credential is not None:
             return cls("credential", credential=credential)
         if execution_id is not None:
@@ -49,14 +55,24 @@ class Selection:
         return cls("everything")
 
     @classmethod
-    def matching(cls, secret_id: str, match: dict[str, Any], *, added_version: str | None = None) -> "Selection":
+    def matching(cls, secret_id: str, match: dict[str, Any], *, added_version: str | None = None,
+                 secret_name: str | None = None) -> "Selection":
         """The rows of one secret whose `sources` element also contains `match` (a rotation notice's rule)."""
-        return cls("secret", secret_id=secret_id, match=dict(match), added_version=added_version)
+        return cls("secret", secret_id=secret_id, match=dict(match), added_version=added_version,
+                   secret_name=secret_name)
+
+    def patterns(self, match: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """For a secret selection: the `sources` element patterns (any of them) of the rows it reaches, with `match`
+        (default: the selection's own)."""
+        base = {"secret_id": self.secret_id, **(self.match if match is None else match)}
+        if self.secret_name is None or not SecretRef.parse(self.secret_name).project.isdigit():
+            return [base]
+        return [{**base, "names": [self.secret_name]}, {**base, "names": [UNKNOWN_PROJECT]}]
 
     @property
-    def sources_pattern(self) -> str:
-        """For a secret selection: the `sources` containment pattern of the rows it reaches."""
-        return json.dumps([{"secret_id": self.secret_id, **self.match}])
+    def sources_patterns(self) -> list[str]:
+        """`patterns()` as `sources` containment arguments (`sources @> ANY($1::jsonb[])`)."""
+        return [json.dumps([pattern]) for pattern in self.patterns()]
 
     def describe(self) -> str:
         """For logs: the kind and what it names (a secret's short id, never a value)."""

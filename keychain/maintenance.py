@@ -80,7 +80,7 @@ class Maintenance:
                 return None
             if selection.kind == "secret":
                 await conn.fetchval(q["bump_generation"], selection.secret_id)
-                statement, *args = ("delete_matching" if drop else "mark_stale_matching", selection.sources_pattern)
+                statement, *args = ("delete_matching" if drop else "mark_stale_matching", selection.sources_patterns)
             else:
                 if selection.kind == "everything":
                     await conn.execute(q["bump_all_generations"])
@@ -91,7 +91,7 @@ class Maintenance:
             if selection.kind == "secret":
                 match = selection.match
                 if beside is None:  # no worker target stopped its copies itself: every target's, stale (copies.py)
-                    await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_pattern)
+                    await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_patterns)
                 await conn.execute(q["clear_failures_of_secret"], selection.secret_id)
                 await conn.execute(q["forget_fetches_of_secret"], selection.secret_id)
                 if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`
@@ -106,7 +106,7 @@ class Maintenance:
     @typed_errors
     async def stale_rows(self, selection: Selection, limit: int = 10_000) -> list[asyncpg.Record]:
         """A secret's rows an invalidation stopped serving (what a re-warm writes again)."""
-        return await self._db.fetch("stale_rows_matching", selection.sources_pattern, limit)
+        return await self._db.fetch("stale_rows_matching", selection.sources_patterns, limit)
 
     @typed_errors
     async def stale_secret_ids(self, limit: int = 100) -> list[str]:

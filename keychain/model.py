@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from .errors import InvalidArgument
-from .refs import SecretRef
+from .refs import UNKNOWN_PROJECT, SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
 Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source", "direct"]
@@ -122,10 +122,14 @@ class Provenance:
 
     def as_json(self) -> dict[str, Any]:
         resolved = SecretRef.parse(self.resolved_name) if self.resolved_name else None
-        names = list(dict.fromkeys([self.ref.secret_name] + ([resolved.secret_name] if resolved else [])))
+        # The secret's name as referenced and as Secret Manager answered (the project by number): an invalidation
+        # naming either reaches the row. Refused (or answered without a number): the project's number is unknown,
+        # so an invalidation of the secret in any project reaches the row.
+        told = [resolved.secret_name] if resolved and resolved.project.isdigit() else [UNKNOWN_PROJECT]
+        names = list(dict.fromkeys([self.ref.secret_name, *told]))
         document: dict[str, Any] = {
             "ref": str(self.ref),
-            "secret_id": self.ref.secret,
+            "secret_id": self.ref.secret_id,
             "names": names,
             "pinned": self.ref.pinned,
             "alias": not self.ref.pinned and self.ref.version != "latest",

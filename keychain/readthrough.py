@@ -93,7 +93,7 @@ class ReadThrough:
                 raise CachedFailure(identity.credential_name, fetched)
             entry = Entry(identity.credential_name, scope, value_from_payload(fetched.value.payload),
                           sources=(Provenance(ref, fetched.value.version_name),), ttl_seconds=ttl_seconds,
-                          fences=((ref.secret, fetched.generation),))
+                          fences=((ref.secret_id, fetched.generation),))
             try:
                 written = await self._write_together(entry)
             except KeychainError as exc:  # the row is a cache fill, not what the reader asked for
@@ -103,7 +103,7 @@ class ReadThrough:
                 return Lookup("direct", entry.value)
             if written:
                 return Lookup("hit", entry.value)
-            self._fetcher.forget(ref.secret)  # invalidated since it was fetched: fetch the new value
+            self._fetcher.forget(ref.secret_id)  # invalidated since it was fetched: fetch the new value
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
     async def _write_together(self, entry: Entry) -> bool:
         """A read-through's row, written with those of the other read-throughs of this moment in one transaction

@@ -128,8 +128,7 @@ class RotationBridge:
                 "source": f"pubsub:{self.subscription}:{message.message_id}",
                 "attributes": json.dumps(attributes)[:4000],
             })
-        if notice is None:
-            log.info("rotation bridge: %s acknowledged", attributes.get("eventType"))
+        if notice is None:  # nothing to invalidate (counted, and logged where it is news, by notice_from_pubsub)
             return True
         await self.publish(*notice.to_kafka())
         self.forwarded += 1

@@ -141,7 +141,7 @@ class Invalidator:
             for version in sorted(set(row["versions"]) - {latest}):
                 # Only the rows still holding the old version through `latest` or an alias (the summary may name a
                 # version whose rows were rewritten since: then nothing changes, and its summary row goes).
-                applied = await self.invalidate(Selection.matching(ref.secret, {"pinned": False, "version": version}),
+                applied = await self.invalidate(Selection.matching(ref.secret_id, {"pinned": False, "version": version}),
                                                 cause="reconcile")
                 changed += applied.changed or 0
             if changed:

@@ -19,6 +19,11 @@ INVALIDATIONS = Counter(
     "keychain_invalidations_total",
     "Invalidations applied, by cause (a Secret Manager event type, operator, reconcile)", ["cause"]
 )
+NOTICES_NOT_FORWARDED = Counter(
+    "keychain_notices_not_forwarded_total",
+    "Secret Manager notifications acknowledged without invalidating anything, by reason (topic_configured, "
+    "unknown_event_type: a type Google added that this bridge does not know yet)", ["reason"],
+)
 INVALIDATED_ROWS = Counter("keychain_invalidated_rows_total", "Rows that stopped being served after a notice")
 INVALIDATION_LAG_SECONDS = Histogram(
     "keychain_invalidation_lag_seconds", "From Secret Manager's event time to the rows no longer being served",

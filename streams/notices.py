@@ -7,6 +7,8 @@ See docs/secret-manager-notifications.md. Be liberal in what is accepted: a vers
 from __future__ import annotations
 
 import json
+import logging
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,7 +18,10 @@ from keychain.errors import InvalidReference
 from keychain.invalidation import Selection
 from keychain.refs import SecretRef
 
+from . import metrics
 from .events import BadEvent
+
+log = logging.getLogger(__name__)
 
 VERSION_EVENTS = frozenset({
     "SECRET_VERSION_ADD", "SECRET_VERSION_ENABLE", "SECRET_VERSION_DISABLE", "SECRET_VERSION_DESTROY",
@@ -24,6 +29,11 @@ VERSION_EVENTS = frozenset({
 })
 SECRET_EVENTS = frozenset({"SECRET_CREATE", "SECRET_UPDATE", "SECRET_DELETE", "SECRET_ROTATE"})
 IGNORED = frozenset({"TOPIC_CONFIGURED"})
+# An event type Google may add (as it added SECRET_VERSION_DESTROY_SCHEDULED): acknowledged and counted, not
+# dead-lettered. Anything else in eventType is a malformed notice.
+_EVENT_TYPE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_UNKNOWN_LOGGED: set[str] = set()  # each new type is logged once (at most MAX_UNKNOWN_LOGGED of them)
+MAX_UNKNOWN_LOGGED = 32
 
 
 class RotationNotice(BaseModel):
@@ -45,7 +55,11 @@ class RotationNotice(BaseModel):
 
     @property
     def secret_id(self) -> str:
-        return SecretRef.parse(self.secret).secret
+        return SecretRef.parse(self.secret).secret_id
+
+    @property
+    def secret_name(self) -> str:
+        return SecretRef.parse(self.secret).secret_name
 
     @property
     def version_number(self) -> str | None:
@@ -70,7 +84,7 @@ class RotationNotice(BaseModel):
         if match is None:
             return None
         added = self.version_number if self.event_type == "SECRET_VERSION_ADD" else None
-        return Selection.matching(self.secret_id, match, added_version=added)
+        return Selection.matching(self.secret_id, match, added_version=added, secret_name=self.secret_name)
 
     def to_kafka(self) -> tuple[bytes, bytes]:
         return self.secret_id.encode(), self.model_dump_json().encode()
@@ -79,18 +93,28 @@ class RotationNotice(BaseModel):
 def notice_from_pubsub(
     message_id: str, attributes: dict[str, str], data: bytes, publish_time: datetime | None
 ) -> RotationNotice | None:
-    """Validate one Pub/Sub message. None for a notice that needs no forwarding (TOPIC_CONFIGURED)."""
+    """Validate one Pub/Sub message. None for a notice that needs no forwarding: TOPIC_CONFIGURED, and an event type
+    of Google's that this bridge does not know yet (acknowledged, counted, logged once)."""
     event_type = attributes.get("eventType", "")
     if event_type in IGNORED:
+        metrics.NOTICES_NOT_FORWARDED.labels("topic_configured").inc()
         return None
-    if event_type not in VERSION_EVENTS | SECRET_EVENTS:
-        raise BadEvent("unknown_event_type", f"eventType {event_type[:100]!r} is not a Secret Manager event")
+    if not _EVENT_TYPE.match(event_type):
+        raise BadEvent("invalid_notice", "eventType is not a Secret Manager event type")
+    secret_id = attributes.get("secretId", "")
     try:
-        secret = SecretRef.parse(attributes.get("secretId", ""))
+        secret = SecretRef.parse(secret_id)
     except InvalidReference:
-        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S") from None
-    if secret.version != "latest" or attributes["secretId"].count("/") != 3:
-        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S")
+        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S or projects/P/locations/L/secrets/S") from None
+    if secret.secret_name != secret_id:
+        raise BadEvent("invalid_notice", "secretId is not projects/P/secrets/S or projects/P/locations/L/secrets/S")
+    if event_type not in VERSION_EVENTS | SECRET_EVENTS:
+        metrics.NOTICES_NOT_FORWARDED.labels("unknown_event_type").inc()
+        if event_type not in _UNKNOWN_LOGGED and len(_UNKNOWN_LOGGED) < MAX_UNKNOWN_LOGGED:
+            _UNKNOWN_LOGGED.add(event_type)
+            log.warning("Secret Manager event type %s is not known to this bridge: acknowledged, nothing invalidated "
+                        "(keychain_notices_not_forwarded_total{reason=\"unknown_event_type\"})", event_type)
+        return None
     version = None
     if event_type in VERSION_EVENTS:
         version = attributes.get("versionId") or _name_from_data(data)
@@ -98,7 +122,7 @@ def notice_from_pubsub(
             parsed = SecretRef.parse(version or "")
         except InvalidReference:
             raise BadEvent("invalid_notice", "a version event needs versionId (or the version's name in data)") from None
-        if not parsed.pinned or parsed.secret != secret.secret:
+        if not parsed.pinned or parsed.secret_name != secret.secret_name:
             raise BadEvent("invalid_notice", "versionId does not name a numbered version of secretId")
     occurred = _timestamp(attributes.get("timestamp")) or publish_time or datetime.now(timezone.utc)
     try:

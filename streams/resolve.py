@@ -96,7 +96,7 @@ class Want:
         self.fields = fields
         # Made once each: a batch asks them of every want several times.
         self.refs: tuple[SecretRef, ...] = tuple(ref for _, ref in fields)
-        self.secrets: frozenset[str] = frozenset(ref.secret for ref in self.refs)  # short ids
+        self.secrets: frozenset[str] = frozenset(ref.secret_id for ref in self.refs)  # their ids (S, or L/S)
         self.identity: RowIdentity = scope.identity(credential_name)
         self._hash = hash((credential_name, scope, fields))
 
@@ -214,8 +214,8 @@ def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
 
 def secret_manager_name(name: str, project: str | None) -> SecretRef:
     """A keychain entry's secret as NoETL's gcp provider names it (its `build_access_url`): a full
-    `projects/P/secrets/S/versions/V` as written, a full `projects/P/secrets/S` at `latest`, a bare `S` in the
-    deployment's project (GOOGLE_CLOUD_PROJECT) at `latest`."""
+    `projects/P/secrets/S/versions/V` (or a regional `projects/P/locations/L/secrets/S/...`) as written, a full name
+    at `latest`, a bare `S` in the deployment's project (GOOGLE_CLOUD_PROJECT) at `latest`."""
     if name.startswith("projects/"):
         text = name if "/versions/" in name else f"{name}/versions/latest"
     elif not _SECRET_ID.fullmatch(name):

@@ -17,6 +17,7 @@ KEYS = {
                     "get_per_s", "select1_per_s", "ratio_vs_select1_min", "ratio_vs_select1_max",
                     "update_floor_vs_select1", "statement_floor_vs_select1"},
     "warm": {"events_per_s", "ready_p50_ms", "ready_p99_ms", "sm_calls_per_event", "first_use_hit_ratio",
+             "regional_first_use_hit_ratio",
              "worker_rss_mb", "catalog_events_per_s", "catalog_first_use_hit_ratio", "catalog_sm_calls_per_event",
              "catalog_vs_inline_events_per_s", "ready_p99_minus_sm_p99_ms", "worker_cpu_ms_per_event",
              "worker_cpu_share_of_span", "steady_ready_p50_ms", "steady_ready_p99_ms", "steady_ready_p99_minus_sm_p99_ms",

@@ -106,3 +106,20 @@ def test_worker_refuses_bad_configuration_at_start(cli_env, variable, value, mes
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and message in result.stderr
     assert not value or value not in result.stderr + result.stdout
+
+
+def test_a_regional_secret_is_read_through_and_invalidated_from_the_cli(cli, sm, unique):
+    secret_id = f"cli-regional-{unique}"
+    for location in (None, "europe-west1"):
+        sm.create_secret(secret_id, location=location)
+        sm.add_version(secret_id, f"value-{location or 'global'}", location=location)
+    regional = f"projects/test-project/locations/europe-west1/secrets/{secret_id}"
+    got = cli("get", "eu", "--execution-id", "9", "--fetch", regional)
+    assert got.returncode == 0 and json.loads(got.stdout) == "value-europe-west1", got.stderr
+    got = cli("get", "global", "--execution-id", "9", "--fetch", f"projects/test-project/secrets/{secret_id}")
+    assert got.returncode == 0 and json.loads(got.stdout) == "value-global", got.stderr
+    assert sm.access_count(secret_id, location="europe-west1") == 1 and sm.access_count(secret_id) == 1
+    invalidated = cli("invalidate", "--secret", regional)
+    assert invalidated.returncode == 0, invalidated.stderr
+    assert cli("get", "eu", "--execution-id", "9").returncode == 3  # stale: no longer served
+    assert cli("get", "global", "--execution-id", "9").returncode == 0  # the global secret of that id is another

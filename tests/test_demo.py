@@ -23,6 +23,7 @@ def test_demo_runs_end_to_end_and_reports():
     assert any(line.startswith("[5/7]") for line in lines)  # progress is shown while it runs
     summary = json.loads(lines[-1])
     assert summary["first_use_reads"] == 3 and summary["first_use_hits"] == 3  # warmed before first use
+    assert summary["regional_first_use_hit"] and summary["regional_kept_through_global_rotation"]
     assert summary["dead_letters"] == 0  # NoETL's own records: start, steps, finish; none is a dead letter
     assert summary["stale_reads_after_rotation"] == 0 and summary["rotation_lag_ms"] > 0
     assert summary["purged_rows"] == 2 and summary["swept_rows"] == 1 and summary["rows_after"] == 0

@@ -151,3 +151,21 @@ async def test_the_local_key_is_read_from_noetl_encryption_key_file_without_its_
     assert AESGCM(raw).decrypt(wrapped.ciphertext[:12], wrapped.ciphertext[12:], None) == b"k" * 32
     with pytest.raises(ConfigurationError, match="NOETL_ENCRYPTION_KEY_FILE"):
         kek_for(WorkerSettings(noetl_encryption_key_file=str(tmp_path / "missing")))
+
+
+def test_a_regional_secret_is_not_warmed_for_noetls_server_which_asks_the_global_endpoint():
+    result = plan("""\
+keychain:
+  - name: eu_key
+    kind: secrets
+    provider: gcp
+    map:
+      key: projects/p/locations/europe-west1/secrets/eu-key
+  - name: global_key
+    kind: secrets
+    provider: gcp
+    map:
+      key: projects/p/secrets/global-key
+""")
+    assert [w.alias for w in result.wants] == ["global_key"]
+    assert [(s.where, s.reason) for s in result.skipped] == [("eu_key", "regional_secret")]

@@ -236,7 +236,10 @@ async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain
 @pytest.mark.parametrize(
     "attributes, reason",
     [
-        ({"eventType": "SECRET_EXPLODED", "secretId": "projects/1/secrets/s"}, "unknown_event_type"),
+        ({"eventType": "secret exploded", "secretId": "projects/1/secrets/s"}, "invalid_notice"),
+        ({"eventType": "SECRET_EXPLODED", "secretId": "projects/1/secrets/s/versions/2"}, "invalid_notice"),
+        ({"eventType": "SECRET_VERSION_ADD", "secretId": "projects/1/locations/europe-west1/secrets/s",
+          "versionId": "projects/1/secrets/s/versions/2"}, "invalid_notice"),  # the global secret's version
         ({"eventType": "SECRET_DELETE"}, "invalid_notice"),
         ({"eventType": "SECRET_DELETE", "secretId": "projects/1/secrets/s/versions/2"}, "invalid_notice"),
         ({"eventType": "SECRET_VERSION_ADD", "secretId": "projects/1/secrets/s"}, "invalid_notice"),

@@ -59,26 +59,41 @@ class SecretValue:
         return self.payload.decode("utf-8")
 
 
-def build_client(settings: Settings) -> SecretManagerServiceAsyncClient:
-    """The real service with application default credentials, or a local plain-text gRPC endpoint."""
+def build_client(settings: Settings, location: str | None = None) -> SecretManagerServiceAsyncClient:
+    """The real service with application default credentials (a regional secret's at its location's endpoint), or a
+    local plain-text gRPC endpoint, which serves every location at its one address."""
     if settings.secret_manager_endpoint:
         channel = grpc.aio.insecure_channel(settings.secret_manager_endpoint)
         return SecretManagerServiceAsyncClient(transport=SecretManagerServiceGrpcAsyncIOTransport(channel=channel))
+    if location:
+        return SecretManagerServiceAsyncClient(client_options={"api_endpoint": regional_endpoint(location)})
     return SecretManagerServiceAsyncClient()
+
+
+def regional_endpoint(location: str) -> str:
+    """Where Google serves a regional secret."""
+    return f"secretmanager.{location}.rep.googleapis.com"
 
 
 class SecretManagerSource:
     def __init__(self, settings: Settings, client: SecretManagerServiceAsyncClient | None = None):
+        """`client`: the global endpoint's client (default: built on first use)."""
         self._settings = settings
-        self._client = client
+        self._clients: dict[str | None, SecretManagerServiceAsyncClient] = {None: client} if client else {}
         self.calls = 0  # accesses sent to Secret Manager by this source
 
     @property
     def client(self) -> SecretManagerServiceAsyncClient:
-        # Built on first use so the gRPC channel binds to the running event loop.
-        if self._client is None:
-            self._client = build_client(self._settings)
-        return self._client
+        """The global endpoint's client."""
+        return self.client_for(None)
+
+    def client_for(self, location: str | None) -> SecretManagerServiceAsyncClient:
+        """One client per location (None: global), built on first use so its gRPC channel binds to the running
+        event loop."""
+        client = self._clients.get(location)
+        if client is None:
+            client = self._clients[location] = build_client(self._settings, location)
+        return client
 
     async def connect(self, timeout: float = 5.0) -> bool:
         """Open the gRPC channel now instead of on the first call. False when it did not open in time (the first
@@ -111,7 +126,8 @@ class SecretManagerSource:
     async def _access_once(self, ref: SecretRef, timeout: float):
         started = time.perf_counter()
         try:
-            response = await self.client.access_secret_version(name=ref.version_name, retry=None, timeout=timeout)
+            response = await self.client_for(ref.location).access_secret_version(name=ref.version_name, retry=None,
+                                                                                  timeout=timeout)
         except gexc.GoogleAPICallError as exc:
             metrics.SECRET_MANAGER_CALLS.labels(exc.grpc_status_code.name if exc.grpc_status_code else "ERROR").inc()
             raise
@@ -123,7 +139,7 @@ class SecretManagerSource:
     async def latest_version(self, ref: SecretRef) -> str:
         """The version number `latest` resolves to now (GetSecretVersion: the read quota, not the access quota)."""
         try:
-            version = await self.client.get_secret_version(
+            version = await self.client_for(ref.location).get_secret_version(
                 name=ref.with_version("latest").version_name, retry=None,
                 timeout=self._settings.secret_manager_timeout_seconds,
             )
@@ -134,9 +150,9 @@ class SecretManagerSource:
         return SecretRef.parse(version.name).version
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.transport.close()
-            self._client = None
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.transport.close()
 
 
 def _permanent_type(exc: Exception) -> type[Exception]:

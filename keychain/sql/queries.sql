@@ -297,16 +297,17 @@ UPDATE keychain_secret_state s SET generation = s.generation + 1, invalidated_at
 FROM locked WHERE s.secret_id = locked.secret_id;
 
 -- name: mark_stale_matching
--- $1 = '[{"secret_id": "S", ...}]': rows whose sources contain such an element stop being served.
+-- $1 = {'[{"secret_id": "S", ...}]', ...}: rows whose sources contain an element matching any of them stop being
+-- served (Selection.sources_patterns).
 WITH locked AS (  -- lock order 4
-    SELECT id FROM keychain WHERE sources @> $1::jsonb AND state IN ('ready', 'failed')
+    SELECT id FROM keychain WHERE sources @> ANY($1::jsonb[]) AND state IN ('ready', 'failed')
     ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
 )
 UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: delete_matching
 WITH doomed AS (  -- lock order 4
-    SELECT id FROM keychain WHERE sources @> $1::jsonb
+    SELECT id FROM keychain WHERE sources @> ANY($1::jsonb[])
     ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
 )
 DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
@@ -314,7 +315,7 @@ DELETE FROM keychain k USING doomed WHERE k.id = doomed.id;
 -- name: stale_rows_matching
 -- What re-warm refreshes: stale rows of one secret (finished executions' rows are already gone).
 SELECT credential_name, cache_type, scope_type, execution_id, session_id, sources
-FROM keychain WHERE sources @> $1::jsonb AND state = 'stale'
+FROM keychain WHERE sources @> ANY($1::jsonb[]) AND state = 'stale'
 ORDER BY id LIMIT $2;
 
 -- name: stale_secret_ids
@@ -325,7 +326,11 @@ WHERE k.state = 'stale'
 LIMIT $1;
 
 -- name: clear_failures_of_secret
-WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure WHERE split_part(secret_ref, '/', 4) = $1
+-- $1: the secret's id as refs.py makes it (`S`, or `L/S` for a regional secret's reference).
+WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure
+                WHERE CASE WHEN split_part(secret_ref, '/', 3) = 'locations'
+                           THEN split_part(secret_ref, '/', 4) || '/' || split_part(secret_ref, '/', 6)
+                           ELSE split_part(secret_ref, '/', 4) END = $1
                 ORDER BY secret_ref COLLATE "C" FOR UPDATE)  -- lock order 5
 DELETE FROM keychain_fetch_failure f USING doomed WHERE f.secret_ref = doomed.secret_ref;
 
@@ -412,7 +417,7 @@ UPDATE keychain_copy c SET state = 'stale' FROM locked WHERE c.target = $1 AND c
 -- The library's own invalidation ($1 as mark_stale_matching's): copies of every target stop being ready, so that the
 -- worker re-warms them even when the invalidation came through a door that does not reach their store (the CLI).
 WITH locked AS (
-    SELECT target, copy_key FROM keychain_copy WHERE sources @> $1::jsonb AND state = 'ready'
+    SELECT target, copy_key FROM keychain_copy WHERE sources @> ANY($1::jsonb[]) AND state = 'ready'
     ORDER BY target COLLATE "C", copy_key COLLATE "C" FOR UPDATE
 )
 UPDATE keychain_copy c SET state = 'stale' FROM locked

@@ -1,7 +1,8 @@
 """A Secret Manager test server that speaks the real gRPC API to the official client.
 
 There is no Secret Manager emulator. This server keeps secrets in memory, names them the way the real service does
-(the project by NUMBER in every name it returns, `latest` = the most recently created version), injects latency and
+(the project by NUMBER in every name it returns, `latest` = the most recently created version), serves regional
+secrets (`projects/P/locations/L/secrets/S`, every location at its one address), injects latency and
 faults so tests and benchmarks can model the real service, and publishes the same Pub/Sub notifications the real
 service publishes (`docs/secret-manager-notifications.md`) when given a topic.
 
@@ -48,7 +49,7 @@ class Fault:
     method: str = "AccessSecretVersion"
     times: int | None = None
     rate: float = 1.0
-    secret: str | None = None  # only calls naming this secret id
+    secret: str | None = None  # only calls naming this secret (its id: `S`, or `L/S` for a regional one)
 
 
 @dataclass
@@ -59,9 +60,19 @@ class _Version:
     create_time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+def _path(key: str) -> str:
+    """`S` -> `secrets/S`; `L/S` (a regional secret) -> `locations/L/secrets/S`."""
+    location, _, secret = key.rpartition("/")
+    return f"locations/{location}/secrets/{secret}" if location else f"secrets/{secret}"
+
+
+def _key(secret_id: str, location: str | None) -> str:
+    return f"{location}/{secret_id}" if location else secret_id
+
+
 @dataclass
 class _Secret:
-    secret_id: str
+    secret_id: str  # its key: `S`, or `L/S` for a regional secret
     topics: list[str]
     labels: dict[str, str]
     aliases: dict[str, int] = field(default_factory=dict)
@@ -129,23 +140,25 @@ class SecretManagerTestServer(ThreadedGrpcServer):
         if gate is not None:
             gate.set()
 
-    def access_count(self, secret_id: str | None = None, code: str | None = "OK") -> int:
+    def access_count(self, secret_id: str | None = None, code: str | None = "OK", *, location: str | None = None) -> int:
         """AccessSecretVersion calls (of one secret; with one outcome, `None` = any outcome)."""
+        wanted = f"/{_path(_key(secret_id, location))}/" if secret_id else ""
         with self._lock:
             return sum(
                 1 for method, name, outcome in self.log
                 if method == "AccessSecretVersion"
-                and (secret_id is None or f"/secrets/{secret_id}/" in name)
+                and (not wanted or wanted in name and (location or "/locations/" not in name))
                 and (code is None or outcome == code)
             )
 
-    def create_secret(self, secret_id: str, *, topics: list[str] | None = None) -> str:
+    def create_secret(self, secret_id: str, *, topics: list[str] | None = None, location: str | None = None) -> str:
         secret = types.Secret(topics=[types.Topic(name=t) for t in topics or []])
-        return self._create_secret(f"projects/{self.project_id}", secret_id, secret).name
+        parent = f"projects/{self.project_id}" + (f"/locations/{location}" if location else "")
+        return self._create_secret(parent, secret_id, secret).name
 
-    def add_version(self, secret_id: str, payload: bytes | str) -> str:
+    def add_version(self, secret_id: str, payload: bytes | str, *, location: str | None = None) -> str:
         data = payload.encode() if isinstance(payload, str) else payload
-        parent = f"projects/{self.project_id}/secrets/{secret_id}"
+        parent = f"projects/{self.project_id}/{_path(_key(secret_id, location))}"
         return self._add_version(parent, types.SecretPayload(data=data)).name
 
     def set_state(self, version_name: str, state: str) -> None:
@@ -158,17 +171,21 @@ class SecretManagerTestServer(ThreadedGrpcServer):
             raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"Permission denied on project {project}")
         return self.project_number
 
-    def _secret_name(self, secret_id: str) -> str:
-        return f"projects/{self.project_number}/secrets/{secret_id}"
+    def _secret_name(self, key: str) -> str:
+        return f"projects/{self.project_number}/{_path(key)}"
 
     def _parse(self, name: str, *, version: bool) -> tuple[str, str | None]:
+        """A secret's (or with `version`, a version's) name: (the secret's key, the version asked for)."""
         parts = name.split("/")
+        location = None
+        if len(parts) > 3 and parts[2] == "locations":
+            location, parts = parts[3], parts[:2] + parts[4:]
         if version and (len(parts) != 6 or parts[0] != "projects" or parts[2] != "secrets" or parts[4] != "versions"):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
         if not version and (len(parts) != 4 or parts[0] != "projects" or parts[2] != "secrets"):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
         self._project(parts[1])
-        return parts[3], (parts[5] if version else None)
+        return _key(parts[3], location), (parts[5] if version else None)
 
     def _get_secret(self, secret_id: str) -> _Secret:
         secret = self._secrets.get(secret_id)
@@ -234,7 +251,12 @@ class SecretManagerTestServer(ThreadedGrpcServer):
 
     # --- the RPCs -------------------------------------------------------------------------------------------------
     def _create_secret(self, parent: str, secret_id: str, secret: types.Secret) -> types.Secret:
-        self._project(parent.split("/")[1])
+        parts = parent.split("/")
+        self._project(parts[1])
+        if len(parts) == 4 and parts[2] == "locations":
+            secret_id = _key(secret_id, parts[3])
+        elif len(parts) != 2:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {parent}")
         with self._lock:
             if secret_id in self._secrets:
                 raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Secret [{self._secret_name(secret_id)}] already exists.")
@@ -382,7 +404,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     def _due_fault(self, method: str, name: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.method != method or (fault.secret and f"/secrets/{fault.secret}/" not in name + "/"):
+                if fault.method != method or (fault.secret and f"/{_path(fault.secret)}/" not in name + "/"):
                     continue
                 if fault.times is not None and fault.times <= 0:
                     continue

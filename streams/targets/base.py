@@ -39,7 +39,7 @@ class Filled:
 
     @property
     def fences(self) -> tuple[tuple[str, int], ...]:
-        return tuple({ref.secret: self.values[str(ref)].generation for _, ref in self.want.fields}.items())
+        return tuple({ref.secret_id: self.values[str(ref)].generation for _, ref in self.want.fields}.items())
 
 
 @dataclass

@@ -42,6 +42,7 @@ SKIP_REASONS = frozenset({
     "no_catalog_id",        # the start record names no catalog row: there is no cache key the server would read
     "credential_shadowed",  # noetl.credential has an entry of that name: the server serves it, not the keychain
     "residency_denied",     # `residency: strict` and the entry's region is not the server's: the server refuses it
+    "regional_secret",      # projects/P/locations/L/...: the server asks Google's global endpoint, which refuses it
 })
 RESIDENCY_POLICIES = ("none", "advisory", "strict")
 
@@ -63,7 +64,7 @@ class NoetlWant:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refs", tuple(ref for _, ref in self.fields))
-        object.__setattr__(self, "secrets", frozenset(ref.secret for ref in self.refs))
+        object.__setattr__(self, "secrets", frozenset(ref.secret_id for ref in self.refs))
         object.__setattr__(self, "cache_key", cache_key(self.alias, self.catalog_id, self.execution_id))
 
     @property
@@ -148,12 +149,16 @@ def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None, ser
     violation = _residency(entry, server_region)
     mapping = entry.get("map")
     if mapping is None:
-        return ((None, secret_manager_name(entry["name"], project)),), violation
-    if not isinstance(mapping, dict) or not all(
+        fields = ((None, secret_manager_name(entry["name"], project)),)
+    elif not isinstance(mapping, dict) or not all(
             storable(f, 256) and isinstance(t, str) for f, t in mapping.items()):
         raise Unusable("invalid_declaration")
-    return tuple((f, secret_manager_name(render_text(template, workload), project))
-                 for f, template in mapping.items()), violation
+    else:
+        fields = tuple((f, secret_manager_name(render_text(template, workload), project))
+                       for f, template in mapping.items())
+    if any(ref.location for _, ref in fields):  # noetl/server v3.83 src/secrets/gcp.rs: one global endpoint
+        raise Unusable("regional_secret")
+    return fields, violation
 
 
 def _kind(kind: Any) -> str:

@@ -83,15 +83,15 @@ def i64(text: str) -> int | None:
     return value if -2**63 <= value < 2**63 else None
 
 
-def copy_patterns(secret_id: str, match: dict[str, Any]) -> list[dict[str, Any]]:
+def copy_patterns(selection: Selection) -> list[dict[str, Any]]:
     """Which copies an invalidation reaches (`sources` containment patterns, any of them). As for our own rows
     (streams/notices.py), except that a version's notice also reaches every copy held through `latest` or an alias:
     NoETL's server may have written the row again, with a version we never saw."""
-    base = {"secret_id": secret_id}
+    match = selection.match
     if "version" not in match:
-        return [{**base, **match}]
-    floating = {**base, "pinned": False}
-    return [floating] if match.get("pinned") is False else [floating, {**base, "version": match["version"]}]
+        return selection.patterns()
+    floating = selection.patterns({"pinned": False})
+    return floating if match.get("pinned") is False else floating + selection.patterns({"version": match["version"]})
 
 
 class NoetlTarget:
@@ -291,7 +291,7 @@ class NoetlTarget:
         async def stop(conn: asyncpg.Connection) -> int:  # the rows first, then the copies: the lock order
             keys = None
             if selection.kind == "secret":
-                keys = await self.copies.matching(conn, copy_patterns(selection.secret_id, selection.match))
+                keys = await self.copies.matching(conn, copy_patterns(selection))
                 if keys and selection.added_version is not None:
                     keys = await self._behind(conn, keys, selection.secret_id, selection.added_version)
                 if not keys:
@@ -334,7 +334,7 @@ class NoetlTarget:
         return [key for key in keys if not current(key)]
 
     async def stale_wants(self, selection: Selection) -> list[NoetlWant]:
-        stale = await self.copies.stale(self.keychain.pool, copy_patterns(selection.secret_id, selection.match))
+        stale = await self.copies.stale(self.keychain.pool, copy_patterns(selection))
         return [NoetlWant(c.detail["alias"], c.detail["catalog_id"], c.execution_id, c.parent_execution_id,
                           tuple((s.get("field"), SecretRef.parse(s["ref"])) for s in c.sources))
                 for c in stale if c.execution_id is not None]
