@@ -33,8 +33,10 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) -m pytest -m bench $(PYTEST_ARGS)
 
+# The local services in the background; only `export` lines on stdout: `source <(make -s stack)`, then
+# `kill $$LOCAL_STACK_PID` stops them.
 stack: $(STAMP)
-	$(PY) -m devtools stack
+	@$(PY) -m devtools stack --detach
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -41,7 +41,7 @@ from .noetl_samples import CACHE_SIMPLE, as_message, finish_record, rust_playboo
     rust_workflow_initialized, step_records
 from .noetl_schema import create_noetl_tables, record_event, register_playbook
 from .noetl_server import NoetlServerReads
-from .stack import LocalStack
+from .stack import LocalStack, stop_on_signals
 
 EXECUTIONS = [507861119290048685 + i for i in range(3)]
 CATALOG_ID = 507861000000000001  # NoETL's catalog row of test/cache_simple
@@ -306,6 +306,7 @@ async def wait(measure, expected, timeout: float = 30) -> None:
 
 
 def main() -> None:
+    stop_on_signals()  # SIGTERM at any moment: every service started so far is stopped
     say("[1/7] starting PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator, the Secret Manager test server ...")
     started = time.perf_counter()
     os.environ.setdefault("KEYCHAIN_KEYS", KeyRing.generate_spec("demo1"))

@@ -13,7 +13,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from .stack import free_port
+from .stack import LOCAL_BROKER_TUNING, free_port
 
 
 _scratch: tempfile.TemporaryDirectory | None = None
@@ -37,10 +37,7 @@ def local_worker_env(base: dict[str, str], app_id: str, **overrides: str) -> dic
         "KEYCHAIN_DATA_DIR": _worker_scratch_dir(),
         "KEYCHAIN_WEB_PORT": str(free_port()),
         "KEYCHAIN_WEB_HOST": "127.0.0.1",
-        "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
-        "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS": "3",
-        # tansu holds a fetch for its whole wait even when a record arrives (Apache Kafka answers at once)
-        "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS": "20",
+        **LOCAL_BROKER_TUNING,
         **overrides,
     }
 
@@ -62,7 +59,12 @@ class WorkerProcess:
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
-        if not self._ready.wait(timeout) or self.process.poll() is not None:
+        try:
+            ready = self._ready.wait(timeout) and self.process.poll() is None
+        except BaseException:  # SIGTERM or Ctrl-C while it starts: it does not outlive us
+            self.stop()
+            raise
+        if not ready:
             self.stop()
             raise RuntimeError("the worker did not become ready:\n" + "".join(self.lines[-40:]))
         return self

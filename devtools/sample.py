@@ -1,4 +1,5 @@
-"""Small operator commands for local stacks (docker compose): set up Pub/Sub, produce sample events."""
+"""Small commands for local stacks (`make stack`, docker compose): set up Pub/Sub, add a secret to the Secret Manager
+test server, produce execution events."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 
 from streams.settings import WorkerSettings
 
-from .local import finish_event, produce
+from .local import finish_event, produce, start_event
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +59,37 @@ def produce_samples(settings: WorkerSettings, ref: str, executions: int, interva
             await asyncio.sleep(interval)
 
     asyncio.run(run())
+
+
+def add_secret(endpoint: str, project: str, secret_id: str, value: str, location: str | None) -> str:
+    """A new version of `secret_id` (created first when missing) on the Secret Manager test server, through the
+    official client; returns the version's name."""
+    import grpc
+    from google.api_core.exceptions import AlreadyExists
+    from google.cloud.secretmanager_v1 import SecretManagerServiceClient
+    from google.cloud.secretmanager_v1.services.secret_manager_service.transports import (
+        SecretManagerServiceGrpcTransport,
+    )
+
+    channel = grpc.insecure_channel(endpoint)
+    try:
+        client = SecretManagerServiceClient(transport=SecretManagerServiceGrpcTransport(channel=channel))
+        parent = f"projects/{project}" + (f"/locations/{location}" if location else "")
+        try:
+            client.create_secret(parent=parent, secret_id=secret_id, secret={})
+        except AlreadyExists:
+            pass
+        where = f"/locations/{location}" if location else ""
+        return client.add_secret_version(parent=f"projects/{project}{where}/secrets/{secret_id}",
+                                         payload={"data": value.encode()}).name
+    finally:
+        channel.close()
+
+
+def start_execution(settings: WorkerSettings, execution_id: int, refs: list[str]) -> None:
+    """One execution-start event (our contract: `credentials`, each read under its reference's name)."""
+    from keychain.refs import SecretRef
+
+    asyncio.run(produce(settings.kafka_bootstrap_servers, settings.events_topic, [start_event(execution_id, refs)]))
+    for ref in refs:  # the name each is warmed under: the reference in full
+        print(f"execution {execution_id}: {SecretRef.parse(ref)}")

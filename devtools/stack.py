@@ -6,7 +6,8 @@ is ready; hands out the environment variables that reach them; stops everything 
 A service whose variable is already set in the environment (KEYCHAIN_DSN, KAFKA_BOOTSTRAP_SERVERS,
 PUBSUB_EMULATOR_HOST) is used as it is and not started.
 
-Run alone: `python -m devtools stack` prints `export ...` lines and keeps the services up until Ctrl-C.
+Run alone: `python -m devtools stack` prints `export ...` lines and keeps the services up until Ctrl-C or SIGTERM
+(`--detach`: in the background, until `kill $LOCAL_STACK_PID`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ from keychain.testing.secret_manager_server import DEFAULT_PROJECT_ID, SecretMan
 
 log = logging.getLogger(__name__)
 
+# What a worker on the local broker needs to be quick (devtools/local.py gives every worker it starts the same): short
+# group timeouts (tansu admits a member after about half the session timeout) and a short fetch wait (tansu holds a
+# fetch for its whole wait even when a record arrives; Apache Kafka answers at once).
+LOCAL_BROKER_TUNING = {
+    "KEYCHAIN_BROKER_SESSION_TIMEOUT_SECONDS": "3",
+    "KEYCHAIN_BROKER_REBALANCE_TIMEOUT_SECONDS": "3",
+    "KEYCHAIN_CONSUMER_FETCH_MAX_WAIT_MS": "20",
+}
+NOTIFICATION_TOPIC = "secret-manager-events"  # what Secret Manager (the test server) notifies
+ROTATION_SUBSCRIPTION = "keychain-warmer"  # what the worker's bridge pulls
 PUBSUB_EMULATOR_GLOB = "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/lib/cloud-pubsub-emulator-*-all.jar"
 POSTGRES_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root
 
@@ -44,6 +55,20 @@ def package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"package {name!r} is not installed: pip install 'keychain-warmer[local]'")
     return Path(spec.submodule_search_locations[0])
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (and Ctrl-C) raise SystemExit wherever the program is, even while services are starting: its `finally`
+    blocks and LocalStack.stop run, so nothing it started keeps running. Further signals during that cleanup are
+    ignored, so the cleanup is not cut short."""
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def free_port() -> int:
@@ -292,25 +317,73 @@ class LocalStack:
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def export_lines(self) -> str:
-        return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in sorted(self.env.items()))
+    @property
+    def broker_is_local(self) -> bool:
+        """The broker is the tansu this stack started (not one named by KAFKA_BOOTSTRAP_SERVERS)."""
+        return any(name == "tansu" for name, _ in self._processes)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    stack = LocalStack().start()
-    print(stack.export_lines(), flush=True)
-    print("# local services are up; Ctrl-C stops them", file=sys.stderr, flush=True)
-    stopping = [False]
+def rotation_subscription(stack: LocalStack) -> dict[str, str]:
+    """The notification topic (the test server publishes to it) and the worker's rotation subscription on the
+    emulator: their variables, or none without the emulator."""
+    if "PUBSUB_EMULATOR_HOST" not in stack.env:
+        return {}
+    from google.api_core.exceptions import AlreadyExists
+    from google.cloud import pubsub_v1
 
-    def request_stop(*_: object) -> None:
-        stopping[0] = True
+    os.environ["PUBSUB_EMULATOR_HOST"] = stack.env["PUBSUB_EMULATOR_HOST"]
+    project = stack.env["GOOGLE_CLOUD_PROJECT"]
+    topic = f"projects/{project}/topics/{NOTIFICATION_TOPIC}"
+    subscription = f"projects/{project}/subscriptions/{ROTATION_SUBSCRIPTION}"
+    try:
+        pubsub_v1.PublisherClient().create_topic(name=topic)
+        pubsub_v1.SubscriberClient().create_subscription(name=subscription, topic=topic, ack_deadline_seconds=10)
+    except AlreadyExists:
+        pass
+    if stack.secret_manager is not None:
+        stack.secret_manager.notify_topic = topic
+    return {"KEYCHAIN_ROTATION_SUBSCRIPTION": subscription}
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    while not stopping[0]:
-        time.sleep(0.2)
-    stack.stop()
+
+def main(detach: bool = False) -> None:
+    """Only `export` lines on stdout (then stdout is closed, so that `source <(...)` sees its end); messages on
+    stderr."""
+    if detach:
+        sys.exit(_detached())
+    stop_on_signals()
+    logging.basicConfig(level=logging.INFO, format="# %(levelname)s %(message)s", stream=sys.stderr)
+    stack = LocalStack()
+    try:
+        stack.start()
+        exports = {**stack.env, **rotation_subscription(stack),
+                   **(LOCAL_BROKER_TUNING if stack.broker_is_local else {}),
+                   "LOCAL_STACK_PID": str(os.getpid())}
+        print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(exports.items())), flush=True)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exports are complete: whoever reads them sees their end
+        print("# local services are up; Ctrl-C (or kill $LOCAL_STACK_PID) stops them", file=sys.stderr, flush=True)
+        while True:
+            signal.pause()
+    finally:
+        stack.stop()
+
+
+def _detached() -> int:
+    """The stack in a background process of its own session; its exports printed here once they are complete."""
+    log_path = Path(tempfile.gettempdir()) / f"keychain-stack-{os.getpid()}.log"
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen([sys.executable, "-m", "devtools", "stack"], stdout=subprocess.PIPE,
+                                 stderr=log_file, stdin=subprocess.DEVNULL, start_new_session=True)
+    exports = child.stdout.read().decode()
+    child.stdout.close()
+    if not exports.strip() or child.poll() not in (None, 0):
+        child.wait()
+        tail = log_path.read_text(errors="replace").splitlines()[-20:]
+        print("\n".join(["error: the local services did not start:", *tail]), file=sys.stderr)
+        return 1
+    print(exports.rstrip("\n"))
+    print(f"export LOCAL_STACK_LOG={shlex.quote(str(log_path))}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

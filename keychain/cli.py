@@ -110,13 +110,31 @@ def migrate() -> None:
 
 @main.command()
 @click.argument("name", callback=credential_name)
-@click.option("--value", required=True, callback=parse_json, help="The value, as JSON.")
+@click.option("--value", help="The value, as JSON (it shows in the process list and the shell's history: prefer "
+              "--value-file for a real secret).")
+@click.option("--value-file", type=click.File("r", encoding="utf-8"),
+              help="Read the value, as JSON, from this file (`-`: standard input).")
+@click.option("--raw", is_flag=True, help="With --value-file: the file's text is the value (a string; one trailing "
+              "newline removed), not JSON.")
 @scope_options
 @click.option("--ttl", type=click.IntRange(min=1), help="Seconds until the entry expires.")
-def put(name: str, value: Any, execution_id: int | None, global_scope: bool, session_id: str | None, ttl: int | None) -> None:
-    """Store one entry, encrypted."""
+def put(name: str, value: str | None, value_file: Any, raw: bool, execution_id: int | None, global_scope: bool,
+        session_id: str | None, ttl: int | None) -> None:
+    """Store one entry, encrypted. The value comes from --value or --value-file (one of them)."""
+    if (value is None) == (value_file is None):
+        raise click.UsageError("give the value with exactly one of --value JSON or --value-file FILE")
+    if raw and value_file is None:
+        raise click.UsageError("--raw goes with --value-file")
+    try:
+        text = value if value is not None else value_file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read it ({type(exc).__name__})", param_hint="--value-file") from None
+    if raw:
+        parsed: Any = text[:-1] if text.endswith("\n") else text
+    else:
+        parsed = parse_json(None, None, text)  # type: ignore[arg-type]
     scope = scope_kwargs(execution_id, global_scope, session_id)
-    run(lambda kc: kc.put(name, value, ttl_seconds=ttl, **scope))
+    run(lambda kc: kc.put(name, parsed, ttl_seconds=ttl, **scope))
 
 
 @main.command()

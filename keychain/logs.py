@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 
@@ -21,3 +22,9 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+
+
+def secret_label(name: str, shown: bool) -> str:
+    """A secret's id or name as an INFO line shows it: itself, or (KEYCHAIN_LOG_SECRET_IDS=false) a short stable
+    fingerprint, so that lines about one secret can still be told apart and matched."""
+    return name if shown else "secret#" + hashlib.sha256(name.encode()).hexdigest()[:10]

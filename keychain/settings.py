@@ -13,13 +13,38 @@ import importlib.metadata
 import logging
 import os
 from typing import Mapping, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigurationError
 
 log = logging.getLogger("keychain")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def check_dsn(value: str) -> str:
+    """A PostgreSQL URI asyncpg can use, checked before any connection so that a typo is one clear line at start.
+    The errors never repeat the value (it may hold a password)."""
+    try:
+        parts = urlsplit(value)
+        query = parse_qs(parts.query, keep_blank_values=True)
+    except ValueError:
+        raise ValueError("not a PostgreSQL URI (postgresql://user@host:port/database)") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("not a PostgreSQL URI: it must start with postgresql://")
+    hosts = parts.netloc.rpartition("@")[2]
+    ports = [host.rpartition("]")[2].rpartition(":")[2] for host in hosts.split(",") if ":" in host.rpartition("]")[2]]
+    ports += query.get("port", [])
+    if any(not port.isdigit() or not 0 < int(port) < 65536 for port in ports):
+        raise ValueError("its port is not a number from 1 to 65535")
+    if any(mode not in SSL_MODES for mode in query.get("sslmode", [])):
+        raise ValueError(f"its sslmode must be one of {', '.join(SSL_MODES)}")
+    return value
 
 
 def env(name: str, *, description: str, **kwargs):
@@ -106,10 +131,31 @@ class Settings(BaseSettings):
     )
 
     # --- logging --------------------------------------------------------------------------------------------------
-    log_level: str = env("KEYCHAIN_LOG_LEVEL", default="INFO", description="Python log level.")
+    log_level: str = env(
+        "KEYCHAIN_LOG_LEVEL", default="INFO",
+        description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).",
+    )
+    log_secret_ids: bool = env(
+        "KEYCHAIN_LOG_SECRET_IDS", default=True,
+        description="Name secrets in INFO log lines (a rotation's invalidation, a notice); `false`: a short stable "
+        "fingerprint instead (secret names can tell what a system holds). Values are never logged.",
+    )
     log_format: str = env(
         "KEYCHAIN_LOG_FORMAT", default="text", pattern="^(text|json)$", description="`text` or `json` log lines."
     )
+
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        return check_dsn(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (any case)")
+        return value.upper()
 
 
 S = TypeVar("S", bound=Settings)
@@ -158,6 +204,7 @@ def load_settings(settings_class: type[S] = Settings, *, warn_unknown: bool = Fa
         return settings_class()
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ConfigurationError(f"bad configuration: {problems}") from None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from keychain.errors import SecretSourceError
+from keychain.logs import secret_label
 from keychain.invalidation import Selection
 from keychain.refs import SecretRef
 from keychain.sources import SecretManagerSource
@@ -80,7 +81,8 @@ class Invalidator:
         selection = notice.selection()
         if selection is None:
             metrics.INVALIDATIONS.labels(notice.event_type).inc()
-            log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type, notice.secret)
+            log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type,
+                     secret_label(notice.secret, self.settings.log_secret_ids))
             return Applied(0, 0, 0.0)
         return await self.invalidate(selection, cause=notice.event_type, notice_id=notice.notice_id,
                                      occurred_at=notice.occurred_at)
@@ -102,8 +104,10 @@ class Invalidator:
         refreshed = 0
         if refresh and not drop:
             refreshed = await (self.refresh(selection) if selection.kind == "secret" else self.refresh_stale())
+        described = (f"secret {secret_label(selection.secret_id, self.settings.log_secret_ids)}"
+                     if selection.kind == "secret" else selection.describe())
         log.info("invalidation (%s%s) of %s: %s rows invalidated, %d refreshed, lag %.0f ms", cause,
-                 f" {notice_id}" if notice_id else "", selection.describe(),
+                 f" {notice_id}" if notice_id else "", described,
                  "duplicate, no" if changed is None else changed, refreshed, lag_ms)
         return Applied(changed, refreshed, lag_ms)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import SecretStr
+from pydantic import SecretStr, field_validator
 
-from keychain.settings import Settings, env, load_settings
+from keychain.settings import Settings, check_dsn, env, load_settings
 
 
 class WorkerSettings(Settings):
@@ -56,7 +56,11 @@ class WorkerSettings(Settings):
     web_port: int = env(
         "KEYCHAIN_WEB_PORT", default=6066, ge=1, le=65535, description="HTTP port of the worker (health, metrics, admin)."
     )
-    web_host: str = env("KEYCHAIN_WEB_HOST", default="0.0.0.0", description="Address the HTTP server binds.")
+    web_host: str = env(
+        "KEYCHAIN_WEB_HOST", default="127.0.0.1",
+        description="Address the HTTP server binds: this machine only unless set (`0.0.0.0` in a pod or container, "
+        "for the probes and Prometheus; the admin endpoint then needs KEYCHAIN_ADMIN_TOKEN and a network policy).",
+    )
     admin_token: SecretStr | None = env(
         "KEYCHAIN_ADMIN_TOKEN",
         default=None,
@@ -205,6 +209,11 @@ class WorkerSettings(Settings):
         description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
     )
 
+
+    @field_validator("catalog_dsn")
+    @classmethod
+    def _catalog_dsn(cls, value: str | None) -> str | None:
+        return value if value is None else check_dsn(value)
 
     @property
     def noetl_project(self) -> str | None:

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -198,12 +199,27 @@ def build_application() -> web.Application:
     return application
 
 
+class UnreadableRequests(logging.Filter):
+    """aiohttp logs a request it cannot read (a request line over 8 KB, a malformed header, ...) at ERROR with a
+    traceback: one brief WARNING line instead, naming the kind of fault, never the request (a URL may carry a
+    token)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fault = record.exc_info[1] if record.exc_info else None
+        if isinstance(fault, BadHttpMessage):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "HTTP: refused a request it could not read (%s)", (type(fault).__name__,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class WebServer(Service):
     """Registered with `app.web_server`: faust starts it with the worker."""
 
     _runner: web.AppRunner | None = None
 
     async def on_start(self) -> None:
+        logging.getLogger("aiohttp.server").addFilter(UnreadableRequests())
         self._runner = web.AppRunner(build_application(), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, settings.web_host, settings.web_port).start()

@@ -20,6 +20,7 @@ def cli(cli_env):
         return keychain_cli({**cli_env, **overrides}, *args)
 
     assert call("migrate").returncode == 0
+    call.env = cli_env
     return call
 
 
@@ -31,6 +32,22 @@ def test_put_get_and_exit_codes(cli):
     miss = cli("get", "openai", "--execution-id", "43")
     assert miss.returncode == 3 and "miss" in miss.stderr and miss.stdout == ""
     assert cli("get", "openai", "--global").returncode == 3
+
+
+def test_put_takes_the_value_from_stdin_or_a_file(cli, tmp_path):
+    """A real secret never on the command line (the process list, the shell's history)."""
+    stdin = subprocess.run([sys.executable, "-m", "keychain", "put", "from-stdin", "--value-file", "-", "--global"],
+                           input='{"token": "from-stdin-123"}', env=cli.env, capture_output=True, text=True, timeout=60)
+    assert stdin.returncode == 0, stdin.stderr
+    path = tmp_path / "token"
+    path.write_text("sk-from-a-file-456\n")  # as `echo` or a mounted secret leaves it
+    assert cli("put", "from-file", "--value-file", str(path), "--raw", "--global").returncode == 0
+    assert json.loads(cli("get", "from-stdin", "--global").stdout) == {"token": "from-stdin-123"}
+    assert json.loads(cli("get", "from-file", "--global").stdout) == "sk-from-a-file-456"
+    for args in (["--value", '"x"', "--value-file", str(path)], [], ["--value", '"x"', "--raw"],
+                 ["--value-file", str(tmp_path / "missing")]):
+        result = cli("put", "bad", *args, "--global")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, args
 
 
 def test_usage_errors_exit_2(cli):

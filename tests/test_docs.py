@@ -23,3 +23,17 @@ def test_the_project_explains_itself():
     files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yml", ".yaml", ".toml", ".sql")
              and ".venv" not in p.parts and ".git" not in p.parts and p.name != "test_docs.py"]
     assert [str(p) for p in files if "../shared" in p.read_text(errors="ignore")] == []
+
+
+def test_the_readme_fits_and_every_link_leads_somewhere():
+    """A newcomer's page: short, and every relative link in it and in docs/ names a file that is there."""
+    import re
+
+    assert len(README.splitlines()) <= 160
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.name} links to {target}"
+    for name in ("architecture", "operations", "noetl", "configuration", "reliability", "benchmarks"):
+        assert f"docs/{name}.md" in README

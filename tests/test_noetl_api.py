@@ -26,7 +26,7 @@ TOKEN = "gateway-token"
 @pytest.fixture
 async def api_mode(stack, schema, key_spec, keychain, noetl_db, noetl_schema, noetl_key, noetl_secrets, execution_id,
                    unique):
-    role = f"warmer_{unique}"  # the grants the README's privileges section gives API mode, and no more
+    role = f"warmer_{unique}"  # the grants docs/noetl.md gives API mode, and no more
     await noetl_db.execute(f"CREATE ROLE {role} LOGIN")
     await noetl_db.execute(f"GRANT USAGE ON SCHEMA {noetl_schema} TO {role}; "
                            f"GRANT SELECT ON {noetl_schema}.catalog, {noetl_schema}.credential TO {role}; "

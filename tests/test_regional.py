@@ -162,3 +162,17 @@ async def test_a_notice_reaches_only_the_secret_it_names(warm_parts, keychain, s
     applied = await invalidator.apply(pubsub_notice("SECRET_DELETE", f"projects/555/secrets/{secret_id}"))
     assert applied.changed == 1  # (and its refresh is refused: the test server serves one project only)
     assert await values(("global", EU, US)) == {"global": "global-value-2", EU: f"{EU}-value-2", US: f"{US}-value-1"}
+
+
+async def test_secret_ids_in_info_lines_are_the_operators_choice(stack, settings, keychain, key_spec, sm,
+                                                                 regional_secrets, caplog):
+    secret_id = regional_secrets
+    quiet = make_settings(stack, settings.schema_name, key_spec, log_secret_ids=False)
+    warmer = Warmer(quiet, keychain)
+    invalidator = Invalidator(quiet, keychain, warmer, SecretManagerSource(quiet))
+    with caplog.at_level(logging.INFO, logger="streams.invalidate"):
+        await invalidator.apply(pubsub_notice("SECRET_DELETE", f"projects/{NUMBER}/locations/{EU}/secrets/{secret_id}"))
+        await invalidator.apply(pubsub_notice("SECRET_ROTATE", f"projects/{NUMBER}/secrets/{secret_id}"))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("secret#" in line for line in lines)
+    assert not [line for line in lines if secret_id in line]

@@ -87,6 +87,14 @@ async def test_invalidate_needs_the_token(worker, keychain, sm, secret, executio
         assert status == 400 and "error" in json.loads(text), raw[:40]
     assert await keychain.get(ref, execution_id=execution_id)  # none of them changed anything
     assert "Traceback" not in worker.output
+    import socket
+
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as raw_http:  # a request line of 20 KB
+        raw_http.sendall(b"GET /stats?" + b"t" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert raw_http.recv(64).startswith(b"HTTP/1.0 400")
+    await wait_for(lambda: _async("refused a request it could not read (LineTooLong)" in worker.output),
+                   what="one line for the unreadable request")
+    assert "Traceback" not in worker.output and "t" * 100 not in worker.output
     sm.add_version(secret_id, "second-value")
     status, body = http(worker.port, "/invalidate", method="POST",
                         body={"secret": f"projects/1014428265962/secrets/{secret_id}"}, token=TOKEN)
@@ -129,3 +137,7 @@ async def test_json_logs_for_production(stack, settings, key_spec, unique, keych
     assert any("Ready" in r["message"] for r in records)
     assert any(r["message"].startswith("batch: 1 events") for r in records)
     assert value not in running.output
+
+
+async def _async(value):
+    return value
