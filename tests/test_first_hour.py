@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 
+def own_services_env() -> dict[str, str]:
+    """The environment without the test session's services: the command starts (and must stop) its own."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("KEYCHAIN_", "SECRET_MANAGER_", "KAFKA_", "PUBSUB_"))}
+
+
 def run(*args, timeout=60, **kwargs):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
@@ -59,7 +65,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("after", [0.3, 2.0, "ready"])
 def test_sigterm_to_stack_at_any_moment_stops_every_service_it_started(after):
     process = subprocess.Popen([sys.executable, "-m", "devtools", "stack"], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
+                               stderr=subprocess.DEVNULL, text=True, env=own_services_env())
     seen: set[int] = set()
     started = time.monotonic()
     exports = ""
@@ -88,7 +94,7 @@ def test_sigterm_to_stack_at_any_moment_stops_every_service_it_started(after):
 
 @pytest.mark.services
 def test_stack_detached_prints_only_exports_and_its_pid_stops_it():
-    result = run("devtools", "stack", "--detach", timeout=120)
+    result = run("devtools", "stack", "--detach", timeout=120, env=own_services_env())
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines and all(line.startswith("export ") for line in lines)
@@ -156,12 +162,15 @@ def test_a_worker_without_its_database_or_broker_says_which_in_one_line(stack):
 def test_sigterm_to_the_demo_stops_every_service_and_the_worker(marker):
     """[1/7]: services starting; [5/7]: all up, the worker running, executions being played."""
     process = subprocess.Popen([sys.executable, "-m", "devtools", "demo"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, env=own_services_env())
     seen: set[int] = set()
+    lines = []
     for line in process.stdout:
+        lines.append(line)
         seen |= descendants(process.pid)
         if line.startswith(marker):
             break
+    assert lines and lines[-1].startswith(marker), "".join(lines[-40:])
     time.sleep(0.5)
     seen |= descendants(process.pid)
     process.send_signal(signal.SIGTERM)
