@@ -305,8 +305,18 @@ async def wait(measure, expected, timeout: float = 30) -> None:
         await asyncio.sleep(0.05)
 
 
+# Variables a shell may hold for other services (`source <(make -s stack)`, a real project): the demo runs on
+# services of its own, in the test server's project, whatever the shell says.
+NOT_INHERITED = ("KEYCHAIN_", "KAFKA_", "PUBSUB_", "SECRET_MANAGER_", "NOETL_", "GOOGLE_CLOUD_PROJECT", "GCP_PROJECT")
+
+
 def main() -> None:
     stop_on_signals()  # SIGTERM at any moment: every service started so far is stopped
+    inherited = sorted(name for name in os.environ if name.startswith(NOT_INHERITED))
+    for name in inherited:
+        del os.environ[name]
+    if inherited:
+        say(f"(the demo starts services of its own; not used from this shell: {', '.join(inherited)})")
     say("[1/7] starting PostgreSQL, the Kafka-protocol broker, the Pub/Sub emulator, the Secret Manager test server ...")
     started = time.perf_counter()
     os.environ.setdefault("KEYCHAIN_KEYS", KeyRing.generate_spec("demo1"))
