@@ -22,28 +22,23 @@ makes the next answers a 503 (the server or its gateway down), for the tests.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from typing import Any, Callable
 
 import asyncpg
 from aiohttp import web
 
-
-def build_cache_key(keychain_name: str, catalog_id: int, scope_type: str, execution_id: int | None) -> str:
-    if scope_type == "local":
-        return f"{keychain_name}:{catalog_id}:{execution_id if execution_id is not None else 'local'}"
-    if scope_type == "shared":
-        return f"{keychain_name}:{catalog_id}:shared" + (f":{execution_id}" if execution_id is not None else "")
-    return f"{keychain_name}:{catalog_id}:global"
+from .noetl_server import build_cache_key, rust_i64
 
 
 def _i64(text: str | None) -> int | None:
+    """A path or query id as axum extracts it: an i64, else a 400."""
     if text is None:
         return None
-    if not re.fullmatch(r"[+-]?[0-9]+", text) or not -2**63 <= int(text) < 2**63:
+    value = rust_i64(text)
+    if value is None:
         raise web.HTTPBadRequest(text="not an i64")
-    return int(text)
+    return value
 
 
 class NoetlKeychainApi:

@@ -41,6 +41,24 @@ CACHE_TTL_SECONDS = 600
 _templates = SandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
 
 
+def rust_i64(text: str) -> int | None:
+    """`text` as Rust's `str::parse::<i64>` reads it (the server's ids: a credential alias, a path's catalog id): an
+    optional sign and ASCII digits, within 64 bits; else None."""
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        return None
+    value = int(text)
+    return value if -2**63 <= value < 2**63 else None
+
+
+def build_cache_key(keychain_name: str, catalog_id: int, scope_type: str, execution_id: int | None) -> str:
+    """`src/db/queries/keychain.rs` build_cache_key: the key of every keychain row the server reads or writes."""
+    if scope_type == "local":
+        return f"{keychain_name}:{catalog_id}:{execution_id if execution_id is not None else 'local'}"
+    if scope_type == "shared":
+        return f"{keychain_name}:{catalog_id}:shared" + (f":{execution_id}" if execution_id is not None else "")
+    return f"{keychain_name}:{catalog_id}:global"
+
+
 @dataclass
 class Answer:
     """What the server answered: from `credential`, a `keychain` hit, or the `provider` after a miss; None found."""
@@ -65,8 +83,9 @@ class NoetlServerReads:
     async def get_credential(self, alias: str, execution_id: int) -> Answer:
         s = self.schema
         credential = None
-        if re.fullmatch(r"[+-]?[0-9]+", alias) and -2**63 <= int(alias) < 2**63:  # Rust's parse::<i64>
-            credential = await self.conn.fetchrow(f"SELECT data_encrypted FROM {s}.credential WHERE id = $1", int(alias))
+        if (credential_id := rust_i64(alias)) is not None:
+            credential = await self.conn.fetchrow(f"SELECT data_encrypted FROM {s}.credential WHERE id = $1",
+                                                  credential_id)
         credential = credential or await self.conn.fetchrow(
             f"SELECT data_encrypted FROM {s}.credential WHERE name = $1", alias)
         if credential is not None:
@@ -78,7 +97,7 @@ class NoetlServerReads:
             return Answer(None)
         catalog_id = start["catalog_id"]
         workload = json.loads(start["workload"]) if start["workload"] else {}
-        key = f"{alias}:{catalog_id}:{execution_id}"
+        key = build_cache_key(alias, catalog_id, "local", execution_id)
         row = await self.conn.fetchrow(
             f"SELECT cache_key, catalog_id, keychain_name, scope_type, execution_id, data_encrypted, expires_at, "
             f"auto_renew, renew_config, access_count, accessed_at, created_at FROM {s}.keychain WHERE cache_key = $1",
