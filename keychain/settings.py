@@ -144,7 +144,6 @@ class Settings(BaseSettings):
         "KEYCHAIN_LOG_FORMAT", default="text", pattern="^(text|json)$", description="`text` or `json` log lines."
     )
 
-
     @field_validator("dsn")
     @classmethod
     def _dsn(cls, value: str) -> str:

@@ -9,10 +9,9 @@ import asyncio
 import importlib.util
 import json
 import os
-import socket
 import sys
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 HELP = """usage: python -m streams [-h] COMMAND ...
 
@@ -117,56 +116,39 @@ def worker(options: list[str]) -> None:
 def preflight(settings) -> str | None:
     """Whether the database and the broker answer (within PREFLIGHT_SECONDS, for services starting beside the worker):
     None, or one line naming the one that does not, by its variable and address (never the DSN's password)."""
+    return asyncio.run(_preflight(settings))
+
+
+async def _preflight(settings) -> str | None:
     import asyncpg
 
+    from .reachable import broker_answer, why
+
     deadline = time.monotonic() + PREFLIGHT_SECONDS
-    database = _address(settings.dsn)
     while True:
         try:
-            asyncio.run(_connect(settings.dsn))
+            conn = await asyncpg.connect(settings.dsn, timeout=5)
+            await conn.close()
             break
         except (OSError, asyncio.TimeoutError, asyncpg.CannotConnectNowError) as exc:
             if time.monotonic() > deadline:
-                return f"the database (KEYCHAIN_DSN, {database}) does not answer: {_why(exc)}"
-            time.sleep(0.5)
+                return f"the database (KEYCHAIN_DSN, {_address(settings.dsn)}) does not answer: {why(exc)}"
+            await asyncio.sleep(0.5)
         except asyncpg.PostgresError as exc:  # it answered, and refused: a role, a password, a database name
-            return f"the database (KEYCHAIN_DSN, {database}) refused the connection: {type(exc).__name__}"
-    servers = [s.strip() for s in settings.kafka_bootstrap_servers.split(",") if s.strip()]
-    while True:
-        failures = [(server, _reach(server)) for server in servers]
-        if any(error is None for _, error in failures):
-            return None
+            return f"the database (KEYCHAIN_DSN, {_address(settings.dsn)}) refused the connection: {type(exc).__name__}"
+    while (error := await broker_answer(settings.kafka_bootstrap_servers, 3)) is not None:
         if time.monotonic() > deadline:
-            server, error = failures[0]
-            return f"the broker (KAFKA_BOOTSTRAP_SERVERS, {', '.join(servers)}) does not answer: {error}"
-        time.sleep(0.5)
-
-
-async def _connect(dsn: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(dsn, timeout=5)
-    await conn.close()
+            return f"the broker (KAFKA_BOOTSTRAP_SERVERS, {settings.kafka_bootstrap_servers}) does not answer: {error}"
+        await asyncio.sleep(0.5)
+    return None
 
 
 def _address(dsn: str) -> str:
     parts = urlsplit(dsn)
-    hosts = parts.netloc.rpartition("@")[2] or "localhost"
-    socket_dir = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("host")
-    return f"{socket_dir} (unix socket)" if socket_dir and not parts.hostname else hosts
-
-
-def _reach(server: str) -> str | None:
-    host, _, port = server.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=3):
-            return None
-    except (OSError, ValueError) as exc:
-        return _why(exc)
-
-
-def _why(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or type(exc).__name__
+    socket_dir = parse_qs(parts.query).get("host", [None])[0]
+    if socket_dir and not parts.hostname:
+        return f"{socket_dir} (unix socket)"
+    return parts.netloc.rpartition("@")[2] or "localhost"
 
 
 def plan(args: list[str]) -> None:

@@ -209,7 +209,6 @@ class WorkerSettings(Settings):
         description="How often the leader compares `latest` rows with Secret Manager (catches lost notices).",
     )
 
-
     @field_validator("catalog_dsn")
     @classmethod
     def _catalog_dsn(cls, value: str | None) -> str | None:

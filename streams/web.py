@@ -21,6 +21,7 @@ from keychain.refs import SecretRef
 
 from . import metrics as worker_metrics
 from .app import runtime, settings
+from .reachable import broker_answer
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,7 @@ async def _database() -> str:
 
 
 async def _broker() -> str:
-    for server in settings.kafka_bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 2)
-        except (OSError, asyncio.TimeoutError, ValueError):
-            continue
-        writer.close()
-        return "ok"
-    return "unreachable"
+    return "ok" if await broker_answer(settings.kafka_bootstrap_servers, 2) is None else "unreachable"
 
 
 def _pubsub() -> str:
