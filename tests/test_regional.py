@@ -60,15 +60,25 @@ def test_version_aliases_follow_googles_rule(version, parsed):
         assert SecretRef.parse(text).version == parsed
 
 
-def test_a_regional_secret_is_fetched_from_its_locations_endpoint(monkeypatch):
-    """Google serves a regional secret at secretmanager.L.rep.googleapis.com only (no call made here: the client is
-    built with anonymous credentials to read where it would go)."""
-    import google.auth
-    from google.auth.credentials import AnonymousCredentials
+def test_a_regional_secret_is_fetched_from_its_locations_endpoint(monkeypatch, tmp_path):
+    """Google serves a regional secret at secretmanager.L.rep.googleapis.com only. The official client is built as
+    production builds it, from application default credentials (a service account key file made here: building a
+    client calls nobody), and says where it would go."""
+    import json
 
-    monkeypatch.setattr(google.auth, "default", lambda *a, **k: (AnonymousCredentials(), "p"))
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     from keychain.settings import Settings
 
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    account = tmp_path / "service-account.json"
+    account.write_text(json.dumps({
+        "type": "service_account", "project_id": "p", "private_key_id": "k1", "private_key": key,
+        "client_email": "warmer@p.iam.gserviceaccount.com", "client_id": "1",
+        "token_uri": "https://oauth2.googleapis.com/token"}))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(account))
     real = Settings(secret_manager_endpoint=None)
     assert build_client(real, EU).api_endpoint == f"secretmanager.{EU}.rep.googleapis.com"
     assert build_client(real).api_endpoint == "secretmanager.googleapis.com"
