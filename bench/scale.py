@@ -40,7 +40,7 @@ INSERT INTO keychain (credential_name, scope_type, execution_id, key_id, data, w
 SELECT 'cred-' || (g % 5), 'execution', $3 + g / 5, 'k1', decode(repeat('ab', 80), 'hex'), g,
        jsonb_build_array(jsonb_build_object(
            'ref', 'projects/' || $4 || '/secrets/scale-' || (g % $5) || '/versions/latest',
-           'secret_id', 'scale-' || (g % $5), 'names', jsonb_build_array('projects/' || $4 || '/secrets/scale-' || (g % $5)),
+           'secret', 'projects/*/secrets/scale-' || (g % $5), 'secret_id', 'scale-' || (g % $5), 'names', jsonb_build_array('projects/' || $4 || '/secrets/scale-' || (g % $5)),
            'pinned', false, 'alias', false, 'version', '1')),
        3600, now() + $6 * interval '1 second'
 FROM generate_series($1::bigint, $2::bigint) g
@@ -48,14 +48,14 @@ FROM generate_series($1::bigint, $2::bigint) g
 
 # The reconciliation query before migration 0006, measured on the large table as the baseline it replaced.
 FORMER_RECONCILE = """
-SELECT held.secret_id, held.ref, held.versions
+SELECT held.secret, held.ref, held.versions
 FROM (
-    SELECT src->>'secret_id' AS secret_id, min(src->>'ref') AS ref, array_agg(DISTINCT src->>'version') AS versions
+    SELECT src->>'secret' AS secret, min(src->>'ref') AS ref, array_agg(DISTINCT src->>'version') AS versions
     FROM keychain k, jsonb_array_elements(k.sources) AS src
     WHERE k.state = 'ready' AND src->>'ref' LIKE '%/versions/latest' AND src ? 'version'
     GROUP BY 1
 ) held
-LEFT JOIN keychain_secret_state s USING (secret_id)
+LEFT JOIN keychain_secret_state s USING (secret)
 ORDER BY s.checked_at NULLS FIRST
 LIMIT 50
 """

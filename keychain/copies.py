@@ -17,8 +17,9 @@ from typing import Any, Iterable
 
 import asyncpg
 
-from .model import Provenance, sources_json
+from .model import Provenance, held_of, sources_json
 from .queries import queries
+from .refs import SecretIdentity
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Copy:
     execution_id: int | None = None
     parent_execution_id: int | None = None
     detail: dict[str, Any] | None = None
+    credential_name: str | None = None  # the entry's name in the target's store (an operator invalidates by it)
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,12 @@ class Copies:
             self._q["record_copies"], self.target, [c.key for c in copies], [c.execution_id for c in copies],
             [c.parent_execution_id for c in copies], [sources_json(c.sources) for c in copies],
             [len(c.sources) for c in copies], [json.dumps(c.detail or {}) for c in copies],
-            [float(c.ttl_seconds) for c in copies])
+            [float(c.ttl_seconds) for c in copies], [c.credential_name for c in copies])
 
     async def of(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> dict[str, tuple[bool, frozenset[str]]]:
-        """For each key that has a copy: (ready, the short ids of the secrets it holds)."""
+        """For each key that has a copy: (ready, what it holds: model.held_of)."""
         rows = await conn.fetch(self._q["copies_of"], self.target, keys) if keys else []
-        return {r["copy_key"]: (r["ready"], frozenset(r["secret_ids"])) for r in rows}
+        return {r["copy_key"]: (r["ready"], held_of(r["sources"])) for r in rows}
 
     async def of_children(self, conn: asyncpg.Connection | asyncpg.Pool, parent_execution_id: int) -> list[str]:
         """The keys of the copies written for executions this one started."""
@@ -86,8 +88,9 @@ class Copies:
         return [StaleCopy(r["copy_key"], r["execution_id"], r["parent_execution_id"], json.loads(r["sources"]),
                           json.loads(r["detail"])) for r in rows]
 
-    async def stale_secret_ids(self, pool: asyncpg.Pool, limit: int = 100) -> list[str]:
-        return [r["secret_id"] for r in await pool.fetch(self._q["stale_copy_secret_ids"], self.target, limit)]
+    async def stale_secrets(self, pool: asyncpg.Pool, limit: int = 100) -> list[SecretIdentity]:
+        return [SecretIdentity.from_key(r["secret"])
+                for r in await pool.fetch(self._q["stale_copy_secrets"], self.target, limit)]
 
     async def forget(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]
                      ) -> dict[str, tuple[int, dict[str, Any]]]:

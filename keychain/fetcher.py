@@ -2,7 +2,10 @@
 `Fetcher.fetch`, which owns all of it:
 
 - the negative cache: a reference Secret Manager refused recently (NOT_FOUND, PERMISSION_DENIED, disabled) is not
-  asked again, its error code is returned (every process sees a refusal one of them recorded);
+  asked again, its error code is returned (every process sees a refusal one of them recorded); a later answer forgets
+  the refusal, so the next one backs off from the first step again;
+- the secret's identity (refs.SecretIdentity): the fence read before the call is the identity's generation, and the
+  first answer for a project named by id teaches its number (keychain/projects.py);
 - single flight in this process: one fetch per reference in flight, every caller awaits it;
 - the shared window (KEYCHAIN_SHARED_FETCH_SECONDS): a version fetched within it by any process, the secret not
   invalidated since, is taken instead of calling again: from this process's memory, else from `keychain_fetched`
@@ -38,7 +41,8 @@ from .crypto import KeyRing, new_write_id
 from .database import Connector, typed_errors
 from .errors import CONNECTION_ERRORS, ConfigurationError, SecretSourceError, SecretUnavailable
 from .model import RowIdentity
-from .refs import SecretRef
+from .projects import ProjectNumbers
+from .refs import SecretIdentity, SecretRef
 from .sources import SecretManagerSource, SecretValue
 
 log = logging.getLogger("keychain")
@@ -51,14 +55,21 @@ RECHECK_SECONDS = 0.25
 class Fetched:
     value: SecretValue
     generation: int  # of the secret, read before the value was fetched: a write of it is fenced on that
+    fence: str  # the identity key that generation is of (refs.SecretIdentity.key)
+
+    @property
+    def fence_pair(self) -> tuple[str, int]:
+        return self.fence, self.generation
 
 
 class Fetcher:
-    def __init__(self, connector: Connector, keyring: KeyRing, source: SecretManagerSource | None):
+    def __init__(self, connector: Connector, keyring: KeyRing, source: SecretManagerSource | None,
+                 projects: ProjectNumbers):
         self._db = connector
         self._settings = connector.settings
         self._keyring = keyring
         self.source = source
+        self.projects = projects
         self._inflight: dict[tuple[str, bool], asyncio.Future[Fetched | str]] = {}
         self._memory: dict[str, tuple[float, Fetched]] = {}  # ref -> (fetched at, value): the shared window here
         self._conn: asyncpg.Connection | None = None  # the lock connection
@@ -87,9 +98,18 @@ class Fetcher:
             future.add_done_callback(lambda _: self._inflight.pop(key, None))
         return await asyncio.shield(future)
 
-    def forget(self, secret_id: str | None = None) -> None:
-        """Drop this process's values of one secret (its invalidation), or of all."""
-        for ref in [r for r in self._memory if secret_id is None or SecretRef.parse(r).secret_id == secret_id]:
+    def forget(self, secret: SecretIdentity | None = None, *, any_project: bool = False) -> None:
+        """Drop this process's values of one secret (its invalidation: with `any_project`, of the secret's id and
+        location in every project), or of all. Values of references whose project is not known yet go with any
+        project's."""
+        def reached(ref: str) -> bool:
+            held = self.projects.known(SecretRef.parse(ref))
+            if secret is None or held == secret:
+                return True
+            same_path = held.path == secret.path
+            return same_path and (any_project or not held.known or not secret.known)
+
+        for ref in [r for r in self._memory if reached(r)]:
             del self._memory[ref]
 
     @property
@@ -98,21 +118,23 @@ class Fetcher:
         return len(self._memory)
 
     @typed_errors
-    async def record_failure(self, ref: str, code: str) -> None:
+    async def record_failure(self, ref: str | SecretRef, code: str) -> None:
+        ref = ref if isinstance(ref, SecretRef) else SecretRef.parse(ref)
         await self._db.transaction("record_failure", lambda conn: conn.execute(
-            self._db.q["record_failure"], ref, code, float(self._settings.negative_ttl_seconds)))
+            self._db.q["record_failure"], str(ref), code, float(self._settings.negative_ttl_seconds),
+            self.projects.known(ref).key))
 
     async def _check_then_fetch(self, ref: SecretRef, reuse: bool, deadline: float) -> Fetched | str:
-        failure = await self._db.fetchrow("active_failures", [str(ref)])
-        if failure is not None:
-            return failure["error_code"]
+        refusal = await self._db.fetchrow("refusal_of", str(ref))
+        if refusal is not None and refusal["active"]:
+            return refusal["error_code"]
         delay = self._settings.secret_manager_retry_initial_seconds
         while True:
             try:
                 fetched = await self._shared_fetch(ref, reuse, deadline)
             except SecretSourceError as exc:
                 if exc.permanent:
-                    await self.record_failure(str(ref), exc.code)
+                    await self.record_failure(ref, exc.code)
                     raise
                 wait = random.uniform(delay / 2, delay)
                 if time.monotonic() + wait >= deadline:
@@ -122,6 +144,8 @@ class Fetcher:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self._settings.secret_manager_retry_max_seconds)
                 continue
+            if refusal is not None:  # answered since it was refused: a later refusal backs off from the start
+                await self._db.statement("forget_failure", "forget_failure", str(ref))
             self._remember(str(ref), fetched)
             return fetched
 
@@ -149,9 +173,10 @@ class Fetcher:
     async def _shared_fetch(self, ref: SecretRef, reuse: bool, deadline: float) -> Fetched:
         if self.source is None:
             raise ConfigurationError("fetching needs a Secret Manager source: Keychain(settings, source=...)")
+        fence = (await self.projects.identity(ref)).key
         if self._settings.shared_fetch_seconds <= 0:  # no sharing
-            generation, _ = await self._shared(ref, reuse=False)
-            return Fetched(await self._call(ref, deadline), generation)
+            generation, _ = await self._shared(ref, fence, reuse=False)
+            return Fetched(await self._call(ref, deadline), generation, fence)
         key = str(ref)
         with self._listening(key) as woken:
             while True:
@@ -159,9 +184,9 @@ class Fetcher:
                 publishing = self._publishing.get(key)
                 if publishing is not None:  # fetched here a moment ago (the lock is this process's until then)
                     await asyncio.shield(publishing)
-                generation, shared = await self._shared(ref, reuse)
+                generation, shared = await self._shared(ref, fence, reuse)
                 if shared is not None:
-                    return Fetched(shared, generation)
+                    return Fetched(shared, generation, fence)
                 if await self._try_lock(ref):
                     break
                 remaining = deadline - time.monotonic()
@@ -170,23 +195,23 @@ class Fetcher:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_SECONDS))
         try:
-            generation, shared = await self._shared(ref, reuse)  # recorded between the look and the lock
+            generation, shared = await self._shared(ref, fence, reuse)  # recorded between the look and the lock
             if shared is not None:
                 await self._unlock(ref)
-                return Fetched(shared, generation)
+                return Fetched(shared, generation, fence)
             value = await self._call(ref, deadline)
         except BaseException:
             await asyncio.shield(self._unlock(ref))
             raise
         # The callers waiting in this process have the value now; the other processes get it a moment later.
-        self._publishing[key] = task = asyncio.ensure_future(self._publish(ref, generation, value))
+        self._publishing[key] = task = asyncio.ensure_future(self._publish(ref, fence, generation, value))
         task.add_done_callback(lambda done: self._publishing.pop(key) if self._publishing.get(key) is done else None)
-        return Fetched(value, generation)
+        return Fetched(value, generation, fence)
 
-    async def _publish(self, ref: SecretRef, generation: int, value: SecretValue) -> None:
+    async def _publish(self, ref: SecretRef, fence: str, generation: int, value: SecretValue) -> None:
         """Record the value (which wakes the processes waiting for it), then let go of the reference."""
         try:
-            await self._record(ref, generation, value)
+            await self._record(ref, fence, generation, value)
         except Exception as exc:  # the others fetch it themselves once the lock is gone
             log.warning("a fetched value of %s was not shared: %s", ref.secret_name, type(exc).__name__)
         finally:
@@ -213,19 +238,20 @@ class Fetcher:
                 await self._conn.close()
             self._conn = None
 
-    async def _shared(self, ref: SecretRef, reuse: bool) -> tuple[int, SecretValue | None]:
-        """The secret's generation now, and (when it is to be reused) the version of `ref` recorded within the window
-        under it, or None."""
-        row = await self._db.fetchrow("shared_fetch", str(ref), float(self._settings.shared_fetch_seconds), ref.secret_id)
+    async def _shared(self, ref: SecretRef, fence: str, reuse: bool) -> tuple[int, SecretValue | None]:
+        """The generation now of the secret the fetch is fenced on, and (when it is to be reused) the version of `ref`
+        recorded within the window under it, or None."""
+        row = await self._db.fetchrow("shared_fetch", str(ref), float(self._settings.shared_fetch_seconds), fence)
         if row["data"] is None or not reuse:
             return row["generation"], None
         sealed = self._keyring.open(_identity(ref), row["key_id"], row["data"], row["write_id"])
+        await self.projects.learn(ref, row["version_name"])
         return row["generation"], SecretValue(row["version_name"], base64.b64decode(sealed))
 
-    async def _record(self, ref: SecretRef, generation: int, value: SecretValue) -> None:
+    async def _record(self, ref: SecretRef, fence: str, generation: int, value: SecretValue) -> None:
         write_id = new_write_id()
         kid, data = self._keyring.seal(_identity(ref), base64.b64encode(value.payload).decode(), write_id)
-        await self._db.pool.execute(self._db.q["record_fetch"], str(ref), ref.secret_id, generation,
+        await self._db.pool.execute(self._db.q["record_fetch"], str(ref), fence, generation,
                                     value.version_name, kid, data, write_id)
 
     async def _call(self, ref: SecretRef, deadline: float) -> SecretValue:
@@ -240,7 +266,9 @@ class Fetcher:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SecretUnavailable(str(ref), "the deadline passed before the call")
-        return await self.source.access(ref, timeout=min(remaining, self._settings.secret_manager_timeout_seconds))
+        value = await self.source.access(ref, timeout=min(remaining, self._settings.secret_manager_timeout_seconds))
+        await self.projects.learn(ref, value.version_name)
+        return value
 
     # --- the lock connection ----------------------------------------------------------------------------------------
     async def _try_lock(self, ref: SecretRef) -> bool:

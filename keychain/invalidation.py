@@ -5,33 +5,37 @@ worker every target beside it)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .errors import InvalidArgument
-from .refs import UNKNOWN_PROJECT, SecretRef
+from .refs import SecretIdentity, SecretRef
 
 Kind = Literal["secret", "credential", "execution", "everything"]  # a closed set
 
 
 @dataclass(frozen=True)
 class Selection:
-    """Entries to stop serving: those holding a secret (`secret_id`, narrowed by `match`: a `sources` element
-    pattern such as {"version": "3"} or {"pinned": False}; and by `secret_name` when the door named the secret's
-    project), those of a credential name, of an execution, or all."""
+    """Entries to stop serving: those holding a secret (`secret`, its identity; narrowed by `match`, a `sources`
+    element pattern such as {"version": "3"} or {"pinned": False}), those of a credential name, of an execution, or
+    all.
+
+    A secret selection reaches the rows whose values came from that secret (their `sources` element's `secret` is its
+    identity) and the rows of the same secret id and location held under a project not known yet (a refusal of a
+    reference by project id: it may be this project). With `any_project` (a person named the project by an id whose
+    number nobody has learned: it cannot be told from any project's number) it reaches that secret id and location
+    in every project: more than needed, never less."""
 
     kind: Kind
-    secret_id: str | None = None
+    secret: SecretIdentity | None = None
     match: dict[str, Any] = field(default_factory=dict, hash=False)
     credential: str | None = None
     execution_id: int | None = None
     # A version just added (a SECRET_VERSION_ADD notice): a copy that already holds it, or a newer one, is current.
     added_version: str | None = None
-    # projects/P[/locations/L]/secrets/S as a notice or the operator named it. With P a project NUMBER (as notices
-    # name it) only rows whose value came from that project's secret are reached: their `names` hold the name as
-    # Secret Manager answered it, which is by number; and rows whose project number was never told (a refusal: "*"
-    # in their names). A project id cannot be told from another project's number, so it narrows nothing.
-    secret_name: str | None = None
+    any_project: bool = False
+    # The secret as a person named it, when its project is an id: Maintenance.invalidate resolves it (resolved()).
+    named: SecretRef | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, *, credential: str | None = None, execution_id: int | None = None,
@@ -45,7 +49,7 @@ class Selection:
         if secret is not None:
             ref = secret if isinstance(secret, SecretRef) else SecretRef.parse(secret)
             version = version or (ref.version if ref.pinned else None)
-            return cls.matching(ref.secret_id, {"version": version} if version else {}, secret_name=ref.secret_name)
+            return cls.named_secret(ref, {"version": version} if version else {})
         if credential is not None:
             return cls("credential", credential=credential)
         if execution_id is not None:
@@ -55,19 +59,46 @@ class Selection:
         return cls("everything")
 
     @classmethod
-    def matching(cls, secret_id: str, match: dict[str, Any], *, added_version: str | None = None,
-                 secret_name: str | None = None) -> "Selection":
+    def matching(cls, secret: SecretIdentity, match: dict[str, Any], *, added_version: str | None = None
+                 ) -> "Selection":
         """The rows of one secret whose `sources` element also contains `match` (a rotation notice's rule)."""
-        return cls("secret", secret_id=secret_id, match=dict(match), added_version=added_version,
-                   secret_name=secret_name)
+        return cls("secret", secret=secret, match=dict(match), added_version=added_version)
+
+    @classmethod
+    def named_secret(cls, ref: SecretRef, match: dict[str, Any], *, added_version: str | None = None) -> "Selection":
+        """The rows of the secret a reference names (its project by number, or by an id resolved later)."""
+        selection = cls.matching(ref.identity(), match, added_version=added_version)
+        return selection if ref.project.isdigit() else replace(selection, named=ref)
+
+    def resolved(self, number: str | None) -> "Selection":
+        """A selection naming its project by id, with that project's number (learned), or for every project (None)."""
+        if self.named is None:
+            return self
+        if number is None:
+            return replace(self, any_project=True, named=None)
+        return replace(self, secret=self.named.identity(number), named=None)
+
+    @property
+    def secrets(self) -> list[str]:
+        """For a secret selection: the identity keys whose generations, shared fetches, refusals and summary it
+        reaches (beside every project's, with `any_project`)."""
+        if self.secret is None:
+            return []
+        return sorted({self.secret.key, self.secret.unknown_project.key})
+
+    @property
+    def any_project_path(self) -> str | None:
+        """With `any_project`: the secret's path, which every project's secret of that id and location has."""
+        return self.secret.path if self.any_project and self.secret is not None else None
 
     def patterns(self, match: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """For a secret selection: the `sources` element patterns (any of them) of the rows it reaches, with `match`
         (default: the selection's own)."""
-        base = {"secret_id": self.secret_id, **(self.match if match is None else match)}
-        if self.secret_name is None or not SecretRef.parse(self.secret_name).project.isdigit():
-            return [base]
-        return [{**base, "names": [self.secret_name]}, {**base, "names": [UNKNOWN_PROJECT]}]
+        rule = self.match if match is None else match
+        if self.any_project:
+            location, secret = self.secret.location, self.secret.secret
+            return [{"secret_id": f"{location}/{secret}" if location else secret, **rule}]
+        return [{"secret": key, **rule} for key in self.secrets]
 
     @property
     def sources_patterns(self) -> list[str]:
@@ -75,6 +106,7 @@ class Selection:
         return [json.dumps([pattern]) for pattern in self.patterns()]
 
     def describe(self) -> str:
-        """For logs: the kind and what it names (a secret's short id, never a value)."""
-        detail = {"secret": self.secret_id, "credential": self.credential, "execution": self.execution_id}.get(self.kind)
+        """For logs: the kind and what it names (a secret's identity, never a value)."""
+        detail = {"secret": self.secret.key if self.secret else None, "credential": self.credential,
+                  "execution": self.execution_id}.get(self.kind)
         return self.kind if detail is None else f"{self.kind} {detail}"

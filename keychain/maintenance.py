@@ -16,7 +16,9 @@ from .errors import DecryptionError
 from .fetcher import Fetcher
 from .invalidation import Selection
 from .model import RowIdentity
+from .projects import ProjectNumbers
 from .reads import ReadCounts
+from .refs import SecretIdentity
 
 log = logging.getLogger("keychain")
 
@@ -38,11 +40,13 @@ _MARK_STALE = {
 
 
 class Maintenance:
-    def __init__(self, connector: Connector, keyring: KeyRing, fetcher: Fetcher, reads: ReadCounts):
+    def __init__(self, connector: Connector, keyring: KeyRing, fetcher: Fetcher, reads: ReadCounts,
+                 projects: ProjectNumbers):
         self._db = connector
         self._keyring = keyring
         self._fetcher = fetcher
         self._reads = reads
+        self._projects = projects
 
     # --- an execution's end -----------------------------------------------------------------------------------------
     @typed_errors
@@ -65,43 +69,79 @@ class Maintenance:
 
     # --- invalidation -----------------------------------------------------------------------------------------------
     @typed_errors
+    async def resolve(self, selection: Selection) -> Selection:
+        """A selection naming a secret's project by id, with the project's number if any process has learned it;
+        else reaching that secret id and location in every project (an id cannot be told from another's number)."""
+        if selection.named is None:
+            return selection
+        identity = await self._projects.identity(selection.named)
+        return selection.resolved(identity.project if identity.known else None)
+
+    @typed_errors
     async def invalidate(self, selection: Selection, *, notice_id: str | None = None, drop: bool = False,
                          beside: Beside | None = None) -> int | None:
         """THE invalidation, atomically, in the lock order: the selected rows stop being served at once (marked
         stale; deleted with `drop`, for a secret's), and `beside` (a worker target's rows in its own store) in the
-        same transaction. A secret's invalidation also bumps its generation (no fetch in flight writes an older
-        value afterwards), marks every target's copies of it stale, and forgets its remembered refusals and shared
-        fetches; `everything` bumps every generation. Returns rows changed (ours and beside's), or None when
-        `notice_id` was applied before (a duplicate)."""
+        same transaction. Whatever it selects, the secrets it reaches are fenced and fetched anew: their generations
+        move on (no fetch in flight writes an older value afterwards) and their shared fetches and refusals are
+        forgotten. A secret's invalidation also marks every target's copies of it stale; `everything` moves every
+        generation on. Returns rows changed (ours and beside's), or None when `notice_id` was applied before (a
+        duplicate)."""
+        selection = await self.resolve(selection)
+        reached: list[str] = []  # the secrets' identities, of the attempt that committed
 
         async def invalidate(conn: asyncpg.Connection) -> int | None:
+            nonlocal reached
             q = self._db.q
             if notice_id is not None and await conn.fetchval(q["record_notice"], notice_id) is None:
                 return None
+            path = selection.any_project_path
+            if selection.kind == "everything":
+                await conn.execute(q["bump_all_generations"])
+            else:
+                reached = selection.secrets if selection.kind == "secret" else sorted({
+                    key for row in await conn.fetch(q["secrets_held_by"], selection.credential, selection.execution_id)
+                    for key in Selection.matching(SecretIdentity.from_key(row["secret"]), {}).secrets})
+                await conn.execute(q["bump_generations"], reached, path)  # lock order 2, before any row
             if selection.kind == "secret":
-                await conn.fetchval(q["bump_generation"], selection.secret_id)
                 statement, *args = ("delete_matching" if drop else "mark_stale_matching", selection.sources_patterns)
             else:
-                if selection.kind == "everything":
-                    await conn.execute(q["bump_all_generations"])
                 statement, *args = _MARK_STALE[selection.kind](selection)
             changed = affected(await conn.execute(q[statement], *args))
             if beside is not None:  # a target's rows in its own store: lock order 4, as ours
                 changed += await beside(conn)
-            if selection.kind == "secret":
-                match = selection.match
-                if beside is None:  # no worker target stopped its copies itself: every target's, stale (copies.py)
-                    await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_patterns)
-                await conn.execute(q["clear_failures_of_secret"], selection.secret_id)
-                await conn.execute(q["forget_fetches_of_secret"], selection.secret_id)
-                if not (match.get("alias") or match.get("pinned")):  # the match reaches rows held through `latest`
-                    await conn.execute(q["forget_latest_held"], selection.secret_id, match.get("version"))
+            if selection.kind == "secret" and beside is None:
+                # no worker target stopped its copies itself: every target's, stale (copies.py)
+                await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_patterns)
+            if selection.kind == "everything":
+                await conn.execute(q["forget_every_failure"])
+                await conn.execute(q["forget_every_fetch"])
+            else:
+                await conn.execute(q["forget_failures"], reached, path)
+                await conn.execute(q["forget_fetches"], reached, path)
+            match = selection.match
+            if selection.kind == "secret" and not (match.get("alias") or match.get("pinned")):
+                # the match reaches rows held through `latest`
+                await conn.execute(q["forget_latest_held"], reached, path, match.get("version"))
             return changed
 
         changed = await self._db.transaction("invalidate", invalidate)
-        if selection.kind in ("secret", "everything"):
-            self._fetcher.forget(selection.secret_id)  # this process's window (other processes' writes are fenced)
+        # This process's window (other processes' writes are fenced).
+        if selection.kind == "everything":
+            self._fetcher.forget()
+        elif selection.kind == "secret":
+            self._fetcher.forget(selection.secret, any_project=selection.any_project)
+        else:
+            for key in reached:
+                self._fetcher.forget(SecretIdentity.from_key(key))
         return changed
+
+    @typed_errors
+    async def forget_refusals(self, secret: SecretIdentity) -> None:
+        """A notice of a secret that makes no value wrong (a version enabled, the secret created or due for
+        rotation): its remembered refusals are forgotten, and the next read asks Secret Manager again."""
+        await self._db.transaction("forget_refusals", lambda conn: conn.execute(
+            self._db.q["forget_failures"], sorted({secret.key, secret.unknown_project.key}), None))
 
     @typed_errors
     async def stale_rows(self, selection: Selection, limit: int = 10_000) -> list[asyncpg.Record]:
@@ -109,24 +149,24 @@ class Maintenance:
         return await self._db.fetch("stale_rows_matching", selection.sources_patterns, limit)
 
     @typed_errors
-    async def stale_secret_ids(self, limit: int = 100) -> list[str]:
+    async def stale_secrets(self, limit: int = 100) -> list[SecretIdentity]:
         """Secrets that still have rows not served (invalidated, not yet refreshed)."""
-        return [row["secret_id"] for row in await self._db.fetch("stale_secret_ids", limit)]
+        return [SecretIdentity.from_key(row["secret"]) for row in await self._db.fetch("stale_secrets", limit)]
 
     @typed_errors
     async def latest_secrets_to_check(self, limit: int) -> list[asyncpg.Record]:
         return await self._db.fetch("latest_secrets_to_check", limit)
 
     @typed_errors
-    async def mark_checked(self, secret_id: str) -> None:
-        await self._db.statement("mark_checked", "mark_checked", secret_id)
+    async def mark_checked(self, secret: SecretIdentity) -> None:
+        await self._db.statement("mark_checked", "mark_checked", secret.key)
 
     @typed_errors
-    async def generations(self, secret_ids: Iterable[str]) -> dict[str, int]:
+    async def generations(self, secrets: Iterable[SecretIdentity]) -> dict[SecretIdentity, int]:
         """The rotation generation of each secret (0 when never invalidated)."""
-        ids = list(secret_ids)
-        found = dict(await self._db.fetch("secret_generations", ids))
-        return {secret_id: found.get(secret_id, 0) for secret_id in ids}
+        wanted = list(secrets)
+        found = dict(await self._db.fetch("secret_generations", [s.key for s in wanted]))
+        return {secret: found.get(secret.key, 0) for secret in wanted}
 
     @typed_errors
     async def globals_to_refresh(self, within_seconds: float, limit: int = 1000) -> list[asyncpg.Record]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from .errors import InvalidArgument
-from .refs import UNKNOWN_PROJECT, SecretRef
+from .refs import SecretIdentity, SecretRef
 
 ScopeType = Literal["execution", "global", "session"]
 Outcome = Literal["hit", "miss", "expired", "stale", "failed", "other_source", "direct"]
@@ -120,17 +120,26 @@ class Provenance:
     resolved_name: str | None  # as Secret Manager answered: projects/NUMBER/secrets/S/versions/N (None: refused)
     field: str | None = None  # the value's field it fills, for a keychain entry that maps several secrets
 
+    @property
+    def identity(self) -> SecretIdentity:
+        """The secret's identity: as Secret Manager answered its name (the project by number), else as referenced
+        (a project written by id and refused: unknown, which every invalidation of the secret's id and location in
+        a known project reaches too)."""
+        resolved = SecretRef.parse(self.resolved_name) if self.resolved_name else None
+        if resolved is not None and resolved.project.isdigit():
+            return resolved.identity()
+        return self.ref.identity()
+
     def as_json(self) -> dict[str, Any]:
         resolved = SecretRef.parse(self.resolved_name) if self.resolved_name else None
-        # The secret's name as referenced and as Secret Manager answered (the project by number): an invalidation
-        # naming either reaches the row. Refused (or answered without a number): the project's number is unknown,
-        # so an invalidation of the secret in any project reaches the row.
-        told = [resolved.secret_name] if resolved and resolved.project.isdigit() else [UNKNOWN_PROJECT]
-        names = list(dict.fromkeys([self.ref.secret_name, *told]))
+        # `secret`: the identity every invalidation, fence and comparison goes by. `names`: the secret's name as
+        # referenced and as answered (by project number): the spellings a reader's reference may match it by.
+        told = [resolved.secret_name] if resolved and resolved.project.isdigit() else []
         document: dict[str, Any] = {
             "ref": str(self.ref),
+            "secret": self.identity.key,
             "secret_id": self.ref.secret_id,
-            "names": names,
+            "names": list(dict.fromkeys([self.ref.secret_name, *told])),
             "pinned": self.ref.pinned,
             "alias": not self.ref.pinned and self.ref.version != "latest",
         }
@@ -153,7 +162,8 @@ class Entry:
     cache_type: str = "secret"
     credential_type: str = "secret_manager"
     error_code: str | None = None
-    # Rotation fence: the generation of each secret (by short id) observed before its value was fetched.
+    # Rotation fence: (the identity key a value was fenced on, its generation read before the value was fetched), one
+    # pair per value fetched (two references of one secret, each read at its own moment, are two pairs).
     fences: tuple[tuple[str, int], ...] = ()
 
     @functools.cached_property
@@ -181,6 +191,23 @@ def value_from_payload(payload: bytes) -> Any:
         return payload.decode("utf-8")
     except UnicodeDecodeError:
         return {"base64": base64.b64encode(payload).decode()}
+
+
+def held_token(field: str | None, identity: SecretIdentity, version: str) -> str:
+    """What one value of a row is: the map field it fills, its secret's identity and the version as referenced
+    (`latest`, an alias, a number). Two rows hold the same values when their tokens are the same set."""
+    return f"{field or ''}={identity.key}/versions/{version}"
+
+
+def held_of(sources: str | list[dict[str, Any]]) -> frozenset[str]:
+    """The tokens of a row's (or a copy's) `sources` column."""
+    elements = json.loads(sources) if isinstance(sources, str) else sources
+    tokens = set()
+    for element in elements:
+        ref = SecretRef.parse(element["ref"])
+        identity = SecretIdentity.from_key(element["secret"]) if "secret" in element else ref.identity()
+        tokens.add(held_token(element.get("field"), identity, ref.version))
+    return frozenset(tokens)
 
 
 def sources_json(sources: tuple[Provenance, ...]) -> str:

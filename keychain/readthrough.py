@@ -40,7 +40,7 @@ class ReadThrough:
         self._lookup = lookup
         self._rows = rows
         self._fetcher = fetcher
-        self._inflight: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
+        self._inflight: dict[tuple[str, str, str, str], asyncio.Future[Any]] = {}
         self._to_write: list[tuple[Entry, asyncio.Future[bool]]] = []  # read-throughs' rows (_write_together)
         self._writer: asyncio.Future[None] | None = None
 
@@ -58,10 +58,12 @@ class ReadThrough:
             lookup = await self._lookup(identity, ref)
             if lookup:
                 return lookup
-            return await self._single_flight((identity.credential_name, identity.scope_type, identity.scope_id),
+            # One flight per row AND reference: two readers of one name that want different secrets (another
+            # project's, another version) each get their own.
+            return await self._single_flight((*identity, str(ref)),
                                              lambda: self._read_through(identity, scope, ref, ttl_seconds))
         except _CACHE_UNREADABLE:
-            return await self._single_flight(("", "direct", str(ref)), lambda: self._fetch_direct(ref))
+            return await self._single_flight(("", "direct", "", str(ref)), lambda: self._fetch_direct(ref))
 
     async def _fetch_direct(self, ref: SecretRef) -> Lookup:
         if self._fetcher.source is None:
@@ -71,7 +73,7 @@ class ReadThrough:
         log.warning("keychain cannot be read: served %s straight from Secret Manager", ref.secret_name)
         return Lookup("direct", value_from_payload(secret.payload))
 
-    async def _single_flight(self, key: tuple[str, str, str], make: Callable[[], Awaitable[T]]) -> T:
+    async def _single_flight(self, key: tuple[str, str, str, str], make: Callable[[], Awaitable[T]]) -> T:
         """One call of `make` per key in flight in this process; every caller awaits it (a caller that gives up
         leaves it running for the others)."""
         future = self._inflight.get(key)
@@ -93,7 +95,7 @@ class ReadThrough:
                 raise CachedFailure(identity.credential_name, fetched)
             entry = Entry(identity.credential_name, scope, value_from_payload(fetched.value.payload),
                           sources=(Provenance(ref, fetched.value.version_name),), ttl_seconds=ttl_seconds,
-                          fences=((ref.secret_id, fetched.generation),))
+                          fences=(fetched.fence_pair,))
             try:
                 written = await self._write_together(entry)
             except KeychainError as exc:  # the row is a cache fill, not what the reader asked for
@@ -103,7 +105,8 @@ class ReadThrough:
                 return Lookup("direct", entry.value)
             if written:
                 return Lookup("hit", entry.value)
-            self._fetcher.forget(ref.secret_id)  # invalidated since it was fetched: fetch the new value
+            # invalidated since it was fetched: fetch the new value
+            self._fetcher.forget(self._fetcher.projects.known(ref))
         raise KeychainError(f"{identity.credential_name}: invalidated three times while fetching")
     async def _write_together(self, entry: Entry) -> bool:
         """A read-through's row, written with those of the other read-throughs of this moment in one transaction

@@ -22,9 +22,69 @@ _REF = re.compile(
     r"(?:/versions/(?P<version>[1-9][0-9]{0,18}|[A-Za-z][A-Za-z0-9_-]{0,62}))?$"
 )
 _RESERVED_VERSIONS = frozenset({"new"})  # any case: not an alias
-# In a row's `sources` names: Secret Manager did not say which project number the reference's project is (it refused
-# the fetch), so every invalidation of the secret's id reaches the row, whichever project it names.
+# A secret's project when its number is not known yet: the reference names it by id and Secret Manager has not
+# answered for it (SecretIdentity).
 UNKNOWN_PROJECT = "*"
+_KEY = re.compile(r"^projects/(?P<project>[0-9]{1,30}|\*)(?:/locations/(?P<location>[a-z][a-z0-9-]{0,62}))?"
+                  r"/secrets/(?P<secret>[A-Za-z0-9_-]{1,255})$")
+
+
+@dataclass(frozen=True, slots=True)
+class SecretIdentity:
+    """THE identity of a secret, wherever the keychain keeps track of one (rotation generations and fences, the shared
+    fetches, the reconciliation summary, refusals, the `secret` of every `sources` element, Kafka keys, comparisons):
+    its project as Secret Manager answers it, by NUMBER, its location (None: global) and its id. Its `key` is the
+    secret's name as Secret Manager answers it: `projects/NUMBER[/locations/L]/secrets/S`.
+
+    A reference may name its project by id (`projects/prod-1/...`), which cannot be told from another project's
+    number. Until Secret Manager has answered once for that project (every name it answers has the number: the
+    mapping is then learned for good, keychain/projects.py), the project is UNKNOWN_PROJECT: never a guess, and never
+    merged with a known project. An invalidation of `projects/N/.../S` also reaches what is held of S under an unknown
+    project (it may be N), never what is held of S in another known project."""
+
+    project: str  # a project number, or UNKNOWN_PROJECT
+    secret: str
+    location: str | None = None
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"/locations/{self.location}" if self.location else ""
+        object.__setattr__(self, "key", f"projects/{self.project}{where}/secrets/{self.secret}")
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    @classmethod
+    def from_key(cls, key: str) -> "SecretIdentity":
+        match = _KEY.match(key) if isinstance(key, str) else None
+        if match is None:
+            raise InvalidReference(f"not a secret's identity: {key[:200]!r}" if isinstance(key, str)
+                                   else "not a secret's identity")
+        return cls(match["project"], match["secret"], match["location"])
+
+    @property
+    def known(self) -> bool:
+        """Whether its project's number is known."""
+        return self.project != UNKNOWN_PROJECT
+
+    @property
+    def path(self) -> str:
+        """The key without its project (`secrets/S`, `locations/L/secrets/S`): what every project's S has in common."""
+        return self.key.split("/", 2)[2]
+
+    @property
+    def unknown_project(self) -> "SecretIdentity":
+        """The same secret id and location under a project not known yet."""
+        return SecretIdentity(UNKNOWN_PROJECT, self.secret, self.location)
+
+    @property
+    def secret_id(self) -> str:
+        """The secret's short id (`S`, or `L/S`): shared by every project's secret of that id. Never a key; only what an
+        invalidation that cannot tell the project (an operator naming an unknown project id) reaches."""
+        return f"{self.location}/{self.secret}" if self.location else self.secret
+
+    def __str__(self) -> str:
+        return self.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +115,18 @@ class SecretRef:
 
     @property
     def secret_id(self) -> str:
-        """The secret's id where the keychain keeps track of it (generations, notices, fences): `S`, or `L/S` for a
-        regional secret (the global secret `S` and `S` in each location are different secrets)."""
+        """The secret's short id, `S` or `L/S`, shared by every project's secret of that id: never an identity (that is
+        `identity()`)."""
         return f"{self.location}/{self.secret}" if self.location else self.secret
 
     @property
     def pinned(self) -> bool:
         return self.version.isdigit()
+
+    def identity(self, project_number: str | None = None) -> SecretIdentity:
+        """The secret's identity: its project's number as written, or as learned (`project_number`), else unknown."""
+        number = self.project if self.project.isdigit() else project_number
+        return SecretIdentity(number or UNKNOWN_PROJECT, self.secret, self.location)
 
     def with_version(self, version: str) -> "SecretRef":
         return SecretRef(self.project, self.secret, version, self.location)

@@ -11,7 +11,7 @@ import asyncpg
 from . import metrics
 from .crypto import KeyRing, new_write_id
 from .database import Connector, typed_errors
-from .model import Entry, RowIdentity, RowToWrite, sources_json
+from .model import Entry, RowIdentity, RowToWrite, held_of, sources_json
 
 T = TypeVar("T")
 
@@ -89,7 +89,9 @@ class Rows:
                            execution_id: Callable[[T], int | None]) -> tuple[list[T], list[T]]:
         """Inside a writer's transaction, in the lock order: the secrets' state rows FOR SHARE (an invalidation
         waits for this transaction, then sees what it wrote), then the executions' fence locks shared (a finish
-        waits). Returns (items whose secret was invalidated after its generation was read, the others)."""
+        waits). Every (identity, generation) pair of an item is checked: two values of one secret fetched at two
+        moments are two pairs. Returns (items whose secret was invalidated after its generation was read, the
+        others)."""
         fenced_ids = sorted({secret_id for item in items for secret_id, _ in fences(item)})
         stale: list[T] = []
         if fenced_ids:
@@ -120,15 +122,15 @@ class Rows:
     async def existing(
         self, identities: Iterable[RowIdentity], min_remaining_seconds: float = 0
     ) -> dict[RowIdentity, tuple[bool, frozenset[str]]]:
-        """For each of these identities that has a row: (ready and outliving `min_remaining_seconds`, the short ids
-        of the secrets it holds). Counts no hit."""
+        """For each of these identities that has a row: (ready and outliving `min_remaining_seconds`, what it holds:
+        model.held_of). Counts no hit."""
         wanted = list(identities)
         if not wanted:
             return {}
         names, scopes, ids = (list(column) for column in zip(*wanted))
         rows = await self._db.fetch("existing_rows", names, scopes, ids, float(min_remaining_seconds))
         return {
-            RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], frozenset(r["secret_ids"]))
+            RowIdentity(r["credential_name"], r["scope_type"], r["scope_id"]): (r["ready"], held_of(r["sources"]))
             for r in rows
         }
 

@@ -23,9 +23,10 @@ from .fetcher import Fetcher
 from .maintenance import Maintenance
 from .migrate import migrate
 from .model import Entry, Lookup, Provenance, RowIdentity, Scope
+from .projects import ProjectNumbers
 from .reads import ReadCounts
 from .readthrough import ReadThrough
-from .refs import SecretRef
+from .refs import SecretIdentity, SecretRef
 from .rows import Rows
 from .settings import Settings
 from .sources import SecretManagerSource
@@ -41,10 +42,11 @@ class Keychain:
         self.keyring = KeyRing.parse(settings.keys.get_secret_value())
         self.source = source
         self._db = Connector(settings)
+        self.projects = ProjectNumbers(self._db)
         self.rows = Rows(self._db, self.keyring)
-        self.fetcher = Fetcher(self._db, self.keyring, source)
+        self.fetcher = Fetcher(self._db, self.keyring, source, self.projects)
         self._reads = ReadCounts(self._db)
-        self.maintenance = Maintenance(self._db, self.keyring, self.fetcher, self._reads)
+        self.maintenance = Maintenance(self._db, self.keyring, self.fetcher, self._reads, self.projects)
         self._read_through = ReadThrough(self._lookup, self.rows, self.fetcher)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
@@ -99,7 +101,8 @@ class Keychain:
         if ref is None:
             row = await self.pool.fetchrow(self._db.q["get_entry"], *identity_args(identity))
         else:
-            row = await self.pool.fetchrow(self._db.q["get_entry_from"], *identity_args(identity), source_pattern(ref))
+            row = await self.pool.fetchrow(self._db.q["get_entry_from"], *identity_args(identity),
+                                           source_pattern(ref, self.projects.known(ref)))
         metrics.READ_SECONDS.observe(time.perf_counter() - started)
         if row is None:
             lookup = Lookup("miss")
@@ -163,11 +166,12 @@ class Keychain:
         await self.rows.put_many([Entry(name, entry_scope, value, tuple(sources), ttl_seconds)])
 
 
-def source_pattern(ref: SecretRef) -> str:
-    """A `sources` containment pattern for values that came from `ref`: the same secret (by either project
-    spelling, both of which a row records) and, for a pinned reference, the same version; a floating reference
-    (latest, an alias) matches floating rows."""
-    element: dict[str, Any] = {"names": [ref.secret_name], "pinned": ref.pinned}
+def source_pattern(ref: SecretRef, identity: SecretIdentity) -> str:
+    """A `sources` containment pattern for values that came from `ref`: the same secret (its identity when its
+    project's number is known, else by the spelling of the reference, which a row records beside Secret Manager's)
+    and, for a pinned reference, the same version; a floating reference (latest, an alias) matches floating rows."""
+    element: dict[str, Any] = ({"secret": identity.key} if identity.known else {"names": [ref.secret_name]})
+    element["pinned"] = ref.pinned
     if ref.pinned:
         element["version"] = ref.version
     return json.dumps([element])

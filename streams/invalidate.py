@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from keychain.errors import SecretSourceError
 from keychain.logs import secret_label
 from keychain.invalidation import Selection
-from keychain.refs import SecretRef
+from keychain.refs import SecretIdentity, SecretRef
 from keychain.sources import SecretManagerSource
 from keychain.store import Keychain
 
@@ -79,9 +79,10 @@ class Invalidator:
     async def apply(self, notice: RotationNotice) -> Applied:
         """A Secret Manager notice: what its event type makes wrong (RotationNotice.selection)."""
         selection = notice.selection()
-        if selection is None:
+        if selection is None:  # a version enabled, the secret created or due for rotation: its refusals may be over
+            await self.keychain.maintenance.forget_refusals(notice.identity)
             metrics.INVALIDATIONS.labels(notice.event_type).inc()
-            log.info("notice %s for %s: no value changed, nothing dropped", notice.event_type,
+            log.info("notice %s for %s: no value changed, nothing dropped; its refusals forgotten", notice.event_type,
                      secret_label(notice.secret, self.settings.log_secret_ids))
             return Applied(0, 0, 0.0)
         return await self.invalidate(selection, cause=notice.event_type, notice_id=notice.notice_id,
@@ -91,6 +92,7 @@ class Invalidator:
                          occurred_at: datetime | None = None, refresh: bool = True) -> Applied:
         """THE invalidation. `cause`: a notice's event type, `operator` or `reconcile` (a closed set: the metric's
         label). `refresh`: re-warm running executions' rows now (else the leader's next maintenance round does)."""
+        selection = await self.keychain.maintenance.resolve(selection)  # a project named by id: its number
         drop = self.settings.rewarm_mode == "drop" and selection.kind == "secret"
         besides = [b for b in (t.stop_serving(selection, drop=drop) for t in self.warmer.targets) if b]
         changed = await self.keychain.maintenance.invalidate(selection, notice_id=notice_id, drop=drop,
@@ -104,7 +106,8 @@ class Invalidator:
         refreshed = 0
         if refresh and not drop:
             refreshed = await (self.refresh(selection) if selection.kind == "secret" else self.refresh_stale())
-        described = (f"secret {secret_label(selection.secret_id, self.settings.log_secret_ids)}"
+        described = (f"secret {secret_label(selection.secret.key, self.settings.log_secret_ids)}"
+                     f"{' in any project' if selection.any_project else ''}"
                      if selection.kind == "secret" else selection.describe())
         log.info("invalidation (%s%s) of %s: %s rows invalidated, %d refreshed, lag %.0f ms", cause,
                  f" {notice_id}" if notice_id else "", described,
@@ -114,8 +117,9 @@ class Invalidator:
     async def refresh_stale(self, limit: int = 100) -> int:
         """Refresh rows invalidated and not refreshed yet (by the CLI, another process, or an invalidation of a
         credential, an execution or everything)."""
-        secret_ids = {s for target in self.warmer.targets for s in await target.stale_secret_ids(limit)}
-        return sum([await self.refresh(Selection.matching(secret_id, {})) for secret_id in sorted(secret_ids)])
+        secrets = {s for target in self.warmer.targets for s in await target.stale_secrets(limit)}
+        return sum([await self.refresh(Selection.matching(secret, {}))
+                    for secret in sorted(secrets, key=lambda s: s.key)])
 
     async def refresh(self, selection: Selection) -> int:
         """Re-warm a secret's stale rows in every target (each secret fetched once for all of them); finished
@@ -133,23 +137,23 @@ class Invalidator:
         behind = 0
         maintenance = self.keychain.maintenance
         for row in await maintenance.latest_secrets_to_check(RECONCILE_BATCH):
-            ref = SecretRef.parse(row["ref"])
+            ref, secret = SecretRef.parse(row["ref"]), SecretIdentity.from_key(row["secret"])
             try:
                 latest = await self.source.latest_version(ref)
             except SecretSourceError as exc:
-                log.warning("reconcile %s: %s", ref.secret_name, exc.code)
+                log.warning("reconcile %s: %s", secret_label(secret.key, self.settings.log_secret_ids), exc.code)
                 continue
             finally:
-                await maintenance.mark_checked(row["secret_id"])
+                await maintenance.mark_checked(secret)
             changed = 0
             for version in sorted(set(row["versions"]) - {latest}):
                 # Only the rows still holding the old version through `latest` or an alias (the summary may name a
                 # version whose rows were rewritten since: then nothing changes, and its summary row goes).
-                applied = await self.invalidate(Selection.matching(ref.secret_id, {"pinned": False, "version": version}),
+                applied = await self.invalidate(Selection.matching(secret, {"pinned": False, "version": version}),
                                                 cause="reconcile")
                 changed += applied.changed or 0
             if changed:
                 behind += 1
                 log.warning("reconcile: %d rows of %s held an older version than latest (%s)", changed,
-                            ref.secret_name, latest)
+                            secret_label(secret.key, self.settings.log_secret_ids), latest)
         return behind

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from keychain.errors import InvalidReference
 from keychain.invalidation import Selection
-from keychain.refs import SecretRef
+from keychain.refs import SecretIdentity, SecretRef
 
 from . import metrics
 from .events import BadEvent
@@ -37,7 +37,8 @@ MAX_UNKNOWN_LOGGED = 32
 
 
 class RotationNotice(BaseModel):
-    """A notification as the bridge puts it on KEYCHAIN_ROTATIONS_TOPIC (key = the secret's short id)."""
+    """A notification as the bridge puts it on KEYCHAIN_ROTATIONS_TOPIC (key = the secret's identity, so that the
+    notices of one secret share a partition, and another project's secret of the same id is another key)."""
 
     notice_id: str = Field(min_length=1, max_length=200, description="Pub/Sub message id: duplicates share it")
     event_type: str = Field(description="A Secret Manager event type (VERSION_EVENTS or SECRET_EVENTS)")
@@ -54,12 +55,9 @@ class RotationNotice(BaseModel):
         return value
 
     @property
-    def secret_id(self) -> str:
-        return SecretRef.parse(self.secret).secret_id
-
-    @property
-    def secret_name(self) -> str:
-        return SecretRef.parse(self.secret).secret_name
+    def identity(self) -> SecretIdentity:
+        """The secret's identity: Secret Manager names a notice's secret by project number."""
+        return SecretRef.parse(self.secret).identity()
 
     @property
     def version_number(self) -> str | None:
@@ -84,10 +82,10 @@ class RotationNotice(BaseModel):
         if match is None:
             return None
         added = self.version_number if self.event_type == "SECRET_VERSION_ADD" else None
-        return Selection.matching(self.secret_id, match, added_version=added, secret_name=self.secret_name)
+        return Selection.named_secret(SecretRef.parse(self.secret), match, added_version=added)
 
     def to_kafka(self) -> tuple[bytes, bytes]:
-        return self.secret_id.encode(), self.model_dump_json().encode()
+        return self.identity.key.encode(), self.model_dump_json().encode()
 
 
 def notice_from_pubsub(

@@ -9,7 +9,7 @@ the event carries none (it needs KEYCHAIN_DSN, or KEYCHAIN_CATALOG_DSN, only the
    "noetl": {"rows": [{"cache_key": KEY, "alias": ALIAS, "refs": {FIELD: REF}}], "skipped": [...]}}
 `rows` and `skipped` are the keychain target's (when KEYCHAIN_TARGET is keychain or both), `noetl` the noetl
 target's (noetl or both: the cache keys NoETL's server will look under; an alias that `noetl.credential` shadows is
-skipped `credential_shadowed`, which needs NoETL's database). A single-valued row's only field is "". Exit 0; a
+skipped `credential_table`, which needs NoETL's database). A single-valued row's only field is "". Exit 0; a
 message the worker would dead-letter prints {"dead_letter": REASON, "detail": DETAIL} and exits 1.
 """
 
@@ -77,7 +77,7 @@ async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
                                   server_region=settings.noetl_server_region)
                 shadowed = await shadowed_aliases(pool, noetl_statements(settings.catalog_schema),
                                                   {w.alias for w in plan.wants})
-                plan.skipped += [Skip(w.alias, "credential_shadowed") for w in plan.wants if w.alias in shadowed]
+                plan.skipped += [Skip(w.alias, "credential_table") for w in plan.wants if w.alias in shadowed]
                 answer["noetl"] = {"rows": [w.as_json() for w in plan.wants if w.alias not in shadowed],
                                    "skipped": [s.as_json() for s in plan.skipped]}
         except RecursionError:

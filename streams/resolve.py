@@ -88,7 +88,7 @@ class Want:
     (and hashed) by name, scope and fields. A plain class with slots: a burst makes three per start event, and a
     frozen dataclass that derives fields costs several times more to make."""
 
-    __slots__ = ("credential_name", "scope", "fields", "refs", "secrets", "identity", "_hash")
+    __slots__ = ("credential_name", "scope", "fields", "refs", "identity", "_hash")
 
     def __init__(self, credential_name: str, scope: Scope, fields: tuple[tuple[str | None, SecretRef], ...]):
         self.credential_name = credential_name
@@ -96,7 +96,6 @@ class Want:
         self.fields = fields
         # Made once each: a batch asks them of every want several times.
         self.refs: tuple[SecretRef, ...] = tuple(ref for _, ref in fields)
-        self.secrets: frozenset[str] = frozenset(ref.secret_id for ref in self.refs)  # their ids (S, or L/S)
         self.identity: RowIdentity = scope.identity(credential_name)
         self._hash = hash((credential_name, scope, fields))
 

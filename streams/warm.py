@@ -233,7 +233,7 @@ class Warmer:
                 for fenced in outcome.fenced:  # invalidated while we fetched: fetch its new value
                     for ref in fenced.want.refs:
                         values.pop(str(ref), None)
-                        self.keychain.fetcher.forget(ref.secret_id)
+                        self.keychain.fetcher.forget(self.keychain.projects.known(ref))
                 failed = [f.want for f in outcome.failed]
                 if failed and time.monotonic() + retry_delay > deadline:
                     refused.update(dict.fromkeys(failed, WRITE_FAILED))

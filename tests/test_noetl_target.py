@@ -259,7 +259,7 @@ async def test_plan_shows_the_cache_keys_and_a_shadowed_alias(stack, settings, k
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [r["cache_key"] for r in plan["noetl"]["rows"]] == [f"openai_token:{noetl.catalog_id}:{execution_id}"]
-    assert {"where": noetl_secrets["plain"], "reason": "credential_shadowed"} in plan["noetl"]["skipped"]
+    assert {"where": noetl_secrets["plain"], "reason": "credential_table"} in plan["noetl"]["skipped"]
     assert {"where": "pg_creds", "reason": "credential_table"} in plan["noetl"]["skipped"]
     assert plan["rows"] and plan["skipped"]  # and our own table's plan beside it
 
@@ -346,3 +346,20 @@ async def test_a_late_notice_for_a_version_a_row_already_holds_keeps_it_served(p
     answer = await noetl.server.get_credential("openai_token", execution_id)
     assert (answer.source, answer.value["api_key"]) == ("keychain", "mapped-v3")
     assert noetl.server.provider_fetches == fetched
+
+
+async def test_an_alias_a_credential_row_answers_is_never_warmed(parts, noetl, noetl_db, noetl_schema, sm,
+                                                                 noetl_secrets, execution_id):
+    """NoETL's server asks `noetl.credential` first, and a credential of the alias's name always wins
+    (noetl/server v3.83.1 src/services/credential.rs): warming that alias would only cost a Secret Manager call."""
+    warmer, _ = parts
+    await noetl_db.execute(f"INSERT INTO {noetl_schema}.credential (id, name, type, data_encrypted) "
+                           "VALUES (7, $1, 'secret', 'x')", noetl_secrets["plain"])
+    skipped_before = counts(metrics.NOETL_SKIPPED_ALIASES).get("credential_table", 0)
+    result = await warmer.handle([await noetl.started(execution_id)])
+    assert (result.started, len(result.dead)) == (1, 0)
+    assert await noetl.row(f"{noetl_secrets['plain']}:{noetl.catalog_id}:{execution_id}") is None
+    assert await noetl.rows() == 1  # openai_token only
+    assert sm.access_count(noetl_secrets["plain"]) == 0  # not fetched for nothing
+    # `kind: credential` (pg_creds) and the shadowed alias: both answered by the credential table
+    assert counts(metrics.NOETL_SKIPPED_ALIASES).get("credential_table", 0) == skipped_before + 2

@@ -87,11 +87,12 @@ def test_a_regional_secret_is_fetched_from_its_locations_endpoint(monkeypatch, t
 # --- notices --------------------------------------------------------------------------------------------------------
 def test_a_regional_notice_selects_that_location_and_project():
     notice = pubsub_notice("SECRET_VERSION_ADD", f"projects/{NUMBER}/locations/{EU}/secrets/s", "4")
-    assert notice.to_kafka()[0] == f"{EU}/s".encode()  # its partition key: one secret's notices stay in order
+    key = f"projects/{NUMBER}/locations/{EU}/secrets/s"
+    assert notice.to_kafka()[0] == key.encode()  # its partition key: one secret's notices stay in order
     selection = notice.selection()
-    assert (selection.secret_id, selection.added_version) == (f"{EU}/s", "4")
-    assert {"names": [f"projects/{NUMBER}/locations/{EU}/secrets/s"], "secret_id": f"{EU}/s",
-            "pinned": False} in selection.patterns()
+    assert (selection.secret.key, selection.added_version) == (key, "4")
+    assert selection.patterns() == [{"secret": f"projects/*/locations/{EU}/secrets/s", "pinned": False},
+                                    {"secret": key, "pinned": False}]
 
 
 def test_an_event_type_google_adds_is_acknowledged_counted_and_logged_once(caplog):

@@ -10,7 +10,7 @@ import pytest
 from keychain.invalidation import Selection
 from keychain import CachedFailure, Keychain, SecretManagerSource
 from keychain.model import Scope
-from keychain.refs import SecretRef
+from keychain.refs import SecretIdentity, SecretRef
 from streams.events import BadEvent
 from streams.invalidate import Invalidator
 from streams.notices import notice_from_kafka, notice_from_pubsub
@@ -84,7 +84,7 @@ async def test_delete_removes_every_row_of_the_secret(parts, keychain, sm, secre
     warmer, invalidator = parts
     secret_id, _ = secret
     await warmer.warm([want("a", secret_id, execution_id=execution_id), want("b", secret_id, "1"), want("c", secret_id)])
-    sm._secrets.pop(secret_id)  # deleted on the server side
+    sm._secrets.pop((sm.project_number, secret_id))  # deleted on the server side
     applied = await invalidator.apply(notice("SECRET_DELETE", secret_id))
     assert applied.changed == 3
     for name, eid in (("a", execution_id), ("b", None), ("c", None)):
@@ -114,7 +114,8 @@ async def test_duplicates_apply_once_and_order_does_not_matter(parts, keychain, 
     # delivered out of order, each twice
     results = [await invalidator.apply(n) for n in (disable, add, disable, add)]
     assert [r.changed is None for r in results] == [False, False, True, True]
-    assert (await keychain.maintenance.generations([secret_id]))[secret_id] == 2
+    identity = SecretIdentity(NUMBER, secret_id)
+    assert (await keychain.maintenance.generations([identity]))[identity] == 2
     assert await value(keychain, "latest", execution_id) == "v2-value"
     with pytest.raises(CachedFailure):
         await keychain.get("pinned1", execution_id=execution_id)
@@ -194,7 +195,8 @@ async def test_reconciliation_catches_a_lost_notice(parts, keychain, sm, secret,
 
 async def held(keychain, secret_id):
     rows = await keychain.pool.fetch(
-        "SELECT version FROM keychain_latest_held WHERE secret_id = $1 AND held_until > now() ORDER BY 1", secret_id)
+        "SELECT version FROM keychain_latest_held WHERE secret = $1 AND held_until > now() ORDER BY 1",
+        f"projects/{NUMBER}/secrets/{secret_id}")
     return [row["version"] for row in rows]
 
 
@@ -203,6 +205,7 @@ async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain
     summary honest, and a round never reads the keychain table (its cost does not grow with the table)."""
     warmer, invalidator = parts
     secret_id, _ = secret
+    key = f"projects/{NUMBER}/secrets/{secret_id}"
     await warmer.warm([want("latest", secret_id, execution_id=execution_id), want("pinned", secret_id, "1")])
     assert await held(keychain, secret_id) == ["1"]  # the pinned row is not summarised: it cannot fall behind
     plan = "\n".join(r[0] for r in await keychain.pool.fetch(
@@ -217,20 +220,19 @@ async def test_reconciliation_reads_a_summary_kept_with_the_rows(parts, keychain
     # A summary row whose keychain rows moved on (here: written back by hand) is dropped by the next round, which
     # invalidates nothing and counts nothing behind.
     await keychain.pool.execute(
-        "INSERT INTO keychain_latest_held (secret_id, version, held_until, ref) "
-        "SELECT secret_id, '1', held_until, ref FROM keychain_latest_held WHERE secret_id = $1", secret_id)
+        "INSERT INTO keychain_latest_held (secret, version, held_until, ref) "
+        "SELECT secret, '1', held_until, ref FROM keychain_latest_held WHERE secret = $1", key)
     assert await held(keychain, secret_id) == ["1", "2"]
-    await keychain.pool.execute("UPDATE keychain_secret_state SET checked_at = NULL WHERE secret_id = $1", secret_id)
+    await keychain.pool.execute("UPDATE keychain_secret_state SET checked_at = NULL WHERE secret = $1", key)
     assert await invalidator.reconcile() == 0
     assert await held(keychain, secret_id) == ["2"]
     assert await value(keychain, "latest", execution_id) == "v2-value"
 
     # Once every row of its bucket has expired, the sweep removes a summary row.
     await keychain.pool.execute(
-        "UPDATE keychain_latest_held SET held_until = now() - interval '1 second' WHERE secret_id = $1", secret_id)
+        "UPDATE keychain_latest_held SET held_until = now() - interval '1 second' WHERE secret = $1", key)
     await keychain.maintenance.sweep()
-    assert await keychain.pool.fetchval(
-        "SELECT count(*) FROM keychain_latest_held WHERE secret_id = $1", secret_id) == 0
+    assert await keychain.pool.fetchval("SELECT count(*) FROM keychain_latest_held WHERE secret = $1", key) == 0
 
 
 @pytest.mark.parametrize(
@@ -272,7 +274,7 @@ def test_liberal_notifications():
         "m", {"eventType": "SECRET_VERSION_DISABLE", "secretId": "projects/1/secrets/s"},
         json.dumps({"name": "projects/1/secrets/s/versions/7", "state": "DISABLED"}).encode(), None)
     assert recovered.version_number == "7" and recovered.match() == {"version": "7"}
-    assert recovered.to_kafka()[0] == b"s"
+    assert recovered.to_kafka()[0] == b"projects/1/secrets/s"
 
 
 async def test_one_invalidation_three_doors_one_meaning(parts, keychain, sm, secret, execution_id):
@@ -295,4 +297,4 @@ async def test_one_invalidation_three_doors_one_meaning(parts, keychain, sm, sec
     # the worker (POST /invalidate): the whole secret, refreshed at once
     applied = await invalidator.invalidate(Selection.of(secret=f"projects/test-project/secrets/{secret_id}"), cause="operator")
     assert applied.changed == 2 and applied.refreshed == 2
-    assert await keychain.maintenance.stale_secret_ids() == []
+    assert await keychain.maintenance.stale_secrets() == []

@@ -12,6 +12,7 @@ from google.cloud.secretmanager_v1 import SecretManagerServiceClient
 from google.cloud.secretmanager_v1.services.secret_manager_service.transports import SecretManagerServiceGrpcTransport
 
 from keychain import CachedFailure
+from keychain.refs import SecretIdentity
 
 from .streams_harness import Worker, consume, create_topics, produce, start_event, wait_for, worker_env
 
@@ -103,7 +104,8 @@ async def test_bridge_killed_between_produce_and_ack_loses_and_doubles_nothing(r
     notices = 20 + 1  # and the AddSecretVersion that created version 1
 
     async def generation():
-        return (await keychain.maintenance.generations([secret_id]))[secret_id]
+        identity = SecretIdentity("1014428265962", secret_id)
+        return (await keychain.maintenance.generations([identity]))[identity]
 
     for i in range(notices - 1):
         rotation.publisher.publish(

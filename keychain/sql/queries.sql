@@ -5,8 +5,8 @@
 -- and never waits for a lock of an earlier class while it holds one of a later class. Two writers can then never wait
 -- for each other in a cycle, so PostgreSQL never has to kill one of them as a deadlock victim.
 --   1. an applied notice             keychain_applied_notice, one per invalidation (record_notice)
---   2. secrets' state rows           keychain_secret_state, by secret_id COLLATE "C" (ensure_secret_states,
---                                    lock_secret_states FOR SHARE; bump_generation, bump_all_generations exclusive)
+--   2. secrets' state rows           keychain_secret_state, by secret COLLATE "C" (ensure_secret_states,
+--                                    lock_secret_states FOR SHARE; bump_generations, bump_all_generations exclusive)
 --   3. executions' fence locks       advisory, by execution id (lock_executions_shared; lock_execution exclusive)
 --   4. keychain rows                 by identity: credential_name COLLATE "C", scope_type, scope_id. Every statement
 --                                    that writes rows takes their locks in a CTE ... ORDER BY identity FOR UPDATE first
@@ -15,9 +15,13 @@
 --                                    its own store (by its own key) are taken here too, after ours
 --   5. the rows beside a row          keychain_latest_held (by key), keychain_fetch_failure (by ref), keychain_fetched
 --                                    (by ref), keychain_copy (by target, key): written after the rows, in key order
+-- A secret is known by its identity everywhere (refs.SecretIdentity: `projects/NUMBER[/locations/L]/secrets/S`, or
+-- `projects/*/...` while the project's number is unknown): the `secret` columns, and the `secret` of every `sources`
+-- element. Statements that reach a secret "in any project" take its path ($N: `secrets/S`, `locations/L/secrets/S`).
 -- Outside the order, because they never wait: the sweep's statements (FOR UPDATE SKIP LOCKED: a row someone else
 -- holds is left for the next sweep) and the fetch locks (pg_try_advisory_lock on the lock connection). Statements
--- run alone (take_call, record_fetch, record_failure, mark_checked) lock one row and hold nothing else.
+-- run alone (take_call, record_fetch, record_failure, forget_failure, mark_checked, learn_project_number) lock one
+-- row and hold nothing else.
 
 -- name: get_entry
 -- The worker read, one plain statement (no row lock, no new row version), hit or not: the row of this identity with
@@ -121,11 +125,10 @@ SELECT count(*) FROM purged;
 
 -- name: existing_rows
 -- The rows these identities already have: whether each holds a ready value that outlives $4 seconds (so a
--- redelivered start event or an already-warm global credential costs no Secret Manager call), and which secrets
--- (short ids) it holds (so a warm that repoints a global name to another secret is seen).
+-- redelivered start event or an already-warm global credential costs no Secret Manager call), and where its value
+-- came from (so a warm that points a name at another secret, project or version is seen: model.held_of).
 SELECT k.credential_name, k.scope_type, k.scope_id,
-       k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4) AS ready,
-       ARRAY(SELECT DISTINCT s->>'secret_id' FROM jsonb_array_elements(k.sources) s) AS secret_ids
+       k.state = 'ready' AND k.expires_at > now() + make_interval(secs => $4) AS ready, k.sources
 FROM keychain k
 JOIN unnest($1::text[], $2::text[], $3::text[]) AS w(credential_name, scope_type, scope_id)
   USING (credential_name, scope_type, scope_id);
@@ -191,29 +194,40 @@ SET tokens = least($1, b.tokens + extract(epoch FROM clock_timestamp() - b.updat
 RETURNING greatest(0.0, -b.tokens) * 60.0 / $1 AS wait_seconds;
 
 -- name: shared_fetch
--- The secret's ($3) rotation generation now, and the version of reference $1 that any process recorded within $2
--- seconds under that generation (NULL columns when there is none, or the secret was invalidated since).
+-- The rotation generation now of the secret ($3: the identity the caller's fetch is fenced on), and the version of
+-- reference $1 that any process recorded within $2 seconds, if the secret it was fenced on has not been invalidated
+-- since (NULL columns when there is none). The recorder may have fenced on another spelling of the same secret (the
+-- project unknown to it, known to the caller, or the reverse): an invalidation of a known project's secret moves the
+-- unknown project's generation on too, so either way a value recorded before an invalidation is never taken after it.
 SELECT coalesce(s.generation, 0) AS generation, f.version_name, f.key_id, f.data, f.write_id
 FROM (VALUES (1)) AS one (x)
-LEFT JOIN keychain_secret_state s ON s.secret_id = $3
-LEFT JOIN keychain_fetched f
-       ON f.ref = $1 AND f.fetched_at > now() - make_interval(secs => $2) AND f.generation = coalesce(s.generation, 0);
+LEFT JOIN keychain_secret_state s ON s.secret = $3
+LEFT JOIN (keychain_fetched f LEFT JOIN keychain_secret_state recorded ON recorded.secret = f.secret)
+       ON f.ref = $1 AND f.fetched_at > now() - make_interval(secs => $2)
+      AND f.generation = coalesce(recorded.generation, 0);
 
 -- name: record_fetch
 -- A version fetched, for every process, and a NOTIFY that wakes the processes waiting for it. Not a durable commit:
 -- a value lost in a crash is fetched again.
 WITH recorded AS (
-    INSERT INTO keychain_fetched (ref, secret_id, generation, version_name, key_id, data, write_id, fetched_at)
+    INSERT INTO keychain_fetched (ref, secret, generation, version_name, key_id, data, write_id, fetched_at)
     VALUES ($1, $2, $3, $4, $5, $6, $7, now())
     ON CONFLICT (ref) DO UPDATE
-    SET secret_id = excluded.secret_id, generation = excluded.generation, version_name = excluded.version_name,
+    SET secret = excluded.secret, generation = excluded.generation, version_name = excluded.version_name,
         key_id = excluded.key_id, data = excluded.data, write_id = excluded.write_id, fetched_at = excluded.fetched_at
     RETURNING ref
 )
 SELECT pg_notify('keychain_fetched', ref) FROM recorded;
 
--- name: forget_fetches_of_secret
-WITH doomed AS (SELECT ref FROM keychain_fetched WHERE secret_id = $1 ORDER BY ref COLLATE "C" FOR UPDATE)  -- order 5
+-- name: forget_fetches
+-- The shared fetches of these secrets ($1: identities), or of the secret in any project ($2: its path; NULL: none).
+WITH doomed AS (SELECT ref FROM keychain_fetched
+                WHERE secret = ANY($1::text[]) OR regexp_replace(secret, '^projects/[^/]+/', '') = $2
+                ORDER BY ref COLLATE "C" FOR UPDATE)  -- order 5
+DELETE FROM keychain_fetched f USING doomed WHERE f.ref = doomed.ref;
+
+-- name: forget_every_fetch
+WITH doomed AS (SELECT ref FROM keychain_fetched ORDER BY ref COLLATE "C" FOR UPDATE)  -- order 5
 DELETE FROM keychain_fetched f USING doomed WHERE f.ref = doomed.ref;
 
 -- name: sweep_failures
@@ -227,16 +241,22 @@ WITH doomed AS (SELECT execution_id FROM keychain_finished_execution
                 WHERE finished_at < now() - make_interval(secs => $1) FOR UPDATE SKIP LOCKED)
 DELETE FROM keychain_finished_execution f USING doomed WHERE f.execution_id = doomed.execution_id;
 
--- name: active_failures
-SELECT secret_ref, error_code FROM keychain_fetch_failure WHERE secret_ref = ANY($1::text[]) AND retry_at > now();
+-- name: refusal_of
+-- The reference's remembered refusal: `active` while it is not to be asked again (a refusal past its retry_at is kept
+-- for its backoff until a success, a notice of its secret or the sweep forgets it).
+SELECT error_code, retry_at > now() AS active FROM keychain_fetch_failure WHERE secret_ref = $1;
 
 -- name: record_failure
--- Backoff doubles with every refusal: $3 seconds, then 2x, 4x, ... capped at one day.
-INSERT INTO keychain_fetch_failure AS f (secret_ref, error_code, attempts, retry_at)
-VALUES ($1, $2, 1, now() + make_interval(secs => $3))
+-- Backoff doubles with every refusal: $3 seconds, then 2x, 4x, ... capped at one day. $4: the secret's identity.
+INSERT INTO keychain_fetch_failure AS f (secret_ref, secret, error_code, attempts, retry_at)
+VALUES ($1, $4, $2, 1, now() + make_interval(secs => $3))
 ON CONFLICT (secret_ref) DO UPDATE
-SET error_code = excluded.error_code, attempts = f.attempts + 1, updated_at = now(),
+SET error_code = excluded.error_code, secret = excluded.secret, attempts = f.attempts + 1, updated_at = now(),
     retry_at = now() + make_interval(secs => least($3 * 2 ^ least(f.attempts, 20), 86400));
+
+-- name: forget_failure
+-- Secret Manager answered this reference: its backoff starts again from the first step.
+DELETE FROM keychain_fetch_failure WHERE secret_ref = $1;
 
 -- name: rekey_candidates
 -- Keyset pagination over rows sealed under any key but the active one, or before the write binding (format 1).
@@ -268,42 +288,61 @@ SELECT scope_type, state,
 FROM keychain GROUP BY scope_type, state ORDER BY scope_type, state;
 
 -- name: secret_generations
-SELECT secret_id, generation FROM keychain_secret_state WHERE secret_id = ANY($1::text[]);
+SELECT secret, generation FROM keychain_secret_state WHERE secret = ANY($1::text[]);
 
 -- name: ensure_secret_states
 -- A state row must exist for a writer to hold it FOR SHARE (an invalidator creating it concurrently then waits).
-INSERT INTO keychain_secret_state (secret_id)
+INSERT INTO keychain_secret_state (secret)
 SELECT s FROM (SELECT DISTINCT s FROM unnest($1::text[]) AS s) AS ids ORDER BY s COLLATE "C"  -- lock order 2
 ON CONFLICT DO NOTHING;
 
 -- name: lock_secret_states
 -- Held until the writer commits: an invalidation of these secrets waits, then sees (and marks) what was written.
-SELECT secret_id, generation FROM keychain_secret_state
-WHERE secret_id = ANY($1::text[]) ORDER BY secret_id COLLATE "C" FOR SHARE;  -- lock order 2
+SELECT secret, generation FROM keychain_secret_state
+WHERE secret = ANY($1::text[]) ORDER BY secret COLLATE "C" FOR SHARE;  -- lock order 2
 
 -- name: record_notice
 -- Returns a row only the first time a notification is applied.
 INSERT INTO keychain_applied_notice (notice_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING notice_id;
 
--- name: bump_generation
--- Waits for writers holding the state row, so the next statement of this transaction sees their rows.
-INSERT INTO keychain_secret_state AS s (secret_id, generation, invalidated_at) VALUES ($1, 1, now())
-ON CONFLICT (secret_id) DO UPDATE SET generation = s.generation + 1, invalidated_at = now()
-RETURNING generation;
+-- name: bump_generations
+-- The generations of these secrets ($1: identities), and of every project's secret at path $2 (NULL: none), move on.
+-- Waits for writers holding the state rows, so the next statement of this transaction sees their rows.
+INSERT INTO keychain_secret_state AS s (secret, generation, invalidated_at)
+SELECT k, 1, now() FROM (
+    SELECT unnest($1::text[]) AS k
+    UNION
+    SELECT secret FROM keychain_secret_state WHERE regexp_replace(secret, '^projects/[^/]+/', '') = $2
+) AS keys
+ORDER BY k COLLATE "C"  -- lock order 2
+ON CONFLICT (secret) DO UPDATE SET generation = s.generation + 1, invalidated_at = now();
 
 -- name: bump_all_generations
-WITH locked AS (SELECT secret_id FROM keychain_secret_state ORDER BY secret_id COLLATE "C" FOR UPDATE)  -- order 2
+WITH locked AS (SELECT secret FROM keychain_secret_state ORDER BY secret COLLATE "C" FOR UPDATE)  -- order 2
 UPDATE keychain_secret_state s SET generation = s.generation + 1, invalidated_at = now()
-FROM locked WHERE s.secret_id = locked.secret_id;
+FROM locked WHERE s.secret = locked.secret;
+
+-- name: secrets_held_by
+-- The secrets that the rows and copies of a credential name ($1) or of an execution ($2) hold: what an operator's
+-- invalidation of them fences and has fetched anew.
+SELECT DISTINCT s->>'secret' AS secret
+FROM (SELECT sources FROM keychain
+      WHERE credential_name = $1 OR (scope_type = 'execution' AND execution_id = $2)
+      UNION ALL
+      SELECT sources FROM keychain_copy
+      WHERE credential_name = $1 OR execution_id = $2 OR parent_execution_id = $2) AS held,
+     jsonb_array_elements(held.sources) AS s
+WHERE s ? 'secret';
 
 -- name: mark_stale_matching
--- $1 = {'[{"secret_id": "S", ...}]', ...}: rows whose sources contain an element matching any of them stop being
--- served (Selection.sources_patterns).
+-- $1 = {'[{"secret": "projects/N/secrets/S", ...}]', ...}: rows whose sources contain an element matching any of them
+-- stop being served (Selection.sources_patterns). A refusal's row becomes stale too (no value, its error code gone:
+-- the notice may have ended the refusal), so that the re-warm asks again.
 WITH locked AS (  -- lock order 4
     SELECT id FROM keychain WHERE sources @> ANY($1::jsonb[]) AND state IN ('ready', 'failed')
     ORDER BY credential_name COLLATE "C", scope_type COLLATE "C", scope_id COLLATE "C" FOR UPDATE
 )
-UPDATE keychain k SET state = 'stale', updated_at = now() FROM locked WHERE k.id = locked.id;
+UPDATE keychain k SET state = 'stale', error_code = NULL, updated_at = now() FROM locked WHERE k.id = locked.id;
 
 -- name: delete_matching
 WITH doomed AS (  -- lock order 4
@@ -318,51 +357,62 @@ SELECT credential_name, cache_type, scope_type, execution_id, session_id, source
 FROM keychain WHERE sources @> ANY($1::jsonb[]) AND state = 'stale'
 ORDER BY id LIMIT $2;
 
--- name: stale_secret_ids
+-- name: stale_secrets
 -- Secrets with rows invalidated and not yet refreshed (the worker's maintenance refreshes them).
-SELECT DISTINCT s->>'secret_id' AS secret_id
+SELECT DISTINCT s->>'secret' AS secret
 FROM keychain k, jsonb_array_elements(k.sources) s
-WHERE k.state = 'stale'
+WHERE k.state = 'stale' AND s ? 'secret'
 LIMIT $1;
 
--- name: clear_failures_of_secret
--- $1: the secret's id as refs.py makes it (`S`, or `L/S` for a regional secret's reference).
+-- name: forget_failures
+-- The refusals of these secrets ($1: identities), or of every project's secret at path $2 (NULL: none).
 WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure
-                WHERE CASE WHEN split_part(secret_ref, '/', 3) = 'locations'
-                           THEN split_part(secret_ref, '/', 4) || '/' || split_part(secret_ref, '/', 6)
-                           ELSE split_part(secret_ref, '/', 4) END = $1
+                WHERE secret = ANY($1::text[]) OR regexp_replace(secret, '^projects/[^/]+/', '') = $2
                 ORDER BY secret_ref COLLATE "C" FOR UPDATE)  -- lock order 5
+DELETE FROM keychain_fetch_failure f USING doomed WHERE f.secret_ref = doomed.secret_ref;
+
+-- name: forget_every_failure
+WITH doomed AS (SELECT secret_ref FROM keychain_fetch_failure ORDER BY secret_ref COLLATE "C" FOR UPDATE)  -- order 5
 DELETE FROM keychain_fetch_failure f USING doomed WHERE f.secret_ref = doomed.secret_ref;
 
 -- name: latest_secrets_to_check
 -- Reconciliation: secrets that ready rows hold through `latest`, least recently checked first, with the versions
 -- those rows resolved to and a reference to ask Secret Manager with. Reads the summary only (migration 0006), so a
 -- round costs the same on a table of any size.
-SELECT h.secret_id, min(h.ref) AS ref, array_agg(DISTINCT h.version) AS versions
+SELECT h.secret, min(h.ref) AS ref, array_agg(DISTINCT h.version) AS versions
 FROM keychain_latest_held h
-LEFT JOIN keychain_secret_state s USING (secret_id)
+LEFT JOIN keychain_secret_state s USING (secret)
 WHERE h.held_until > now()
-GROUP BY h.secret_id, s.checked_at
+GROUP BY h.secret, s.checked_at
 ORDER BY s.checked_at NULLS FIRST
 LIMIT $1;
 
 -- name: forget_latest_held
--- The rows an invalidation of this secret (of version $2, or of every version when NULL) stopped serving.
-WITH doomed AS (SELECT secret_id, version, held_until FROM keychain_latest_held
-                WHERE secret_id = $1 AND ($2::text IS NULL OR version = $2)
-                ORDER BY secret_id COLLATE "C", version COLLATE "C", held_until FOR UPDATE)  -- lock order 5
+-- The rows an invalidation stopped serving: of these secrets ($1: identities, or every project's at path $2), of
+-- version $3 (NULL: of every version).
+WITH doomed AS (SELECT secret, version, held_until FROM keychain_latest_held
+                WHERE (secret = ANY($1::text[]) OR regexp_replace(secret, '^projects/[^/]+/', '') = $2)
+                  AND ($3::text IS NULL OR version = $3)
+                ORDER BY secret COLLATE "C", version COLLATE "C", held_until FOR UPDATE)  -- lock order 5
 DELETE FROM keychain_latest_held h USING doomed
-WHERE (h.secret_id, h.version, h.held_until) = (doomed.secret_id, doomed.version, doomed.held_until);
+WHERE (h.secret, h.version, h.held_until) = (doomed.secret, doomed.version, doomed.held_until);
 
 -- name: sweep_latest_held
-WITH doomed AS (SELECT secret_id, version, held_until FROM keychain_latest_held WHERE held_until <= now()
+WITH doomed AS (SELECT secret, version, held_until FROM keychain_latest_held WHERE held_until <= now()
                 FOR UPDATE SKIP LOCKED)
 DELETE FROM keychain_latest_held h USING doomed
-WHERE (h.secret_id, h.version, h.held_until) = (doomed.secret_id, doomed.version, doomed.held_until);
+WHERE (h.secret, h.version, h.held_until) = (doomed.secret, doomed.version, doomed.held_until);
 
 -- name: mark_checked
-INSERT INTO keychain_secret_state AS s (secret_id, checked_at) VALUES ($1, now())
-ON CONFLICT (secret_id) DO UPDATE SET checked_at = now();
+INSERT INTO keychain_secret_state AS s (secret, checked_at) VALUES ($1, now())
+ON CONFLICT (secret) DO UPDATE SET checked_at = now();
+
+-- name: project_numbers
+SELECT project_id, project_number FROM keychain_project WHERE project_id = ANY($1::text[]);
+
+-- name: learn_project_number
+-- Secret Manager answered a reference naming project $1 by id with a name by its number $2 (keychain/projects.py).
+INSERT INTO keychain_project (project_id, project_number) VALUES ($1, $2) ON CONFLICT DO NOTHING;
 
 -- name: sweep_notices
 WITH doomed AS (SELECT notice_id FROM keychain_applied_notice WHERE applied_at < now() - make_interval(secs => $1)
@@ -373,15 +423,15 @@ DELETE FROM keychain_applied_notice n USING doomed WHERE n.notice_id = doomed.no
 -- Copies a target wrote in this transaction, one element per copy (lock order 5: by key), and, like put_entries, the
 -- secrets they hold through `latest` in the reconciliation summary.
 WITH written AS (
-    INSERT INTO keychain_copy AS c (target, copy_key, execution_id, parent_execution_id, sources, fields, detail, state,
-                                    written_at, expires_at)
-    SELECT $1, r.copy_key, r.execution_id, r.parent_execution_id, r.sources, r.fields, r.detail, 'ready', now(),
-           now() + make_interval(secs => r.ttl_seconds)
-    FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::jsonb[], $6::int[], $7::jsonb[], $8::float8[])
-         AS r(copy_key, execution_id, parent_execution_id, sources, fields, detail, ttl_seconds)
+    INSERT INTO keychain_copy AS c (target, copy_key, credential_name, execution_id, parent_execution_id, sources,
+                                    fields, detail, state, written_at, expires_at)
+    SELECT $1, r.copy_key, r.credential_name, r.execution_id, r.parent_execution_id, r.sources, r.fields, r.detail,
+           'ready', now(), now() + make_interval(secs => r.ttl_seconds)
+    FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::jsonb[], $6::int[], $7::jsonb[], $8::float8[], $9::text[])
+         AS r(copy_key, execution_id, parent_execution_id, sources, fields, detail, ttl_seconds, credential_name)
     ORDER BY r.copy_key COLLATE "C"
     ON CONFLICT (target, copy_key) DO UPDATE
-    SET execution_id = excluded.execution_id, parent_execution_id = excluded.parent_execution_id,
+    SET credential_name = excluded.credential_name, execution_id = excluded.execution_id, parent_execution_id = excluded.parent_execution_id,
         sources = excluded.sources, fields = excluded.fields, detail = excluded.detail, state = 'ready',
         written_at = now(), expires_at = excluded.expires_at
     RETURNING c.sources, c.expires_at
@@ -391,9 +441,8 @@ WITH written AS (
 SELECT (SELECT count(*) FROM written) FROM held;
 
 -- name: copies_of
--- The copies a target holds under these keys: the short ids of the secrets each came from, and whether it is ready.
-SELECT copy_key, state = 'ready' AS ready,
-       ARRAY(SELECT DISTINCT s->>'secret_id' FROM jsonb_array_elements(sources) s) AS secret_ids
+-- The copies a target holds under these keys: whether each is ready, and where its values came from.
+SELECT copy_key, state = 'ready' AS ready, sources
 FROM keychain_copy WHERE target = $1 AND copy_key = ANY($2::text[]);
 
 -- name: copy_details
@@ -431,10 +480,10 @@ WHERE target = $1 AND state = 'stale' AND sources @> ANY($2::jsonb[])
        OR NOT EXISTS (SELECT 1 FROM keychain_finished_execution f WHERE f.execution_id = c.execution_id))
 ORDER BY copy_key LIMIT $3;
 
--- name: stale_copy_secret_ids
-SELECT DISTINCT s->>'secret_id' AS secret_id
+-- name: stale_copy_secrets
+SELECT DISTINCT s->>'secret' AS secret
 FROM keychain_copy c, jsonb_array_elements(c.sources) s
-WHERE c.target = $1 AND c.state = 'stale'
+WHERE c.target = $1 AND c.state = 'stale' AND s ? 'secret'
 LIMIT $2;
 
 -- name: forget_copies

@@ -1,8 +1,8 @@
 """A Secret Manager test server that speaks the real gRPC API to the official client.
 
 There is no Secret Manager emulator. This server keeps secrets in memory, names them the way the real service does
-(the project by NUMBER in every name it returns, `latest` = the most recently created version), serves regional
-secrets (`projects/P/locations/L/secrets/S`, every location at its one address), injects latency and
+(the project by NUMBER in every name it returns, `latest` = the most recently created version), serves several
+projects (`add_project`: organisations run the same secret ids in prod and staging), regional secrets (`projects/P/locations/L/secrets/S`, every location at its one address), injects latency and
 faults so tests and benchmarks can model the real service, and publishes the same Pub/Sub notifications the real
 service publishes (`docs/secret-manager-notifications.md`) when given a topic.
 
@@ -73,6 +73,7 @@ def _key(secret_id: str, location: str | None) -> str:
 @dataclass
 class _Secret:
     secret_id: str  # its key: `S`, or `L/S` for a regional secret
+    project: str  # its project's number
     topics: list[str]
     labels: dict[str, str]
     aliases: dict[str, int] = field(default_factory=dict)
@@ -93,6 +94,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     ):
         self.project_id = project_id
         self.project_number = project_number
+        self.projects: dict[str, str] = {project_id: project_number}  # every project it serves: id -> number
         self.notify_topic = notify_topic
         self.delay_seconds = delay_seconds
         self.corrupt_crc32c = False
@@ -102,7 +104,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
         self.issued: list[bytes] = []  # every payload ever stored, so tests can look for plaintext leaks
         self._held: dict[str, threading.Event] = {}  # secret id -> released (see hold)
         self.holding: Counter[str] = Counter()  # access calls of each secret waiting on a hold now
-        self._secrets: dict[str, _Secret] = {}
+        self._secrets: dict[tuple[str, str], _Secret] = {}  # by (project number, key)
         self._lock = threading.Lock()
         self._publisher = None
         super().__init__()
@@ -140,25 +142,36 @@ class SecretManagerTestServer(ThreadedGrpcServer):
         if gate is not None:
             gate.set()
 
-    def access_count(self, secret_id: str | None = None, code: str | None = "OK", *, location: str | None = None) -> int:
-        """AccessSecretVersion calls (of one secret; with one outcome, `None` = any outcome)."""
+    def add_project(self, project_id: str, project_number: str) -> None:
+        """Serve another project (by its id and its number) beside the default one."""
+        with self._lock:
+            self.projects[project_id] = project_number
+
+    def access_count(self, secret_id: str | None = None, code: str | None = "OK", *, location: str | None = None,
+                     project: str | None = None) -> int:
+        """AccessSecretVersion calls (of one secret, of every project or of `project` (its id); with one outcome,
+        `None` = any outcome)."""
         wanted = f"/{_path(_key(secret_id, location))}/" if secret_id else ""
+        spellings = None if project is None else (f"projects/{project}/", f"projects/{self.projects[project]}/")
         with self._lock:
             return sum(
                 1 for method, name, outcome in self.log
                 if method == "AccessSecretVersion"
                 and (not wanted or wanted in name and (location or "/locations/" not in name))
+                and (spellings is None or name.startswith(spellings))
                 and (code is None or outcome == code)
             )
 
-    def create_secret(self, secret_id: str, *, topics: list[str] | None = None, location: str | None = None) -> str:
+    def create_secret(self, secret_id: str, *, topics: list[str] | None = None, location: str | None = None,
+                      project: str | None = None) -> str:
         secret = types.Secret(topics=[types.Topic(name=t) for t in topics or []])
-        parent = f"projects/{self.project_id}" + (f"/locations/{location}" if location else "")
+        parent = f"projects/{project or self.project_id}" + (f"/locations/{location}" if location else "")
         return self._create_secret(parent, secret_id, secret).name
 
-    def add_version(self, secret_id: str, payload: bytes | str, *, location: str | None = None) -> str:
+    def add_version(self, secret_id: str, payload: bytes | str, *, location: str | None = None,
+                    project: str | None = None) -> str:
         data = payload.encode() if isinstance(payload, str) else payload
-        parent = f"projects/{self.project_id}/{_path(_key(secret_id, location))}"
+        parent = f"projects/{project or self.project_id}/{_path(_key(secret_id, location))}"
         return self._add_version(parent, types.SecretPayload(data=data)).name
 
     def set_state(self, version_name: str, state: str) -> None:
@@ -167,15 +180,20 @@ class SecretManagerTestServer(ThreadedGrpcServer):
 
     # --- names --------------------------------------------------------------------------------------------------
     def _project(self, project: str) -> str:
-        if project not in (self.project_id, self.project_number):
-            raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"Permission denied on project {project}")
-        return self.project_number
+        """A project's number, from its id or its number."""
+        if project in self.projects:
+            return self.projects[project]
+        if project in self.projects.values():
+            return project
+        raise RpcError(grpc.StatusCode.PERMISSION_DENIED, f"Permission denied on project {project}")
 
-    def _secret_name(self, key: str) -> str:
-        return f"projects/{self.project_number}/{_path(key)}"
+    @staticmethod
+    def _secret_name(secret: _Secret) -> str:
+        return f"projects/{secret.project}/{_path(secret.secret_id)}"
 
-    def _parse(self, name: str, *, version: bool) -> tuple[str, str | None]:
-        """A secret's (or with `version`, a version's) name: (the secret's key, the version asked for)."""
+    def _parse(self, name: str, *, version: bool) -> tuple[tuple[str, str], str | None]:
+        """A secret's (or with `version`, a version's) name: ((its project's number, the secret's key), the version
+        asked for)."""
         parts = name.split("/")
         location = None
         if len(parts) > 3 and parts[2] == "locations":
@@ -184,13 +202,14 @@ class SecretManagerTestServer(ThreadedGrpcServer):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
         if not version and (len(parts) != 4 or parts[0] != "projects" or parts[2] != "secrets"):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {name}")
-        self._project(parts[1])
-        return _key(parts[3], location), (parts[5] if version else None)
+        number = self._project(parts[1])
+        return (number, _key(parts[3], location)), (parts[5] if version else None)
 
-    def _get_secret(self, secret_id: str) -> _Secret:
-        secret = self._secrets.get(secret_id)
+    def _get_secret(self, stored: tuple[str, str]) -> _Secret:
+        secret = self._secrets.get(stored)
         if secret is None:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Secret [{self._secret_name(secret_id)}] not found.")
+            raise RpcError(grpc.StatusCode.NOT_FOUND,
+                           f"Secret [projects/{stored[0]}/{_path(stored[1])}] not found.")
         return secret
 
     def _get_version(self, name: str) -> tuple[_Secret, _Version]:
@@ -211,7 +230,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     # --- resources as protos ----------------------------------------------------------------------------------------
     def _secret_proto(self, secret: _Secret) -> types.Secret:
         return types.Secret(
-            name=self._secret_name(secret.secret_id),
+            name=self._secret_name(secret),
             create_time=_ts(secret.create_time),
             labels=secret.labels,
             topics=[types.Topic(name=t) for t in secret.topics],
@@ -221,7 +240,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
 
     def _version_proto(self, secret: _Secret, version: _Version) -> types.SecretVersion:
         return types.SecretVersion(
-            name=f"{self._secret_name(secret.secret_id)}/versions/{version.number}",
+            name=f"{self._secret_name(secret)}/versions/{version.number}",
             create_time=_ts(version.create_time),
             state=types.SecretVersion.State[version.state],
             client_specified_payload_checksum=True,
@@ -238,7 +257,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
             self._publisher = pubsub_v1.PublisherClient()
         attributes = {
             "eventType": event_type,
-            "secretId": self._secret_name(secret.secret_id),
+            "secretId": self._secret_name(secret),
             "dataFormat": "JSON_API_V1",
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             **(extra or {}),
@@ -252,16 +271,16 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     # --- the RPCs -------------------------------------------------------------------------------------------------
     def _create_secret(self, parent: str, secret_id: str, secret: types.Secret) -> types.Secret:
         parts = parent.split("/")
-        self._project(parts[1])
+        number = self._project(parts[1])
         if len(parts) == 4 and parts[2] == "locations":
             secret_id = _key(secret_id, parts[3])
         elif len(parts) != 2:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"Invalid resource field value in the request: {parent}")
         with self._lock:
-            if secret_id in self._secrets:
-                raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Secret [{self._secret_name(secret_id)}] already exists.")
-            stored = _Secret(secret_id, [t.name for t in secret.topics], dict(secret.labels))
-            self._secrets[secret_id] = stored
+            stored = _Secret(secret_id, number, [t.name for t in secret.topics], dict(secret.labels))
+            if (number, secret_id) in self._secrets:
+                raise RpcError(grpc.StatusCode.ALREADY_EXISTS, f"Secret [{self._secret_name(stored)}] already exists.")
+            self._secrets[(number, secret_id)] = stored
         proto = self._secret_proto(stored)
         self._notify(stored, "SECRET_CREATE", proto)
         return proto
@@ -295,7 +314,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     async def _access(self, request: types.AccessSecretVersionRequest) -> types.AccessSecretVersionResponse:
         if self.delay_seconds:
             await asyncio.sleep(self.delay_seconds)
-        secret_id, _ = self._parse(request.name, version=True)
+        (_, secret_id), _ = self._parse(request.name, version=True)
         with self._lock:
             gate = self._held.get(secret_id)
         if gate is not None:
@@ -307,7 +326,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
                 self.holding[secret_id] -= 1
         with self._lock:
             secret, version = self._get_version(request.name)
-            name = f"{self._secret_name(secret.secret_id)}/versions/{version.number}"
+            name = f"{self._secret_name(secret)}/versions/{version.number}"
             if version.state != "ENABLED":
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"Secret Version [{name}] is in {version.state} state.")
             payload = version.payload

@@ -21,25 +21,40 @@ import asyncpg
 from keychain.fetcher import Fetched
 from keychain.invalidation import Selection
 from keychain.maintenance import Beside
+from keychain.model import held_token
+from keychain.projects import ProjectNumbers
+from keychain.refs import SecretIdentity
 from keychain.rows import Written
 
 from ..events import ExecutionEvent
 from ..resolve import Skip
 
-__all__ = ["Beside", "Fetched", "Filled", "Purge", "Selection", "Target", "TargetPlan", "Written", "together"]
+__all__ = ["Beside", "Fetched", "Filled", "Purge", "Selection", "Target", "TargetPlan", "Written", "holdings",
+           "together"]
 
 
 @dataclass(frozen=True)
 class Filled:
     """A wanted row with what Secret Manager gave for it: a value per reference, or the refusal's error code."""
 
-    want: Any  # the target's own want (streams.resolve.Want, NoetlWant): `.fields`, `.refs`, `.secrets`, `.identity`
+    want: Any  # the target's own want (streams.resolve.Want, NoetlWant): `.fields`, `.refs`, `.identity`
     values: dict[str, Fetched] = field(default_factory=dict)  # by str(ref)
     error_code: str | None = None
 
     @property
     def fences(self) -> tuple[tuple[str, int], ...]:
-        return tuple({ref.secret_id: self.values[str(ref)].generation for _, ref in self.want.fields}.items())
+        """Each value's fence: (its secret's identity, the generation read before it was fetched). Two references of
+        one secret (`latest` and `versions/7`) are two values, each fenced on its own reading."""
+        return tuple(dict.fromkeys(self.values[str(ref)].fence_pair for ref in self.want.refs))
+
+
+async def holdings(wants: list[Any], projects: ProjectNumbers) -> dict[int, frozenset[str]]:
+    """What each want's row would hold (model.held_token: field, secret's identity, version as referenced), by
+    id(want), to compare with what a row or a copy holds now (model.held_of). The projects named by id are looked up
+    first, so that a row written from an answer (by number) compares equal to its reference by id."""
+    await projects.load(ref.project for want in wants for ref in want.refs)
+    return {id(want): frozenset(held_token(name, projects.known(ref), ref.version) for name, ref in want.fields)
+            for want in wants}
 
 
 @dataclass
@@ -99,7 +114,7 @@ class Target(Protocol):
     async def globals_to_refresh(self, within_seconds: float) -> list[Any]:
         """Keep warm: global rows that are read and about to expire."""
 
-    async def stale_secret_ids(self, limit: int) -> list[str]:
+    async def stale_secrets(self, limit: int) -> list[SecretIdentity]:
         """Secrets whose rows were invalidated elsewhere and not refreshed yet."""
 
     async def sweep(self) -> int:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
+from keychain.logs import secret_label
 from keychain.model import Entry, Provenance, Scope, value_from_payload
+from keychain.refs import SecretIdentity
 from keychain.store import Keychain
 
 from .. import metrics
 from ..events import ExecutionEvent
 from ..resolve import Want, resolve
-from .base import Filled, Selection, TargetPlan, Written
+from .base import Filled, Selection, TargetPlan, Written, holdings
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,23 @@ class KeychainTarget:
         return TargetPlan(plan.wants, plan.skipped)
 
     async def not_yet_warm(self, wants: list[Want]) -> list[Want]:
-        """Drop the wants already warm with the same secrets and at least half a TTL left (a redelivery, a global
-        credential already shared). A global name that holds other secrets is written over: logged and counted, as
-        two playbooks disagreeing on what one global name means is worth an operator's look."""
+        """Drop the wants already warm with the same values (each field's secret, by identity, at the same version
+        as referenced) and at least half a TTL left (a redelivery, a global credential already shared). A global
+        name that holds other values (another secret, another project's, another version) is written over: logged
+        and counted, as two playbooks disagreeing on what one global name means is worth an operator's look."""
         existing = await self.keychain.rows.existing((w.identity for w in wants), self.keychain.settings.ttl_seconds / 2)
+        wanted = await holdings(wants, self.keychain.projects)
         todo = []
         for want in wants:
             found = existing.get(want.identity)
-            if found is not None and found[1] and found[1] != want.secrets and want.scope.type == "global":
-                log.warning("global credential %s repointed from secret(s) %s to %s", want.credential_name,
-                            ", ".join(sorted(found[1])), ", ".join(sorted(want.secrets)))
+            holds = wanted[id(want)]
+            if found is not None and found[1] and found[1] != holds and want.scope.type == "global":
+                shown = self.keychain.settings.log_secret_ids
+                log.warning("global credential %s repointed from %s to %s", want.credential_name,
+                            ", ".join(secret_label(t, shown) for t in sorted(found[1])),
+                            ", ".join(secret_label(t, shown) for t in sorted(holds)))
                 metrics.GLOBAL_REPOINTS.inc()
-            if found is None or not found[0] or found[1] != want.secrets:
+            if found is None or not found[0] or found[1] != holds:
                 todo.append(want)
         return todo
 
@@ -79,8 +86,8 @@ class KeychainTarget:
                                            scope=row["scope_type"]), row["sources"])
                 for row in rows]
 
-    async def stale_secret_ids(self, limit: int) -> list[str]:
-        return await self.keychain.maintenance.stale_secret_ids(limit)
+    async def stale_secrets(self, limit: int) -> list[SecretIdentity]:
+        return await self.keychain.maintenance.stale_secrets(limit)
 
     async def sweep(self) -> int:
         return await self.keychain.maintenance.sweep_rows()

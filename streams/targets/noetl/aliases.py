@@ -18,8 +18,10 @@ key it would look for it (facts from noetl/server: `src/services/credential.rs`,
   alias. A name is used as Secret Manager names it: a full `projects/P/secrets/S/versions/V` as written, a full
   `projects/P/secrets/S` at `latest`, a bare `S` in GOOGLE_CLOUD_PROJECT (else GCP_PROJECT) at `latest`. An empty
   `map: {}` resolves to `{}` with no fetch at all.
-- `noetl.credential` is asked first: an alias a credential of that name (or id) shadows is never looked up in the
-  keychain, so warming it would be pointless (skipped `credential_shadowed`, see the target).
+- `noetl.credential` is asked first (`src/services/credential.rs` `get`): a credential of the alias's name (or id)
+  always wins, and the keychain is never looked up for it, so warming it would only cost a Secret Manager call
+  (skipped `credential_table`, like every alias the credential table answers, see the target). A `kind: credential`
+  entry (no `provider:`) resolves through that table and is never cached by the server: never warmed.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from ...resolve import Skip, Unusable, kind_reason, render_text, secret_manager_
 SECRET_MANAGER_PROVIDER = "gcp"
 # Why an alias is not warmed for NoETL's server: a closed set (metric label, plan output).
 SKIP_REASONS = frozenset({
-    "other_provider", "credential_table", "google_id_token", "oauth2", "bearer", "static",
+    "other_provider", "google_id_token", "oauth2", "bearer", "static",
+    "credential_table",     # NoETL's credential table answers it: a `kind: credential` entry, or a credential row of
+                            # the alias's name or id (which always wins over the keychain)
     "unresolved", "bad_template", "bad_reference", "no_project", "invalid_declaration",
     "no_provider",          # an entry without `provider:` (even `kind: secret_manager`): the server fetches nothing
     "no_catalog_id",        # the start record names no catalog row: there is no cache key the server would read
-    "credential_shadowed",  # noetl.credential has an entry of that name: the server serves it, not the keychain
     "residency_denied",     # `residency: strict` and the entry's region is not the server's: the server refuses it
     "regional_secret",      # projects/P/locations/L/...: the server asks Google's global endpoint, which refuses it
 })
@@ -59,12 +62,10 @@ class NoetlWant:
     residency_violation: bool = field(default=False, compare=False)  # `advisory`, and not the server's region
 
     refs: tuple[SecretRef, ...] = field(init=False, repr=False, compare=False)
-    secrets: frozenset[str] = field(init=False, repr=False, compare=False)
     cache_key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "refs", tuple(ref for _, ref in self.fields))
-        object.__setattr__(self, "secrets", frozenset(ref.secret_id for ref in self.refs))
         object.__setattr__(self, "cache_key", cache_key(self.alias, self.catalog_id, self.execution_id))
 
     @property

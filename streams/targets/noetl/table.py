@@ -33,13 +33,13 @@ from keychain.database import typed_errors
 from keychain.maintenance import SWEEP_BATCH_SIZE
 from keychain.model import Provenance
 from keychain.queries import parse_named_statements
-from keychain.refs import SecretRef
+from keychain.refs import SecretIdentity, SecretRef
 from keychain.store import Keychain
 
 from ... import metrics
 from ...events import ExecutionEvent
 from ...settings import WorkerSettings
-from ..base import Filled, Purge, Selection, TargetPlan, Written
+from ..base import Filled, Purge, Selection, TargetPlan, Written, holdings
 from .aliases import NoetlWant, noetl_plan
 from .api import NoetlApi, NoetlApiError
 from .envelope import seal
@@ -173,12 +173,13 @@ class NoetlTarget:
         shadowed = await self.shadowed({w.alias for w in wants})
         for want in wants:
             if want.alias in shadowed:
-                metrics.NOETL_SKIPPED_ALIASES.labels("credential_shadowed").inc()
+                metrics.NOETL_SKIPPED_ALIASES.labels("credential_table").inc()
         wants = [w for w in wants if w.alias not in shadowed]
         keys = [w.cache_key for w in wants]
         fresh = {r["cache_key"] for r in await self._fetch("fresh_rows", keys, float(self._ttl) / 2)}
         copies = await self.copies.of(self.keychain.pool, [k for k in keys if k in fresh])
-        return [w for w in wants if not (w.cache_key in fresh and copies.get(w.cache_key) == (True, w.secrets))]
+        wanted = await holdings(wants, self.keychain.projects)
+        return [w for w in wants if not (w.cache_key in fresh and copies.get(w.cache_key) == (True, wanted[id(w)]))]
 
     @typed_errors
     async def _fetch(self, name: str, *args: Any) -> list[asyncpg.Record]:
@@ -258,7 +259,7 @@ class NoetlTarget:
         sources = tuple(Provenance(ref, filled.values[str(ref)].value.version_name, name) for name, ref in want.fields)
         return Copy(want.cache_key, sources, self._ttl, want.execution_id, want.parent_execution_id,
                     {"alias": want.alias, "catalog_id": want.catalog_id, "sealed": sealed_fingerprint,
-                     "reads_before": reads_before})
+                     "reads_before": reads_before}, credential_name=want.alias)
 
     # --- purge, rotation, sweep ---------------------------------------------------------------------------------------
     def purge(self, execution_id: int) -> Purge:
@@ -293,7 +294,7 @@ class NoetlTarget:
             if selection.kind == "secret":
                 keys = await self.copies.matching(conn, copy_patterns(selection))
                 if keys and selection.added_version is not None:
-                    keys = await self._behind(conn, keys, selection.secret_id, selection.added_version)
+                    keys = await self._behind(conn, keys, selection, selection.added_version)
                 if not keys:
                     return 0
             async with self._tables(conn) as tables:
@@ -317,7 +318,7 @@ class NoetlTarget:
 
         return stop
 
-    async def _behind(self, conn: asyncpg.Connection, keys: list[str], secret_id: str, added: str) -> list[str]:
+    async def _behind(self, conn: asyncpg.Connection, keys: list[str], selection: Selection, added: str) -> list[str]:
         """Of these copies, those a version just added makes old: all but the rows that still hold what the warmer
         wrote (a row NoETL's server wrote again holds a version nobody knows) from this version or a newer one (the
         warm ran after the version was added, and the notice came after it)."""
@@ -327,7 +328,7 @@ class NoetlTarget:
 
         def current(key: str) -> bool:
             sources, detail = details.get(key, ([], {}))
-            versions = [s.get("version", "") for s in sources if s.get("secret_id") == secret_id]
+            versions = [s.get("version", "") for s in sources if s.get("secret") in selection.secrets]
             return (held.get(key) is not None and held.get(key) == detail.get("sealed") and bool(versions)
                     and all(v.isdigit() and added.isdigit() and int(v) >= int(added) for v in versions))
 
@@ -342,8 +343,8 @@ class NoetlTarget:
     async def globals_to_refresh(self, within_seconds: float) -> list[NoetlWant]:
         return []  # every row of NoETL's keychain is an execution's; its server refreshes a row it reads late itself
 
-    async def stale_secret_ids(self, limit: int) -> list[str]:
-        return await self.copies.stale_secret_ids(self.keychain.pool, limit)
+    async def stale_secrets(self, limit: int) -> list[SecretIdentity]:
+        return await self.copies.stale_secrets(self.keychain.pool, limit)
 
     @typed_errors
     async def sweep(self) -> int:
