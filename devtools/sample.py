@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 
 
@@ -87,9 +88,16 @@ def add_secret(endpoint: str, project: str, secret_id: str, value: str, location
 
 
 def start_execution(settings: WorkerSettings, execution_id: int, refs: list[str]) -> None:
-    """One execution-start event (our contract: `credentials`, each read under its reference's name)."""
+    """One execution-start event (our contract: `credentials`, each read under its reference's name). References are
+    checked before anything is produced: a bad one is one line on stderr and exit 2, and no event."""
+    from keychain.errors import InvalidReference
     from keychain.refs import SecretRef
 
+    try:
+        parsed = [SecretRef.parse(ref) for ref in refs]
+    except InvalidReference as exc:
+        print(f"error: {exc}; no event was produced", file=sys.stderr)
+        sys.exit(2)
     asyncio.run(produce(settings.kafka_bootstrap_servers, settings.events_topic, [start_event(execution_id, refs)]))
-    for ref in refs:  # the name each is warmed under: the reference in full
-        print(f"execution {execution_id}: {SecretRef.parse(ref)}")
+    for ref in parsed:  # the name each is warmed under: the reference in full
+        print(f"execution {execution_id}: {ref}")

@@ -43,16 +43,21 @@ class Rows:
         # One entry per row (a statement writes a row once), each sealed before any lock is taken.
         latest = {e.identity: e for e in entries}
         sealed = [(e, self._row(e)) for e in latest.values()]
+        written = 0  # rows the statement wrote, in the attempt that committed
 
         async def write(conn: asyncpg.Connection) -> list[Entry]:
+            nonlocal written
             stale, fresh = await self._hold_fences(conn, sealed, lambda item: item[0].fences,
                                                     lambda item: item[0].scope.execution_id)
+            written = 0
             if fresh:  # put_entries leaves out finished executions' rows itself
-                await conn.execute(self._db.q["put_entries"], *(list(column) for column in zip(*(r for _, r in fresh))))
-                metrics.ROWS_WRITTEN.labels("keychain").inc(len(fresh))
+                written = await conn.fetchval(self._db.q["put_entries"],
+                                              *(list(column) for column in zip(*(r for _, r in fresh))))
             return [e for e, _ in stale]
 
-        return await self._db.transaction("put_many", write)
+        fenced = await self._db.transaction("put_many", write)
+        metrics.ROWS_WRITTEN.labels("keychain").inc(written)  # counted once committed: never a retried attempt twice
+        return fenced
 
     @typed_errors
     async def write_fenced(
@@ -62,17 +67,22 @@ class Rows:
         fences: Callable[[T], Iterable[tuple[str, int]]],
         execution_id: Callable[[T], int | None],
         write: Callable[[asyncpg.Connection, list[T]], Awaitable[None]],
+        target: str,
     ) -> list[T]:
         """Write values of secrets somewhere else than this table (a worker target's store) with the same fences
         as put_many: in one durable transaction, in the lock order, hold the rotation fence of each item's secrets
         (`fences`: (secret id, generation read before the fetch)) and the fence of its execution; then
         `write(conn, items)` the items whose secrets were not invalidated meanwhile and whose execution has not
         finished (the target writes its rows and records them as copies, keychain/copies.py). Returns the items NOT
-        written because a secret they hold was invalidated after its generation was read."""
+        written because a secret they hold was invalidated after its generation was read. The rows written are
+        counted (`keychain_rows_written_total{target}`) once the transaction has committed."""
         if not items:
             return []
+        written = 0  # of the attempt that committed
 
         async def fenced(conn: asyncpg.Connection) -> list[T]:
+            nonlocal written
+            written = 0
             stale, fresh = await self._hold_fences(conn, list(items), fences, execution_id)
             execution_ids = sorted({e for e in map(execution_id, fresh) if e is not None})
             if execution_ids:  # put_entries leaves finished executions' rows out itself; another store cannot
@@ -80,9 +90,12 @@ class Rows:
                 fresh = [item for item in fresh if execution_id(item) not in finished]
             if fresh:
                 await write(conn, fresh)
+                written = len(fresh)
             return stale
 
-        return await self._db.transaction("write_fenced", fenced)
+        stale = await self._db.transaction("write_fenced", fenced)
+        metrics.ROWS_WRITTEN.labels(target).inc(written)
+        return stale
 
     async def _hold_fences(self, conn: asyncpg.Connection, items: list[T],
                            fences: Callable[[T], Iterable[tuple[str, int]]],

@@ -6,14 +6,53 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from .batches import Handled, Record, handle_batch
+from . import metrics
+from .batches import DeadLetter, Handled, Record, handle_batch
 
 log = logging.getLogger(__name__)
 
 # (key, value, reason, detail, headers) -> whether the broker took it
 SendDeadLetter = Callable[[bytes | None, bytes | None, str, str, dict[str, str]], Awaitable[bool]]
+DEAD_LETTER_RETRY_INITIAL_SECONDS = 0.1  # jittered, doubling, up to DEAD_LETTER_RETRY_MAX_SECONDS
+DEAD_LETTER_RETRY_MAX_SECONDS = 5.0
+
+
+class HeldForDeadLetters:
+    """How many batches are held because the broker has not taken their dead letters yet (/readyz, the gauge)."""
+
+    batches = 0
+
+    @classmethod
+    def change(cls, by: int) -> None:
+        cls.batches += by
+        metrics.BATCHES_HELD_FOR_DEAD_LETTERS.set(cls.batches)
+
+
+async def deliver_dead_letters(dead: list[DeadLetter], send_dead_letter: SendDeadLetter) -> None:
+    """Every dead letter of a batch, taken by the broker: those it refused are sent again, with backoff, for as long
+    as it takes, as a database outage holds a batch. Until then the batch is not acknowledged (its offsets are not
+    committed): a record whose dead letter was refused is never lost."""
+    pending, delay, held = list(dead), DEAD_LETTER_RETRY_INITIAL_SECONDS, False
+    try:
+        while pending:
+            pending = [d for d in pending if not await send_dead_letter(
+                d.record.key, d.record.value, d.reason, d.detail, {"source": d.record.source})]
+            if not pending:
+                return
+            if not held:
+                held = True
+                HeldForDeadLetters.change(+1)
+            wait = random.uniform(delay / 2, delay)
+            log.warning("%d dead letter(s) not taken by the broker: their batch is held, sent again in %.2fs",
+                        len(pending), wait)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, DEAD_LETTER_RETRY_MAX_SECONDS)
+    finally:
+        if held:
+            HeldForDeadLetters.change(-1)
 
 
 async def consume_durably(
@@ -25,7 +64,8 @@ async def consume_durably(
     in_flight: int = 1,
 ) -> None:
     """The one way a batch is consumed: handled (held through database outages), its dead letters sent and
-    acknowledged by the broker, and only then its offsets acknowledged. `batches` yields each batch's records with
+    acknowledged by the broker (held, and sent again, while the broker refuses them), and only then its offsets
+    acknowledged. `batches` yields each batch's records with
     the token its source acknowledges it by (`acknowledge`): a faust agent's events (`faust_events`) or aiokafka's offsets
     (streams/consumer.py).
 
@@ -45,9 +85,7 @@ async def consume_durably(
     async def consume(records: list[Record], token: Any) -> None:
         try:
             result = await handle_batch(records, lambda batch: handle(batch, free.set))
-            for dead in result.dead:
-                await send_dead_letter(dead.record.key, dead.record.value, dead.reason, dead.detail,
-                                       {"source": dead.record.source})
+            await deliver_dead_letters(result.dead, send_dead_letter)
             await acknowledge(token)  # rows written durably, dead letters taken by the broker: offsets may commit
             log.log(logging.INFO if result.dead or _work_done(result) else logging.DEBUG, "batch: %d %s, %s",
                     len(records), what, result.summary())

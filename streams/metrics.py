@@ -1,7 +1,7 @@
 """The stream worker's Prometheus metrics (events, skipped declarations, dead letters, invalidations); the
 library's are in keychain/metrics.py. Every label comes from a closed set: never an input's own words."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from keychain.metrics import LATENCY_BUCKETS, LEAD_BUCKETS
 
@@ -12,6 +12,10 @@ SKIPPED_DECLARATIONS = Counter(
     ["reason"],
 )
 DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
+BATCHES_HELD_FOR_DEAD_LETTERS = Gauge(
+    "keychain_batches_held_for_dead_letters",
+    "Batches not acknowledged because the broker has not taken their dead letters yet (sent again with backoff): "
+    "page on a value above 0 that lasts")
 DEAD_LETTERS_NOT_SENT = Counter(
     "keychain_dead_letters_not_sent_total", "Dead letters the broker did not accept (logged with their source offset)"
 )

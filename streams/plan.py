@@ -70,7 +70,8 @@ async def dry_run(value: bytes, settings: WorkerSettings) -> dict[str, Any]:
             playbook = playbook if playbook is not None else (event.playbook if isinstance(event.playbook, dict)
                                                               else None)
             if "keychain" in settings.targets:
-                plan = resolve(event, playbook, project=settings.google_cloud_project)
+                plan = resolve(event, playbook, project=settings.google_cloud_project,
+                               server_region=settings.noetl_server_region)
                 answer.update(rows=[w.as_json() for w in plan.wants], skipped=[s.as_json() for s in plan.skipped])
             if "noetl" in settings.targets:
                 plan = noetl_plan(event, playbook, project=settings.noetl_project,

@@ -55,9 +55,11 @@ SKIP_REASONS = frozenset({
     "bad_reference",      # the rendered value is not a Secret Manager reference
     "no_project",         # a keychain entry without `map` needs GOOGLE_CLOUD_PROJECT
     "invalid_declaration",  # a declaration of the wrong shape (no name, a map that is not a mapping, ...)
+    "residency_denied",   # `residency: strict` and the entry's region is not NoETL's server's: never fetched
 })
 _AUTH_REFERENCE_FIELDS = ("key", "client_id_key", "client_secret_key")
 _SCOPES = {None: "global", "global": "global", "shared": "global", "local": "execution", "execution": "execution"}
+RESIDENCY_POLICIES = ("none", "advisory", "strict")
 
 
 # A secret reference template needs names, attributes, items, text, conditions and a few filters; nothing that loops,
@@ -144,8 +146,10 @@ class Unusable(Exception):
         self.reason = reason
 
 
-def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, project: str | None = None) -> Plan:
-    """The plan of a start event. `playbook`: the document from NoETL's catalog (else the event's own, if any)."""
+def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, project: str | None = None,
+            server_region: str = "") -> Plan:
+    """The plan of a start event. `playbook`: the document from NoETL's catalog (else the event's own, if any).
+    `server_region`: NOETL_SERVER_REGION, for the residency gate of keychain entries."""
     plan = Plan()
     if event.workload is None:  # a start record without a workload (the Rust server's workflow.initialized)
         return plan
@@ -172,7 +176,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
     for index, entry in enumerate(_list(playbook.get("keychain"))):
         where = _entry_name(entry) or f"keychain[{index}]"
         try:
-            name, scope_type, fields = _keychain_entry(entry, context, project)
+            name, scope_type, fields = _keychain_entry(entry, context, project, server_region)
         except Unusable as unusable:
             plan.skipped.append(Skip(where, unusable.reason))
             continue
@@ -191,7 +195,7 @@ def resolve(event: ExecutionEvent, playbook: dict[str, Any] | None = None, *, pr
 
 
 # --- keychain entries -------------------------------------------------------------------------------------------
-def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
+def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None, server_region: str):
     if not isinstance(entry, dict):
         raise Unusable("invalid_declaration")
     kind, provider = entry.get("kind"), entry.get("provider")
@@ -203,12 +207,30 @@ def _keychain_entry(entry: Any, context: dict[str, Any], project: str | None):
     scope_type = _SCOPES.get(entry.get("scope")) if isinstance(entry.get("scope"), (str, type(None))) else None
     if not storable(name) or scope_type is None:
         raise Unusable("invalid_declaration")
+    residency(entry, server_region)  # before any fetch, as NoETL's server gates it
     if mapping is None:  # the single secret named by the entry's name
         return name, scope_type, ((None, secret_manager_name(name, project)),)
     if not isinstance(mapping, dict) or not mapping or not all(storable(f, 256) for f in mapping):
         raise Unusable("invalid_declaration")
     return name, scope_type, tuple((f, secret_manager_name(render_text(template, context), project))
                                    for f, template in mapping.items())
+
+
+def residency(entry: dict[str, Any], server_region: str) -> bool:
+    """NoETL's residency gate for one keychain entry (noetl/server `src/secrets/residency.rs` `evaluate`, before any
+    fetch): Unusable("residency_denied") where the server refuses the entry; True where it allows it as an advisory
+    violation; False where it allows it. Every target asks it: a declaration NoETL's server would refuse is never
+    fetched for anyone (KEYCHAIN_TARGET=both included). `server_region`: NOETL_SERVER_REGION."""
+    policy = entry.get("residency") or "none"
+    allowed = entry.get("allowed_regions", [])
+    if policy not in RESIDENCY_POLICIES or not isinstance(allowed, list):
+        raise Unusable("invalid_declaration")  # the server's playbook parse refuses it: it resolves nothing
+    region = entry.get("region") if isinstance(entry.get("region"), str) and entry.get("region") else server_region
+    if not region or policy == "none" or region == server_region or (server_region and server_region in allowed):
+        return False
+    if policy == "strict":
+        raise Unusable("residency_denied")
+    return True
 
 
 def secret_manager_name(name: str, project: str | None) -> SecretRef:

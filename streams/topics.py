@@ -24,7 +24,8 @@ async def send_dead_letter(key: bytes | None, value: bytes | None, reason: str, 
                            headers: dict[str, str]) -> bool:
     """Produce the original bytes with the reason, and wait for the broker's acknowledgement. A value (or key) too
     big for any producer is cut to a prefix, with its size and SHA-256 in headers, so a dead letter always fits.
-    Returns False when the broker did not take it: logged and counted, and the caller's batch goes on regardless."""
+    Returns False when the broker did not take it: logged and counted, and the caller holds its batch and sends it
+    again (streams/durable.py: deliver_dead_letters)."""
     source = headers.get("source", "?")
     log.warning("dead letter from %s: %s: %s", source, reason, detail)
     all_headers = {"reason": reason, "detail": detail[:1000], **headers}
@@ -37,7 +38,7 @@ async def send_dead_letter(key: bytes | None, value: bytes | None, reason: str, 
             key=key, value=value, headers={k: v.encode() for k, v in all_headers.items()}, force=True
         )
         await sent
-    except Exception as exc:  # the broker refused or is gone: never take the rest of the batch with it
+    except Exception as exc:  # the broker refused or is gone: the caller holds the batch and sends this again
         log.error("dead letter from %s (%s) was not accepted by the broker: %s", source, reason, type(exc).__name__)
         metrics.DEAD_LETTERS_NOT_SENT.inc()
         return False

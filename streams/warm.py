@@ -77,7 +77,8 @@ class Warmer:
         self.settings = settings
         self.keychain = keychain
         self.catalog = catalog  # NoETL's catalog, for start events that carry no playbook
-        self.targets: list[Target] = targets or [KeychainTarget(keychain, project=settings.google_cloud_project)]
+        self.targets: list[Target] = targets or [KeychainTarget(keychain, project=settings.google_cloud_project,
+                                                                server_region=settings.noetl_server_region)]
         self._concurrency = asyncio.Semaphore(WARM_CONCURRENCY)
 
     # --- events -----------------------------------------------------------------------------------------------------

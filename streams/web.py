@@ -21,6 +21,7 @@ from keychain.refs import SecretRef
 
 from . import metrics as worker_metrics
 from .app import runtime, settings
+from .durable import HeldForDeadLetters
 from .reachable import broker_answer
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(_: web.Request) -> web.Response:
-    checks = {"database": await _database(), "broker": await _broker(), "pubsub": _pubsub()}
+    checks = {"database": await _database(), "broker": await _broker(), "pubsub": _pubsub(),
+              "dead_letters": _dead_letters()}
     ready = all(state in ("ok", "not configured") for state in checks.values())
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
@@ -47,6 +49,11 @@ async def _database() -> str:
 
 async def _broker() -> str:
     return "ok" if await broker_answer(settings.kafka_bootstrap_servers, 2) is None else "unreachable"
+
+
+def _dead_letters() -> str:
+    held = HeldForDeadLetters.batches
+    return "ok" if not held else f"not taken by the broker: {held} batch(es) held"
 
 
 def _pubsub() -> str:

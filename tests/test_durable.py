@@ -94,3 +94,34 @@ async def test_batches_in_flight_are_all_acknowledged_and_none_twice():
     await consume_durably(batches(*[[b"v"]] * 20), journal.acknowledge, "events", handle, journal.send_dead_letter,
                           in_flight=4)
     assert sorted(token for _, token in journal.steps) == list(range(20))
+
+
+async def test_a_dead_letter_the_broker_refuses_holds_its_batch_until_it_is_taken(monkeypatch):
+    """The broker refuses the dead letter twice: the batch is not acknowledged (its offsets are not committed, so the
+    record is never lost), the hold is visible (/readyz, the gauge), and once the broker takes it the batch is
+    acknowledged, once."""
+    import streams.durable as durable
+    from streams import metrics
+
+    monkeypatch.setattr(durable, "DEAD_LETTER_RETRY_INITIAL_SECONDS", 0.01)
+    journal = Journal()
+    refusals = []
+    held_seen = []
+
+    async def send_dead_letter(key, value, reason, detail, headers) -> bool:
+        held_seen.append((durable.HeldForDeadLetters.batches, metrics.BATCHES_HELD_FOR_DEAD_LETTERS._value.get()))
+        if len(refusals) < 2:
+            refusals.append(value)
+            return False
+        journal.steps.append(("dead", value, reason))
+        return True
+
+    async def handle(records, _on_wait):
+        return Result([DeadLetter(r, "invalid_event", "not JSON") for r in records if r.value == b"bad"])
+
+    await consume_durably(batches([b"bad", b"good"], [b"good"]), journal.acknowledge, "events", handle,
+                          send_dead_letter)
+    assert refusals == [b"bad", b"bad"]
+    assert journal.steps == [("dead", b"bad", "invalid_event"), ("ack", 0), ("ack", 1)]
+    assert held_seen == [(0, 0), (1, 1), (1, 1)]  # held from the first refusal until it was taken
+    assert durable.HeldForDeadLetters.batches == 0 and metrics.BATCHES_HELD_FOR_DEAD_LETTERS._value.get() == 0

@@ -35,6 +35,20 @@ def test_every_command_has_help(command):
     assert "usage:" in result.stdout.lower() and "Traceback" not in result.stdout + result.stderr
 
 
+def test_start_execution_with_a_bad_reference_says_so_and_produces_nothing(tmp_path):
+    """One line and exit 2, before anything is produced: the broker named here does not exist, so an event produced
+    first would have failed (or hung) instead."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("KEYCHAIN_", "KAFKA_"))},
+           "KEYCHAIN_DSN": "postgresql://nobody@127.0.0.1:1/none", "KEYCHAIN_KEYS": "k1:" + "A" * 43 + "=",
+           "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}
+    result = run("devtools", "start-execution", "42", "projects/p/secrets/ok", "not-a-reference", env=env, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a Secret Manager reference" in lines[0] and "no event was produced" in lines[0]
+    assert result.stdout == ""
+
+
 def descendants(pid: int) -> set[int]:
     """The processes under `pid` now (read from /proc: a service runs in a session of its own, yet it is a child)."""
     children: dict[int, list[int]] = {}

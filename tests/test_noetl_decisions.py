@@ -169,3 +169,60 @@ keychain:
 """)
     assert [w.alias for w in result.wants] == ["global_key"]
     assert [(s.where, s.reason) for s in result.skipped] == [("eu_key", "regional_secret")]
+
+
+@pytest.mark.parametrize("server, region, policy, allowed, warmed, violation", [
+    ("us-east1", "europe-west1", "strict", "[]", False, False),
+    ("us-east1", "europe-west1", "strict", "[us-east1]", True, False),
+    ("us-east1", "europe-west1", "advisory", "[]", True, True),
+])
+def test_our_own_table_asks_the_same_residency_gate(server, region, policy, allowed, warmed, violation):
+    """With KEYCHAIN_TARGET=both a declaration NoETL's server would refuse is not warmed into our table either: it
+    would be fetched from Secret Manager for nobody the gate allows."""
+    from streams.resolve import resolve
+
+    result = resolve(start(), parse_playbook(RESIDENCY.format(region=region, policy=policy, allowed=allowed), None,
+                                             max_bytes=10**6), project="my-project", server_region=server)
+    assert [w.credential_name for w in result.wants] == (["eu_token"] if warmed else [])
+    assert ("residency_denied" in [s.reason for s in result.skipped]) is not warmed
+
+
+async def test_a_strict_entry_is_fetched_for_no_target(stack, settings, keychain, sm, noetl_db, noetl_schema, unique,
+                                                      execution_id):
+    """KEYCHAIN_TARGET=both, a start record whose only entry NoETL's server refuses: no Secret Manager call, no row in
+    either table, and `streams plan` says so for both."""
+    import json
+
+    from devtools.noetl_schema import register_playbook
+    from streams.plan import dry_run
+
+    from .noetl_harness import warm_parts
+    from streams.batches import Record
+
+    secret_id = f"eu-token-{unique}"
+    sm.create_secret(secret_id)
+    sm.add_version(secret_id, "eu-only")
+    catalog_id = execution_id + 900
+    await register_playbook(noetl_db, noetl_schema, catalog_id, "tests/residency",
+                            RESIDENCY.format(region="europe-west1", policy="strict", allowed="[]").replace(
+                                "projects/p/secrets/eu-token", f"projects/test-project/secrets/{secret_id}"))
+    record = rust_playbook_started(execution_id, catalog_id, "tests/residency", {})
+    from .conftest import make_settings
+
+    both = make_settings(stack, settings.schema_name, settings.keys.get_secret_value(), target="both",
+                         noetl_server_region="us-east1", catalog_schema=noetl_schema,
+                         google_cloud_project="test-project", noetl_encryption_key="A" * 43 + "=")
+    answer = await dry_run(json.dumps(record, default=str).encode(), both)
+    assert answer["rows"] == [] and answer["noetl"]["rows"] == []
+    assert {"where": "eu_token", "reason": "residency_denied"} in answer["skipped"]
+    assert {"where": "eu_token", "reason": "residency_denied"} in answer["noetl"]["skipped"]
+    warmer, _, targets = await warm_parts(both, keychain)
+    try:
+        result = await warmer.handle([Record(*as_message(record))])
+    finally:
+        for target in targets:
+            await target.close()
+    assert (result.started, len(result.dead)) == (1, 0)
+    assert sm.access_count(secret_id, code=None) == 0
+    assert await keychain.pool.fetchval("SELECT count(*) FROM keychain") == 0
+    assert await noetl_db.fetchval(f"SELECT count(*) FROM {noetl_schema}.keychain") == 0

@@ -494,3 +494,31 @@ async def test_a_fetch_waits_for_the_process_holding_its_reference_and_no_longer
         await holder.close()  # the fetching process dies
         fetched = (await asyncio.wait_for(waiting, 10)).value
     assert fetched.payload.decode() == value and sm.access_count(secret_id) == 1
+
+
+async def test_rows_written_are_counted_once_committed(keychain, db, execution_id):
+    """keychain_rows_written_total counts what committed: a transaction PostgreSQL rolled back and the library ran
+    again counts once; a fenced row, or a row of an execution that finished, counts nothing."""
+    from keychain import metrics
+
+    written = metrics.ROWS_WRITTEN.labels("keychain")
+    await db.execute("""
+        CREATE SEQUENCE first_insert;
+        CREATE FUNCTION roll_back_once() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF nextval('first_insert') = 1 THEN RAISE EXCEPTION 'concurrent update' USING ERRCODE = '40001'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE CONSTRAINT TRIGGER roll_back_once AFTER INSERT ON keychain DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION roll_back_once();""")
+    before = written._value.get()
+    # the first attempt wrote its row, then was rolled back at its commit; the second commits
+    await keychain.put("retried", "v", execution_id=execution_id)
+    assert await db.fetchval("SELECT nextval('first_insert')") == 3  # two attempts were made
+    assert written._value.get() == before + 1
+    fenced = Entry("fenced", Scope.of(execution_id=execution_id), "v", fences=(("projects/1/secrets/f", 41),))
+    assert await keychain.rows.put_many([fenced]) == [fenced]
+    await keychain.maintenance.finish_execution(execution_id + 1)
+    await keychain.put("late", "v", execution_id=execution_id + 1)  # its execution finished: fenced out
+    assert written._value.get() == before + 1
+    assert await db.fetchval("SELECT count(*) FROM keychain") == 1

@@ -41,7 +41,8 @@ async def test_health_readiness_metrics_and_stats(worker, stack, keychain, sm, s
     ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
     assert http(worker.port, "/healthz") == (200, '{"status": "alive"}')
     status, body = http(worker.port, "/readyz")
-    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "broker": "ok", "pubsub": "not configured"}
+    assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "broker": "ok", "pubsub": "not configured",
+                                                            "dead_letters": "ok"}
     await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], worker.events_topic, [start_event(execution_id, [ref])])
     await produce(stack.env["KAFKA_BOOTSTRAP_SERVERS"], worker.events_topic, [(None, b"{broken")])
 

@@ -15,7 +15,8 @@ async def open_targets(settings: WorkerSettings, keychain: Keychain) -> list[Tar
     if "keychain" in settings.targets:
         from .keychain import KeychainTarget
 
-        targets.append(KeychainTarget(keychain, project=settings.google_cloud_project))
+        targets.append(KeychainTarget(keychain, project=settings.google_cloud_project,
+                                      server_region=settings.noetl_server_region))
     if "noetl" in settings.targets:
         from .noetl.table import NoetlTarget
 

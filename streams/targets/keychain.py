@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 class KeychainTarget:
     name = "keychain"
 
-    def __init__(self, keychain: Keychain, *, project: str | None):
+    def __init__(self, keychain: Keychain, *, project: str | None, server_region: str = ""):
         self.keychain = keychain
         self._project = project
+        self._server_region = server_region  # NOETL_SERVER_REGION: the residency gate of keychain entries
 
     def plan(self, event: ExecutionEvent, playbook: dict[str, Any] | None) -> TargetPlan:
-        plan = resolve(event, playbook, project=self._project)
+        plan = resolve(event, playbook, project=self._project, server_region=self._server_region)
         for skip in plan.skipped:
             metrics.SKIPPED_DECLARATIONS.labels(skip.reason).inc()
         return TargetPlan(plan.wants, plan.skipped)

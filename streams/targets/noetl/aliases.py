@@ -32,7 +32,7 @@ from typing import Any
 from keychain.refs import SecretRef
 
 from ...events import ExecutionEvent
-from ...resolve import Skip, Unusable, kind_reason, render_text, secret_manager_name, storable
+from ...resolve import Skip, Unusable, kind_reason, render_text, residency, secret_manager_name, storable
 
 # NoETL's server builds its Google Secret Manager provider for exactly this name (src/secrets/mod.rs).
 SECRET_MANAGER_PROVIDER = "gcp"
@@ -47,7 +47,6 @@ SKIP_REASONS = frozenset({
     "residency_denied",     # `residency: strict` and the entry's region is not the server's: the server refuses it
     "regional_secret",      # projects/P/locations/L/...: the server asks Google's global endpoint, which refuses it
 })
-RESIDENCY_POLICIES = ("none", "advisory", "strict")
 
 
 @dataclass(frozen=True)
@@ -122,21 +121,6 @@ def noetl_plan(event: ExecutionEvent, playbook: dict[str, Any] | None, *, projec
     return plan
 
 
-def _residency(entry: dict[str, Any], server_region: str) -> bool:
-    """NoETL's residency gate for one entry (`evaluate`): Unusable("residency_denied") where the server refuses the
-    entry; True where it allows it as an advisory violation; False where it allows it."""
-    policy = entry.get("residency") or "none"
-    allowed = entry.get("allowed_regions", [])
-    if policy not in RESIDENCY_POLICIES or not isinstance(allowed, list):
-        raise Unusable("invalid_declaration")  # the server's playbook parse refuses it: it resolves nothing
-    region = entry.get("region") if isinstance(entry.get("region"), str) and entry.get("region") else server_region
-    if not region or policy == "none" or region == server_region or (server_region and server_region in allowed):
-        return False
-    if policy == "strict":
-        raise Unusable("residency_denied")
-    return True
-
-
 def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None, server_region: str):
     """An entry's (map field, reference) pairs and whether it is an advisory residency violation, in the server's
     order: the provider, then the residency gate, then the templates."""
@@ -147,7 +131,7 @@ def _entry_fields(entry: Any, workload: dict[str, Any], project: str | None, ser
         raise Unusable("credential_table" if "credential" in entry else _kind(entry.get("kind")))
     if provider != SECRET_MANAGER_PROVIDER:
         raise Unusable("other_provider")
-    violation = _residency(entry, server_region)
+    violation = residency(entry, server_region)
     mapping = entry.get("map")
     if mapping is None:
         fields = ((None, secret_manager_name(entry["name"], project)),)

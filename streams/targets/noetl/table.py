@@ -228,12 +228,11 @@ class NoetlTarget:
                     sealed = {key: row["sealed"] for key, row in held.items()}
             await self.copies.record(conn, [self._copy(f, sealed[f.want.cache_key], reads_before[f.want.cache_key])
                                             for f, _ in fresh if f.want.refs])  # `map: {}` holds no secret
-            library_metrics.ROWS_WRITTEN.labels(self.name).inc(len(fresh))
 
         try:
             fenced = {id(f) for f, _ in await self.keychain.rows.write_fenced(
                 rows, fences=lambda row: row[0].fences, execution_id=lambda row: row[0].want.execution_id,
-                write=write)}
+                write=write, target=self.name)}
         except NoetlApiError as exc:
             log.warning("%d NoETL rows not written yet: %s", len(rows), exc)
             return Written([], [], [f for f, _ in rows], skipped)
