@@ -16,7 +16,8 @@ row of that cache key; answers `{"status": "deleted" | "not_found", "cache_key"}
 
 A path id that is not an i64, or a body that is not the request's shape, is a 4xx (axum's extractors). What is not
 NoETL's, and says so: `token` stands for the gateway in front of the server (a bearer token, else 401), and `fail`
-makes the next answers a 503 (the server or its gateway down), for the tests.
+makes the next answers a `fail_status` (503 by default: the server or its gateway down; 401: the gateway's token
+expired), for the tests.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class NoetlKeychainApi:
     def __init__(self, pool: asyncpg.Pool, schema: str, seal: Callable[[Any], str], *, token: str | None = None):
         self.pool, self.schema, self.seal, self.token = pool, schema, seal, token
         self.calls: Counter[str] = Counter()  # answered requests by method
-        self.fail = 0  # the next `fail` requests answer 503
+        self.fail = 0  # the next `fail` requests answer `fail_status`
+        self.fail_status = 503
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -74,7 +76,7 @@ class NoetlKeychainApi:
             raise web.HTTPUnauthorized()
         if self.fail > 0:
             self.fail -= 1
-            raise web.HTTPServiceUnavailable()
+            return web.Response(status=self.fail_status)
         response = await handler(request)
         self.calls[request.method] += 1
         return response

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import asyncpg
 
+from .database import durable_transaction, typed_errors
 from .model import Provenance, held_of, sources_json
 from .queries import queries
 from .refs import SecretIdentity
@@ -61,6 +62,13 @@ class Copies:
             [len(c.sources) for c in copies], [json.dumps(c.detail or {}) for c in copies],
             [float(c.ttl_seconds) for c in copies], [c.credential_name for c in copies])
 
+    @typed_errors
+    async def record_before(self, pool: asyncpg.Pool, copies: Iterable[Copy]) -> None:
+        """Copies recorded on their own, durably, before the target writes their rows: for a store written by calls
+        that may fail partway (NoETL's API), so that whatever reached the store is found by a rotation."""
+        async with durable_transaction(pool) as conn:
+            await self.record(conn, copies)
+
     async def of(self, conn: asyncpg.Connection | asyncpg.Pool, keys: list[str]) -> dict[str, tuple[bool, frozenset[str]]]:
         """For each key that has a copy: (ready, what it holds: model.held_of)."""
         rows = await conn.fetch(self._q["copies_of"], self.target, keys) if keys else []
@@ -72,9 +80,10 @@ class Copies:
                                                          parent_execution_id)]
 
     async def matching(self, conn: asyncpg.Connection, patterns: list[dict[str, Any]]) -> list[str]:
-        """The keys of the copies matching any pattern, without locking them: inside an invalidation (the secret's
-        state row held exclusively, so no copy of it is written meanwhile), for the target to lock and stop serving
-        its rows first (lock order 4) before `mark_stale` or `forget` takes the copies (lock order 5)."""
+        """The keys of the copies matching any pattern, without locking them, for the target to lock and stop serving
+        its rows first (lock order 4) before `mark_stale` or `forget` takes the copies (lock order 5). A copy written
+        after this read holds a value fetched after the invalidation committed (fenced by its generation): it needs
+        no stopping."""
         rows = await conn.fetch(self._q["copies_matching"], self.target, [json.dumps([p]) for p in patterns])
         return [r["copy_key"] for r in rows]
 

@@ -105,6 +105,30 @@ class Selection:
         """`patterns()` as `sources` containment arguments (`sources @> ANY($1::jsonb[])`)."""
         return [json.dumps([pattern]) for pattern in self.patterns()]
 
+    def as_json(self) -> dict[str, Any]:
+        """The selection as JSON (an outbox entry's work), resolved: a project named by id is resolved first."""
+        if self.named is not None:
+            raise ValueError("resolve the selection's project first")
+        return {"kind": self.kind, "secret": self.secret.key if self.secret else None, "match": self.match,
+                "credential": self.credential, "execution_id": self.execution_id,
+                "added_version": self.added_version, "any_project": self.any_project}
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> "Selection":
+        secret = document.get("secret")
+        return cls(document["kind"], SecretIdentity.from_key(secret) if secret else None, dict(document["match"]),
+                   document.get("credential"), document.get("execution_id"), document.get("added_version"),
+                   bool(document.get("any_project")))
+
+    @property
+    def ordering(self) -> str:
+        """What the selection's work must stay in order with (an outbox entry's ordering): a secret's invalidations
+        one after the other, and so a credential's, an execution's, everything's."""
+        if self.kind == "secret":
+            return f"secret:{self.secret.path if self.any_project else self.secret.key}"
+        detail = {"credential": self.credential, "execution": self.execution_id}.get(self.kind)
+        return self.kind if detail is None else f"{self.kind}:{detail}"
+
     def describe(self) -> str:
         """For logs: the kind and what it names (a secret's identity, never a value)."""
         detail = {"secret": self.secret.key if self.secret else None, "credential": self.credential,

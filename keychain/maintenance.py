@@ -16,6 +16,7 @@ from .errors import DecryptionError
 from .fetcher import Fetcher
 from .invalidation import Selection
 from .model import RowIdentity
+from .outbox import Outbox
 from .projects import ProjectNumbers
 from .reads import ReadCounts
 from .refs import SecretIdentity
@@ -42,6 +43,7 @@ _MARK_STALE = {
 class Maintenance:
     def __init__(self, connector: Connector, keyring: KeyRing, fetcher: Fetcher, reads: ReadCounts,
                  projects: ProjectNumbers):
+        self.outbox = Outbox(connector)
         self._db = connector
         self._keyring = keyring
         self._fetcher = fetcher
@@ -79,14 +81,15 @@ class Maintenance:
 
     @typed_errors
     async def invalidate(self, selection: Selection, *, notice_id: str | None = None, drop: bool = False,
-                         beside: Beside | None = None) -> int | None:
+                         defer: list[str] | None = None) -> int | None:
         """THE invalidation, atomically, in the lock order: the selected rows stop being served at once (marked
-        stale; deleted with `drop`, for a secret's), and `beside` (a worker target's rows in its own store) in the
-        same transaction. Whatever it selects, the secrets it reaches are fenced and fetched anew: their generations
-        move on (no fetch in flight writes an older value afterwards) and their shared fetches and refusals are
-        forgotten. A secret's invalidation also marks every target's copies of it stale; `everything` moves every
-        generation on. Returns rows changed (ours and beside's), or None when `notice_id` was applied before (a
-        duplicate)."""
+        stale; deleted with `drop`, for a secret's), and what the worker targets named by `defer` must still do in
+        their own stores is recorded in the outbox (keychain/outbox.py) in the same transaction: our rows never wait
+        for another store. Whatever it selects, the secrets it reaches are fenced and fetched anew: their
+        generations move on (no fetch in flight writes an older value afterwards) and their shared fetches and
+        refusals are forgotten. A secret's invalidation with nothing deferred marks every target's copies of it
+        stale (the CLI's door); `everything` moves every generation on. Returns our rows changed, or None when
+        `notice_id` was applied before (a duplicate)."""
         selection = await self.resolve(selection)
         reached: list[str] = []  # the secrets' identities, of the attempt that committed
 
@@ -108,10 +111,11 @@ class Maintenance:
             else:
                 statement, *args = _MARK_STALE[selection.kind](selection)
             changed = affected(await conn.execute(q[statement], *args))
-            if beside is not None:  # a target's rows in its own store: lock order 4, as ours
-                changed += await beside(conn)
-            if selection.kind == "secret" and beside is None:
-                # no worker target stopped its copies itself: every target's, stale (copies.py)
+            if defer:  # lock order 5: new rows
+                await self.outbox.add(conn, sorted(defer), {"selection": selection.as_json(), "drop": drop},
+                                      selection.ordering)
+            elif selection.kind == "secret":
+                # no worker target will stop its copies itself: every target's, stale (copies.py)
                 await conn.execute(q["mark_every_copy_stale_matching"], selection.sources_patterns)
             if selection.kind == "everything":
                 await conn.execute(q["forget_every_failure"])

@@ -124,6 +124,7 @@ async def report_at_start() -> None:
 async def maintain() -> None:
     """Leader only: delete expired rows, and fetch again the global credentials in use that are about to expire."""
     await runtime.ready()
+    runtime.invalidator.deferred.kick()  # what targets must still apply, whoever recorded it (the CLI, a replica)
     swept = await runtime.sweep()
     runtime.last_sweep = {"at": datetime.now(timezone.utc).isoformat(), "rows": sum(swept.values()), "by_target": swept}
     log.info("sweep: %d expired rows deleted (%s)", sum(swept.values()),

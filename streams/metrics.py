@@ -12,6 +12,17 @@ SKIPPED_DECLARATIONS = Counter(
     ["reason"],
 )
 DEAD_LETTERS = Counter("keychain_dead_letters_total", "Messages sent to the dead-letter topic, by reason", ["reason"])
+TARGET_FAILURES = Counter(
+    "keychain_target_failures_total",
+    "Invalidations a worker target did not apply in its own store yet, by target and reason (closed set: "
+    "streams/deferred.py REASONS); each is tried again from the outbox", ["target", "reason"])
+TARGET_INVALIDATIONS_WAITING = Gauge(
+    "keychain_target_invalidations_waiting",
+    "Invalidations recorded for a worker target that it has not applied yet (the outbox)", ["target"])
+TARGET_INVALIDATIONS_REFUSED = Gauge(
+    "keychain_target_invalidations_refused",
+    "Invalidations a worker target refused for good (an expired token, a missing grant): its rows still serve what "
+    "they stopped: page on a value above 0", ["target"])
 BATCHES_HELD_FOR_DEAD_LETTERS = Gauge(
     "keychain_batches_held_for_dead_letters",
     "Batches not acknowledged because the broker has not taken their dead letters yet (sent again with backoff): "

@@ -59,6 +59,7 @@ class Runtime:
     async def close(self) -> None:
         async with self._lock:
             if self.keychain is not None:
+                await self.invalidator.close()
                 await self.catalog.close()
                 for target in self.targets:
                     await target.close()

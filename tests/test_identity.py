@@ -311,7 +311,7 @@ async def test_rows_written_before_0011_get_their_identity(settings, projects):
         await conn.execute("INSERT INTO keychain_secret_state (secret_id, generation) VALUES ('db', 3)")
         await conn.execute("INSERT INTO keychain_fetch_failure (secret_ref, error_code, retry_at) VALUES "
                            f"('projects/{prod}/secrets/gone/versions/1', 'NOT_FOUND', now())")
-        assert await migrate(conn, settings.schema_name) == [11]
+        assert (await migrate(conn, settings.schema_name))[0] == 11
         await conn.execute(f"SET search_path TO {settings.schema_name}")
         secrets = {r["credential_name"]: r["secret"] for r in await conn.fetch(
             "SELECT credential_name, sources->0->>'secret' AS secret FROM keychain")}

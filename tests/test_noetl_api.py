@@ -3,6 +3,7 @@ reaches NoETL's database as a role that may only read and delete there. NoETL's 
 keychain API (devtools/noetl_api.py, behind a gateway asking for a bearer token) and its reads
 (devtools/noetl_server.py), both under the server's own key."""
 
+import asyncio
 from types import SimpleNamespace
 
 import asyncpg
@@ -11,7 +12,6 @@ import pytest
 from devtools.noetl_api import NoetlKeychainApi
 from devtools.noetl_samples import as_message, finish_record
 from devtools.noetl_schema import register_playbook
-from keychain.errors import KeychainUnavailable
 from keychain.invalidation import Selection
 from streams import metrics
 from streams.batches import Record
@@ -128,8 +128,28 @@ async def test_api_mode_purges_and_sweeps_with_the_limited_role(api_mode, sm, no
     assert await api_mode.target.sweep() == 2 and await noetl.rows() == 0
 
 
-async def test_api_mode_an_unreachable_api_fails_the_rows_and_holds_an_invalidation(api_mode, sm, noetl_secrets,
-                                                                                    execution_id):
+async def waiting(mode) -> tuple[int, int]:
+    """The noetl target's outbox: (entries waiting, of which refused for good)."""
+    counts = (await mode.invalidator.keychain.maintenance.outbox.counts()).get("noetl")
+    return (counts.waiting, counts.refused) if counts else (0, 0)
+
+
+async def drained(mode, timeout: float = 30.0) -> None:
+    import asyncio
+    import time
+
+    mode.invalidator.deferred.kick("noetl")
+    deadline = time.monotonic() + timeout
+    while await waiting(mode) != (0, 0):
+        assert time.monotonic() < deadline, "the outbox was not drained"
+        await asyncio.sleep(0.05)
+
+
+async def test_api_mode_an_unreachable_api_fails_the_rows_and_never_holds_an_invalidation(api_mode, sm, noetl_secrets,
+                                                                                         execution_id):
+    """NoETL's API down: a warm's rows fail (then write_failed); an invalidation is never held, for this target or
+    any other: it commits our part at once and leaves NoETL's in the outbox, applied (in order) once the API
+    answers."""
     noetl, api, warmer, invalidator = api_mode.noetl, api_mode.api, api_mode.warmer, api_mode.invalidator
     api.fail = 10**9
     started = await noetl.started(execution_id)
@@ -139,11 +159,44 @@ async def test_api_mode_an_unreachable_api_fails_the_rows_and_holds_an_invalidat
     api.fail = 0
     result = await warmer.handle([started])
     assert (result.dead, result.rows_written) == ([], 2)
-    api.fail = 10**9  # the server down during a rotation: the invalidation is held (the stream runs it again)
-    with pytest.raises(KeychainUnavailable):
-        await invalidator.apply(notice("SECRET_DELETE", noetl_secrets["mapped"], message_id=f"m-{execution_id}"))
-    assert (await noetl.server.get_credential("openai_token", execution_id)).source == "keychain"
+    api.fail = 10**9  # the server down during two rotations: neither notice waits for it
+    for secret in ("mapped", "plain"):
+        applied = await invalidator.apply(notice("SECRET_DELETE", noetl_secrets[secret], message_id=f"m-{secret}"))
+        assert applied.changed == 0  # nothing of ours to stop (the noetl target only); NoETL's part waits
+    assert await waiting(api_mode) == (2, 0)
+    assert metrics.TARGET_INVALIDATIONS_WAITING.labels("noetl")._value.get() == 2
+    assert counts(metrics.TARGET_FAILURES).get("unavailable", 0) >= 1
+    assert (await noetl.server.get_credential("openai_token", execution_id)).source == "keychain"  # not reached yet
     deletes = api.calls["DELETE"]
     api.fail = 0
-    applied = await invalidator.apply(notice("SECRET_DELETE", noetl_secrets["mapped"], message_id=f"m-{execution_id}"))
-    assert applied.changed == 1 and api.calls["DELETE"] == deletes + 1
+    await drained(api_mode)
+    assert api.calls["DELETE"] == deletes + 2 and await noetl.rows() == 0
+    assert metrics.TARGET_INVALIDATIONS_WAITING.labels("noetl")._value.get() == 0
+    # a notice redelivered after all that changes nothing and adds nothing to the outbox
+    again = await invalidator.apply(notice("SECRET_DELETE", noetl_secrets["mapped"], message_id="m-mapped"))
+    assert again.changed is None and await waiting(api_mode) == (0, 0)
+
+
+async def test_api_mode_a_refusal_for_good_alerts_and_holds_nothing_else(api_mode, sm, noetl_secrets, execution_id,
+                                                                         caplog):
+    """An expired gateway token (401) is not an outage: each invalidation commits our part and goes on; NoETL's part is
+    counted, logged once, kept in the gauge an operator pages on, and drained once the token is fixed."""
+    import logging
+
+    noetl, api, warmer, invalidator = api_mode.noetl, api_mode.api, api_mode.warmer, api_mode.invalidator
+    await warmer.handle([await noetl.started(execution_id)])
+    api.fail, api.fail_status = 10**9, 401
+    with caplog.at_level(logging.ERROR, logger="streams.deferred"):
+        for secret in ("mapped", "plain"):
+            await invalidator.apply(notice("SECRET_DELETE", noetl_secrets[secret], message_id=f"r-{secret}"))
+        for _ in range(100):  # the second entry is tried in the background (the target stopped answering)
+            if (await waiting(api_mode))[1] == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert await waiting(api_mode) == (2, 2)
+    assert metrics.TARGET_INVALIDATIONS_REFUSED.labels("noetl")._value.get() == 2
+    assert sum("refuses invalidations (unauthorized" in r.getMessage() for r in caplog.records) == 1
+    api.fail = 0  # the token is fixed; its entries are tried again (every 300 s: here, now)
+    await invalidator.keychain.pool.execute("UPDATE keychain_outbox SET next_attempt_at = now()")
+    await drained(api_mode)
+    assert await noetl.rows() == 0 and metrics.TARGET_INVALIDATIONS_REFUSED.labels("noetl")._value.get() == 0

@@ -2,6 +2,7 @@
 unmodified server reads them (devtools/noetl_server.py): its cache keys, its expiry check, its envelope under both
 key-encryption key providers; rotation, purge, sweep and the warmer's accounting, in process."""
 
+import asyncio
 import base64
 import json
 
@@ -363,3 +364,51 @@ async def test_an_alias_a_credential_row_answers_is_never_warmed(parts, noetl, n
     assert sm.access_count(noetl_secrets["plain"]) == 0  # not fetched for nothing
     # `kind: credential` (pg_creds) and the shadowed alias: both answered by the credential table
     assert counts(metrics.NOETL_SKIPPED_ALIASES).get("credential_table", 0) == skipped_before + 2
+
+
+async def test_a_grant_missing_in_noetls_database_never_undoes_our_own_invalidation(
+        stack, schema, key_spec, keychain, noetl, noetl_db, noetl_schema, noetl_key, sm, noetl_secrets, unique,
+        execution_id):
+    """KEYCHAIN_TARGET=both, NoETL's tables over KEYCHAIN_CATALOG_DSN as a role that lost its UPDATE grant: a rotation
+    stops and refreshes our own rows, is not dead-lettered, and NoETL's part is a refusal for good (database_refused),
+    kept in the outbox until the grant is back."""
+    from .noetl_harness import warm_parts
+
+    role = f"warmer_{unique}"
+    await noetl_db.execute(f"CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA {noetl_schema} TO {role}; "
+                           f"GRANT SELECT ON {noetl_schema}.catalog, {noetl_schema}.credential, {noetl_schema}.event "
+                           f"TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON {noetl_schema}.keychain TO {role}")
+    limited = stack.env["KEYCHAIN_DSN"].replace("postgres@", f"{role}@", 1)
+    both = make_settings(stack, schema, key_spec, target="both", catalog_schema=noetl_schema, catalog_dsn=limited,
+                         noetl_encryption_key=noetl_key, google_cloud_project=PROJECT)
+    warmer, invalidator, targets = await warm_parts(both, keychain)
+    try:
+        await warmer.handle([await noetl.started(execution_id)])
+        ours = await keychain.pool.fetchval("SELECT count(*) FROM keychain WHERE state = 'ready'")
+        assert ours >= 1 and await noetl.rows() == 2
+        await noetl_db.execute(f"REVOKE UPDATE ON {noetl_schema}.keychain FROM {role}")
+        sm.add_version(noetl_secrets["mapped"], "rotated")
+        result = await invalidator.handle([Record(None, notice("SECRET_VERSION_ADD", noetl_secrets["mapped"], "2")
+                                                  .model_dump_json().encode())])
+        assert (result.applied, result.dead) == (1, [])
+        held = await keychain.maintenance.outbox.counts()
+        assert (held["noetl"].waiting, held["noetl"].refused) == (1, 1)
+        assert counts(metrics.TARGET_FAILURES).get("database_refused", 0) >= 1
+        await invalidator.settled()  # the refresh that ran beside the notice has ended
+        values = [await keychain.get(name, scope="global") for name in ("openai_token",)]
+        assert values[0].value["api_key"] == "rotated"  # ours: stopped and refreshed, whatever NoETL's grant says
+        await noetl_db.execute(f"GRANT UPDATE ON {noetl_schema}.keychain TO {role}")
+        await keychain.pool.execute("UPDATE keychain_outbox SET next_attempt_at = now()")
+        invalidator.deferred.kick("noetl")
+        for _ in range(200):
+            if not (await keychain.maintenance.outbox.counts()).get("noetl"):
+                break
+            await asyncio.sleep(0.05)
+        assert not (await keychain.maintenance.outbox.counts()).get("noetl")
+        row = await noetl.row(f"openai_token:{noetl.catalog_id}:{execution_id}")
+        assert row["expires_at"] <= await noetl_db.fetchval("SELECT now()")  # NoETL's row stopped being served too
+    finally:
+        await invalidator.close()
+        for target in targets:
+            await target.close()
+        await noetl_db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")

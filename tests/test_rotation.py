@@ -298,3 +298,38 @@ async def test_one_invalidation_three_doors_one_meaning(parts, keychain, sm, sec
     applied = await invalidator.invalidate(Selection.of(secret=f"projects/test-project/secrets/{secret_id}"), cause="operator")
     assert applied.changed == 2 and applied.refreshed == 2
     assert await keychain.maintenance.stale_secrets() == []
+
+
+async def test_notices_stop_serving_at_once_while_their_refreshes_wait_for_secret_manager(parts, keychain, sm, unique,
+                                                                                          execution_id):
+    """20 rotations while Secret Manager does not answer: every notice stops serving its rows at once; the refreshes
+    run beside the stream, a bounded few at a time, and write the new values once Secret Manager answers."""
+    from streams.batches import Record
+    from streams.invalidate import REFRESHES_IN_FLIGHT
+
+    warmer, invalidator = parts
+    ids = [f"slow{i}-{unique}" for i in range(20)]
+    for secret_id in ids:
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, "v1")
+    await warmer.warm([want(f"w{i}", secret_id, execution_id=execution_id) for i, secret_id in enumerate(ids)])
+    for secret_id in ids:
+        sm.add_version(secret_id, "v2")
+        sm.hold(secret_id)  # every fetch of it waits until released
+    records = [Record(None, notice("SECRET_VERSION_ADD", secret_id, "2").model_dump_json().encode(), "rotations", 0, i)
+               for i, secret_id in enumerate(ids)]
+    try:
+        result = await asyncio.wait_for(invalidator.handle(records), 30)  # no notice waits for a refresh
+        assert (result.applied, result.dead) == (20, [])
+        for i in range(20):
+            assert await value(keychain, f"w{i}", execution_id) == "stale"
+        for _ in range(100):
+            if sum(sm.holding.values()) == REFRESHES_IN_FLIGHT:
+                break
+            await asyncio.sleep(0.02)
+        assert sum(sm.holding.values()) == REFRESHES_IN_FLIGHT  # bounded
+    finally:
+        for secret_id in ids:
+            sm.release(secret_id)
+    await invalidator.settled()
+    assert [await value(keychain, f"w{i}", execution_id) for i in range(20)] == ["v2"] * 20

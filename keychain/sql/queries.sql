@@ -18,6 +18,8 @@
 -- A secret is known by its identity everywhere (refs.SecretIdentity: `projects/NUMBER[/locations/L]/secrets/S`, or
 -- `projects/*/...` while the project's number is unknown): the `secret` columns, and the `secret` of every `sources`
 -- element. Statements that reach a secret "in any project" take its path ($N: `secrets/S`, `locations/L/secrets/S`).
+-- A transaction that applies an outbox entry (keychain/outbox.py) takes that entry first (SKIP LOCKED: it never waits
+-- for it), then only a target's rows (class 4) and the rows beside them (class 5): never a class 2 lock.
 -- Outside the order, because they never wait: the sweep's statements (FOR UPDATE SKIP LOCKED: a row someone else
 -- holds is left for the next sweep) and the fetch locks (pg_try_advisory_lock on the lock connection). Statements
 -- run alone (take_call, record_fetch, record_failure, forget_failure, mark_checked, learn_project_number) lock one
@@ -506,3 +508,40 @@ DELETE FROM keychain_copy c USING doomed WHERE (c.target, c.copy_key) = (doomed.
 -- name: finished_among
 -- Which of these executions have finished (their fence): read under their fence locks, so none finishes meanwhile.
 SELECT execution_id FROM keychain_finished_execution WHERE execution_id = ANY($1::bigint[]);
+
+-- name: add_to_outbox
+-- Inside an invalidation's transaction: what targets $1 (one element each) must still apply ($2 work, $3 ordering).
+-- Lock order 5 (new rows only).
+INSERT INTO keychain_outbox (target, work, ordering)
+SELECT t, $2::jsonb, $3 FROM unnest($1::text[]) AS t ORDER BY t COLLATE "C";
+
+-- name: outbox_due
+-- A target's entries due now, oldest first, each only once every earlier entry of its ordering is done.
+SELECT o.id, o.work, o.ordering, o.attempts FROM keychain_outbox o
+WHERE o.target = $1 AND o.next_attempt_at <= now()
+  AND NOT EXISTS (SELECT 1 FROM keychain_outbox e WHERE e.target = o.target AND e.ordering = o.ordering AND e.id < o.id)
+ORDER BY o.id LIMIT $2;
+
+-- name: claim_outbox_entry
+-- Taken for the transaction that applies it (first in that transaction, before any other lock; SKIP LOCKED: another
+-- process applying it already is left to it).
+SELECT work FROM keychain_outbox WHERE id = $1 FOR UPDATE SKIP LOCKED;
+
+-- name: outbox_entry_done
+DELETE FROM keychain_outbox WHERE id = $1;
+
+-- name: outbox_entry_failed
+-- Not applied: tried again after $2 seconds; $3 the failure's reason (closed set), $4 whether it was refused for good.
+UPDATE keychain_outbox SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $2),
+                           failure = $3, permanent = $4
+WHERE id = $1;
+
+-- name: outbox_counts
+-- Entries waiting, by target: all of them, those refused for good, and when the first entry at the head of its
+-- ordering is due (a later entry waits for the head, whatever its own time).
+SELECT o.target, count(*) AS waiting, count(*) FILTER (WHERE o.permanent) AS refused,
+       coalesce(extract(epoch FROM now() - min(o.created_at)), 0)::float8 AS oldest_seconds,
+       coalesce(extract(epoch FROM min(o.next_attempt_at) FILTER (WHERE NOT EXISTS (
+           SELECT 1 FROM keychain_outbox e WHERE e.target = o.target AND e.ordering = o.ordering AND e.id < o.id)
+       ) - now()), 0)::float8 AS next_due_seconds
+FROM keychain_outbox o GROUP BY o.target;

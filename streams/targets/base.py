@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import asyncpg
 
+from keychain.errors import KeychainError
 from keychain.fetcher import Fetched
 from keychain.invalidation import Selection
 from keychain.maintenance import Beside
@@ -29,8 +30,16 @@ from keychain.rows import Written
 from ..events import ExecutionEvent
 from ..resolve import Skip
 
-__all__ = ["Beside", "Fetched", "Filled", "Purge", "Selection", "Target", "TargetPlan", "Written", "holdings",
-           "together"]
+__all__ = ["Beside", "Fetched", "Filled", "Purge", "Selection", "Target", "TargetError", "TargetPlan", "Written",
+           "holdings", "together"]
+
+
+class TargetError(KeychainError):
+    """A target's own store did not do what was asked. `permanent`: it refused for good (trying again changes
+    nothing until an operator acts: an expired token, a rejected request); `reason` names it (a closed set)."""
+
+    reason = "unavailable"
+    permanent = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ def together(besides: Sequence[Beside]) -> Beside | None:
 
 class Target(Protocol):
     name: str  # `keychain` or `noetl`: a closed set (the `target` metric label)
+    # Whether it keeps rows in a store of its own (NoETL's keychain), which an invalidation then reaches through the
+    # outbox (streams/deferred.py) instead of inside the library's transaction.
+    keeps_own_store: bool
 
     def plan(self, event: ExecutionEvent, playbook: dict[str, Any] | None) -> TargetPlan:
         """The rows a start event makes this target want, and the declarations it skips (with their reasons)."""
@@ -105,8 +117,8 @@ class Target(Protocol):
         (which fences it against late writes and deletes its rows from the library's table); None: nothing more."""
 
     def stop_serving(self, selection: Selection, *, drop: bool) -> Beside | None:
-        """What an invalidation does to this target's rows, inside the library's invalidation transaction (None: the
-        library's own rows only)."""
+        """What an invalidation does to this target's rows in its own store, inside the transaction that applies its
+        outbox entry (keychain/outbox.py; None: the library's own rows only)."""
 
     async def stale_wants(self, selection: Selection) -> list[Any]:
         """A secret's rows an invalidation stopped serving that running executions still need (the re-warm)."""

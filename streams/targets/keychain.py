@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 class KeychainTarget:
     name = "keychain"
+    keeps_own_store = False  # the library's own table
 
     def __init__(self, keychain: Keychain, *, project: str | None, server_region: str = ""):
         self.keychain = keychain

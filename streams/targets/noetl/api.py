@@ -9,7 +9,7 @@ its own key, so the warmer holds none.
   says `deleted` or `not_found`; both leave no row).
 A gateway in front of the server may ask for a bearer token (KEYCHAIN_NOETL_API_TOKEN). Any other answer than 2xx,
 or no answer within the timeout, is an error (NoetlApiError, naming the status, never the body): the warm tries the
-rows again, an invalidation is held and run again.
+rows again; an invalidation is applied from the outbox, apart from our own rows (streams/deferred.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from keychain.errors import KeychainUnavailable
+from ..base import TargetError
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,18 @@ TIMEOUT_SECONDS = 10.0
 CONCURRENCY = 16  # requests in flight to NoETL's server
 
 
-class NoetlApiError(KeychainUnavailable):
-    """NoETL's keychain API did not do what was asked (the status, or the kind of failure). In API mode it is the
-    noetl target's store, so it is held like a database outage: an invalidation runs again until it is taken."""
+class NoetlApiError(TargetError):
+    """NoETL's keychain API did not do what was asked: `status` is its HTTP answer (None: no answer). Never an outage
+    of ours: a write is tried again until the warm's deadline, an invalidation from the outbox (streams/deferred.py).
+    A 4xx other than 404, 409 and 429 is a refusal for good."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+        if status in (401, 403):
+            self.reason, self.permanent = "unauthorized", True
+        elif status is not None and 400 <= status < 500 and status not in (404, 409, 429):
+            self.reason, self.permanent = "rejected", True
 
 
 class NoetlApi:
@@ -63,8 +72,9 @@ class NoetlApi:
         async with self._slots:
             try:
                 async with self._session.request(method, url, **kwargs) as response:
-                    if response.status // 100 != 2:
-                        raise NoetlApiError(f"{method} /api/keychain: HTTP {response.status}")
+                    gone = method == "DELETE" and response.status == 404  # a gateway's answer for a row gone: done
+                    if response.status // 100 != 2 and not gone:
+                        raise NoetlApiError(f"{method} /api/keychain: HTTP {response.status}", response.status)
                     await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise NoetlApiError(f"{method} /api/keychain: {type(exc).__name__}") from None

@@ -83,6 +83,17 @@ def i64(text: str) -> int | None:
     return value if -2**63 <= value < 2**63 else None
 
 
+async def every(calls) -> None:
+    """All of these calls, or, on the first failure, none left running: the others are cancelled and awaited, then
+    that failure is raised (asyncio.gather would leave them running after the caller's transaction)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for call in calls:
+                group.create_task(call)
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+
+
 def copy_patterns(selection: Selection) -> list[dict[str, Any]]:
     """Which copies an invalidation reaches (`sources` containment patterns, any of them). As for our own rows
     (streams/notices.py), except that a version's notice also reaches every copy held through `latest` or an alias:
@@ -96,6 +107,7 @@ def copy_patterns(selection: Selection) -> list[dict[str, Any]]:
 
 class NoetlTarget:
     name = "noetl"
+    keeps_own_store = True
 
     def __init__(self, settings: WorkerSettings, keychain: Keychain, data_keys: DataKeys | None,
                  noetl_pool: asyncpg.Pool | None = None, api: NoetlApi | None = None):
@@ -198,6 +210,13 @@ class NoetlTarget:
             return Written([], [], [], skipped)
         if self.api is not None:
             rows = usable  # NoETL's server seals them
+            try:  # recorded before any is written: a rotation finds every row a POST may write, even one that fails
+                await self.copies.record_before(self.keychain.pool,
+                                                [self._copy(f, None, 0) for f, _ in usable if f.want.refs])
+            except Exception as exc:
+                log.warning("%d NoETL rows not written yet: their copies were not recorded (%s)", len(usable),
+                            type(exc).__name__)
+                return Written([], [], [f for f, _ in usable], skipped)
         else:
             try:  # before any lock is taken: Cloud KMS is never waited for while holding one
                 keys = await self.data_keys.take_many(len(usable))
@@ -217,9 +236,10 @@ class NoetlTarget:
                         [w.catalog_id for w in wants], [w.execution_id for w in wants],
                         [w.parent_execution_id for w in wants], [data for _, data in fresh], float(self._ttl)))
                     sealed = {w.cache_key: fingerprint(data) for w, (_, data) in zip(wants, fresh)}
-                else:  # inside the fenced transaction, as a direct write: an invalidation waits for it
-                    await asyncio.gather(*(self.api.put(w.catalog_id, w.alias, w.execution_id, value, self._ttl)
-                                           for w, (_, value) in zip(wants, fresh)))
+                else:  # inside the fenced transaction, as a direct write: an invalidation waits for it, and for
+                    # every POST to have ended (none straggles past the transaction to land after the next one's)
+                    await every(self.api.put(w.catalog_id, w.alias, w.execution_id, value, self._ttl)
+                                for w, (_, value) in zip(wants, fresh))
                     held = {r["cache_key"]: r for r in await tables.fetch(self._q["held_rows"],
                                                                            [w.cache_key for w in wants])}
                     if len(held) < len(wants):
@@ -251,7 +271,7 @@ class NoetlTarget:
                 return None
         return texts[None] if list(texts) == [None] else texts
 
-    def _copy(self, filled: Filled, sealed_fingerprint: str, reads_before: int) -> Copy:
+    def _copy(self, filled: Filled, sealed_fingerprint: str | None, reads_before: int) -> Copy:
         """What the row came from, and how to tell later that it still holds what was warmed (its envelope's
         fingerprint) and was read since (NoETL's server counts a read before it opens the row)."""
         want = filled.want
@@ -300,8 +320,8 @@ class NoetlTarget:
                 if self.api is not None:  # deleted through NoETL's API: the server misses until the re-warm
                     rows = await tables.fetch(self._q["rows_where"], keys, selection.credential,
                                               selection.execution_id)
-                    await asyncio.gather(*(self.api.delete(r["catalog_id"], r["keychain_name"], r["execution_id"],
-                                                           r["scope_type"]) for r in rows))
+                    await every(self.api.delete(r["catalog_id"], r["keychain_name"], r["execution_id"],
+                                                r["scope_type"]) for r in rows)
                     stopped = [r["cache_key"] for r in rows]
                 elif keys is not None:
                     statement = "delete_rows" if drop else "expire_rows"
