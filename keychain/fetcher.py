@@ -49,6 +49,9 @@ log = logging.getLogger("keychain")
 
 CHANNEL = "keychain_fetched"
 RECHECK_SECONDS = 0.25
+# Every statement on the lock connection answers within this (none of them waits for a lock): past it the database is
+# taken for unreachable, and the connection, with its locks, is dropped.
+LOCK_STATEMENT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class Fetcher:
         self._keyring = keyring
         self.source = source
         self.projects = projects
-        self._inflight: dict[tuple[str, bool], asyncio.Future[Fetched | str]] = {}
+        # (ref, reuse) -> the fetch in flight and the deadline it runs to (its first caller's)
+        self._inflight: dict[tuple[str, bool], tuple[asyncio.Future[Fetched | str], float]] = {}
         self._memory: dict[str, tuple[float, Fetched]] = {}  # ref -> (fetched at, value): the shared window here
         self._conn: asyncpg.Connection | None = None  # the lock connection
         self._guard = asyncio.Lock()  # one statement at a time on the lock connection
@@ -84,19 +88,33 @@ class Fetcher:
         before it was fetched. `reuse=False` (keep-warm: a value about to expire) calls anew, and still shares what
         it fetched. `deadline` (time.monotonic()): the retries of UNAVAILABLE stop there (default: one
         SECRET_MANAGER_TIMEOUT_SECONDS-long call and its retries within KEYCHAIN_FETCH_LOCK_TIMEOUT_SECONDS). A
-        permanent refusal is recorded, then raised; UNAVAILABLE past the deadline is raised."""
+        permanent refusal is recorded, then raised; UNAVAILABLE past the deadline is raised.
+
+        Each caller keeps its own deadline: one that joins a fetch in flight waits for it until its own deadline at
+        most, and when that fetch gave up at its first caller's earlier deadline, fetches again with the time it has
+        left."""
         if reuse:
             remembered = self._remembered(str(ref))
             if remembered is not None:
                 return remembered
         key = (str(ref), reuse)
-        future = self._inflight.get(key)
-        if future is None:
-            until = deadline or time.monotonic() + self._settings.fetch_lock_timeout_seconds
-            future = asyncio.ensure_future(self._check_then_fetch(ref, reuse, until))
-            self._inflight[key] = future
-            future.add_done_callback(lambda _: self._inflight.pop(key, None))
-        return await asyncio.shield(future)
+        until = deadline or time.monotonic() + self._settings.fetch_lock_timeout_seconds
+        while True:
+            flight = self._inflight.get(key)
+            if flight is None:
+                flight = (asyncio.ensure_future(self._check_then_fetch(ref, reuse, until)), until)
+                self._inflight[key] = flight
+                flight[0].add_done_callback(
+                    lambda _, ended=flight: self._inflight.pop(key) if self._inflight.get(key) is ended else None)
+            future, runs_until = flight
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), max(0.0, until - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise SecretUnavailable(str(ref), "the deadline passed while its fetch was in flight") from None
+            except SecretUnavailable:
+                if runs_until >= until or time.monotonic() >= until:
+                    raise
+                # the flight ended at its first caller's earlier deadline; this caller has time left
 
     def forget(self, secret: SecretIdentity | None = None, *, any_project: bool = False) -> None:
         """Drop this process's values of one secret (its invalidation: with `any_project`, of the secret's id and
@@ -176,33 +194,44 @@ class Fetcher:
         fence = (await self.projects.identity(ref)).key
         if self._settings.shared_fetch_seconds <= 0:  # no sharing
             generation, _ = await self._shared(ref, fence, reuse=False)
+            await self._wait_for_budget(ref, deadline)
             return Fetched(await self._call(ref, deadline), generation, fence)
-        key = str(ref)
-        with self._listening(key) as woken:
-            while True:
-                woken.clear()  # before looking: a NOTIFY that comes after the look is not missed
-                publishing = self._publishing.get(key)
-                if publishing is not None:  # fetched here a moment ago (the lock is this process's until then)
-                    await asyncio.shield(publishing)
-                generation, shared = await self._shared(ref, fence, reuse)
+        key, budgeted = str(ref), False
+        while True:
+            with self._listening(key) as woken:
+                while True:
+                    woken.clear()  # before looking: a NOTIFY that comes after the look is not missed
+                    publishing = self._publishing.get(key)
+                    if publishing is not None:  # fetched here a moment ago (the lock is this process's until then)
+                        await asyncio.shield(publishing)
+                    generation, shared = await self._shared(ref, fence, reuse)
+                    if shared is not None:
+                        return Fetched(shared, generation, fence)
+                    if await self._try_lock(ref):
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise SecretUnavailable(str(ref), "another process was still fetching it at the deadline")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_SECONDS))
+            try:
+                generation, shared = await self._shared(ref, fence, reuse)  # recorded between the look and the lock
                 if shared is not None:
+                    await self._unlock(ref)
                     return Fetched(shared, generation, fence)
-                if await self._try_lock(ref):
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SecretUnavailable(str(ref), "another process was still fetching it at the deadline")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), min(remaining, RECHECK_SECONDS))
-        try:
-            generation, shared = await self._shared(ref, fence, reuse)  # recorded between the look and the lock
-            if shared is not None:
-                await self._unlock(ref)
-                return Fetched(shared, generation, fence)
-            value = await self._call(ref, deadline)
-        except BaseException:
-            await asyncio.shield(self._unlock(ref))
-            raise
+                wait = 0.0 if budgeted else await self._take_call()
+                budgeted = True
+                if wait <= 0:
+                    value = await self._call(ref, deadline)
+            except BaseException:
+                await asyncio.shield(self._unlock(ref))
+                raise
+            if wait <= 0:
+                break
+            # The shared budget is spent: wait for its turn without holding the reference's lock (another process
+            # that fetches it meanwhile answers this one), and never past the deadline; then look again.
+            await self._unlock(ref)
+            await self._sleep_for_budget(ref, wait, deadline)
         # The callers waiting in this process have the value now; the other processes get it a moment later.
         self._publishing[key] = task = asyncio.ensure_future(self._publish(ref, fence, generation, value))
         task.add_done_callback(lambda done: self._publishing.pop(key) if self._publishing.get(key) is done else None)
@@ -228,7 +257,7 @@ class Fetcher:
 
     @typed_errors
     async def close(self) -> None:
-        pending = [future for future in self._inflight.values() if not future.done()]
+        pending = [future for future, _ in self._inflight.values() if not future.done()]
         for future in pending:
             future.cancel()
         await asyncio.gather(*pending, *self._publishing.values(), return_exceptions=True)
@@ -254,15 +283,25 @@ class Fetcher:
         await self._db.pool.execute(self._db.q["record_fetch"], str(ref), fence, generation,
                                     value.version_name, kid, data, write_id)
 
-    async def _call(self, ref: SecretRef, deadline: float) -> SecretValue:
-        """One Secret Manager call, on a token of the budget every process shares (waiting while it is spent), within
-        what remains of the deadline."""
+    async def _take_call(self) -> float:
+        """One call from the budget every process shares (SECRET_MANAGER_MAX_CALLS_PER_MINUTE): the seconds to wait
+        for its turn (0: now)."""
         per_minute = float(self._settings.secret_manager_max_calls_per_minute)
-        if per_minute:
-            wait = await self._db.fetchval("take_call", per_minute)
-            if wait > 0:
-                metrics.BUDGET_WAIT_SECONDS.inc(wait)
-                await asyncio.sleep(wait)
+        return await self._db.fetchval("take_call", per_minute) if per_minute else 0.0
+
+    async def _sleep_for_budget(self, ref: SecretRef, wait: float, deadline: float) -> None:
+        if time.monotonic() + wait >= deadline:
+            raise SecretUnavailable(str(ref), "the shared Secret Manager call budget is spent past the deadline")
+        metrics.BUDGET_WAIT_SECONDS.inc(wait)
+        await asyncio.sleep(wait)
+
+    async def _wait_for_budget(self, ref: SecretRef, deadline: float) -> None:
+        wait = await self._take_call()
+        if wait > 0:
+            await self._sleep_for_budget(ref, wait, deadline)
+
+    async def _call(self, ref: SecretRef, deadline: float) -> SecretValue:
+        """One Secret Manager call (its budget already taken), within what remains of the deadline."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise SecretUnavailable(str(ref), "the deadline passed before the call")
@@ -277,22 +316,30 @@ class Fetcher:
                 conn = await self._connect()
                 return await conn.fetchval(self._db.q["try_lock_fetch"], str(ref))
             except CONNECTION_ERRORS:
-                self._conn = None  # its locks went with it; the next fetch connects again
+                await self._drop_lock_connection()  # its locks go with it; the next fetch connects again
                 raise
 
     async def _connect(self) -> asyncpg.Connection:
         """The lock connection (under the guard), listening for values recorded by any process."""
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
-                self._settings.dsn, server_settings={"application_name": "keychain-fetch-locks"})
+                self._settings.dsn, server_settings={"application_name": "keychain-fetch-locks"},
+                timeout=LOCK_STATEMENT_SECONDS, command_timeout=LOCK_STATEMENT_SECONDS)
             await self._conn.add_listener(CHANNEL, self._notified)
         return self._conn
 
     async def _unlock(self, ref: SecretRef) -> None:
         async with self._guard:
             if self._conn is not None and not self._conn.is_closed():
-                with contextlib.suppress(*CONNECTION_ERRORS):
+                try:
                     await self._conn.fetchval(self._db.q["unlock_fetch"], str(ref))
+                except CONNECTION_ERRORS:  # unanswered: dropping the connection lets go of its locks
+                    await self._drop_lock_connection()
+
+    async def _drop_lock_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     @contextlib.contextmanager
     def _listening(self, ref: str) -> Iterator[asyncio.Event]:

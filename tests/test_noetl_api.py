@@ -200,3 +200,30 @@ async def test_api_mode_a_refusal_for_good_alerts_and_holds_nothing_else(api_mod
     await invalidator.keychain.pool.execute("UPDATE keychain_outbox SET next_attempt_at = now()")
     await drained(api_mode)
     assert await noetl.rows() == 0 and metrics.TARGET_INVALIDATIONS_REFUSED.labels("noetl")._value.get() == 0
+
+async def test_api_mode_a_write_that_fails_partway_leaves_no_row_a_rotation_cannot_find(api_mode, keychain, sm,
+                                                                                        noetl_secrets, execution_id):
+    """One of the two POSTs of a write fails: the write is `failed` (the warm tries it again), the other POST has
+    ended before the write did (none is left running), and its row, which reached NoETL, was recorded as a copy
+    before it was written: a rotation finds it and deletes it."""
+    from streams.events import parse_event
+    from streams.targets.base import Filled
+
+    noetl, api, target, invalidator = api_mode.noetl, api_mode.api, api_mode.target, api_mode.invalidator
+    record = await noetl.started(execution_id)
+    event = parse_event(record.key, record.value, max_bytes=10**6)
+    playbook = await api_mode.warmer.catalog.playbook_for(event)
+    wants = target.plan(event, playbook).wants
+    filled = [Filled(w, {str(ref): await keychain.fetcher.fetch(ref) for ref in w.refs}) for w in wants]
+    api.fail = 1  # the first request to arrive answers 503; the other is written
+    outcome = await target.write(filled)
+    assert (len(outcome.written), len(outcome.failed)) == (0, 2)
+    at_return = await noetl.rows()
+    await asyncio.sleep(0.3)
+    assert await noetl.rows() == at_return == 1  # every POST was answered before the write returned: none lands later
+    copies = {r["copy_key"] for r in await keychain.pool.fetch("SELECT copy_key FROM keychain_copy")}
+    assert copies == {w.cache_key for w in wants}  # both, recorded before either POST
+    for secret in ("mapped", "plain"):  # a rotation of each (not re-warmed here, to see what it found)
+        await invalidator.invalidate(Selection.of(secret=f"projects/{PROJECT}/secrets/{noetl_secrets[secret]}"),
+                                     cause="operator", refresh=False)
+    assert await noetl.rows() == 0  # whatever reached NoETL, a rotation found it

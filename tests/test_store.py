@@ -522,3 +522,43 @@ async def test_rows_written_are_counted_once_committed(keychain, db, execution_i
     await keychain.put("late", "v", execution_id=execution_id + 1)  # its execution finished: fenced out
     assert written._value.get() == before + 1
     assert await db.fetchval("SELECT count(*) FROM keychain") == 1
+
+
+async def test_a_caller_that_joins_a_fetch_keeps_its_own_deadline(keychain, sm, secret):
+    """Two callers of one reference, the first with a deadline too short for Secret Manager's UNAVAILABLE spell: the
+    first gives up at its deadline, the second (joined to the same fetch) fetches again with the time it has left."""
+    import time
+
+    secret_id, value = secret
+    ref = SecretRef.parse(ref_of(secret_id))
+    sm.inject(grpc.StatusCode.UNAVAILABLE, times=40, secret=secret_id)
+    short = asyncio.ensure_future(keychain.fetcher.fetch(ref, deadline=time.monotonic() + 0.05))
+    await asyncio.sleep(0)  # its fetch is in flight
+    patient = asyncio.ensure_future(keychain.fetcher.fetch(ref, deadline=time.monotonic() + 20))
+    with pytest.raises(SecretUnavailable):
+        await short
+    assert (await patient).value.text == value
+
+
+async def test_a_spent_call_budget_is_waited_for_within_the_deadline_and_without_the_lock(stack, settings, key_spec,
+                                                                                          keychain, sm, unique):
+    """The shared budget spent for a minute, a fetch with two seconds left: it says so at once (never sleeps past its
+    deadline) and holds no lock meanwhile, so another process is free to fetch the reference."""
+    import time
+
+    ids = [f"bq{i}-{unique}" for i in range(2)]
+    for secret_id in ids:
+        sm.create_secret(secret_id)
+        sm.add_version(secret_id, f"value-{secret_id}")
+    budget = make_settings(stack, settings.schema_name, key_spec, secret_manager_max_calls_per_minute=1)
+    async with Keychain(budget, source=SecretManagerSource(budget)) as a:
+        await a.fetcher.fetch(SecretRef.parse(ref_of(ids[0])))  # the one call of this minute
+        with pytest.raises(SecretUnavailable, match="budget"):
+            await asyncio.wait_for(a.fetcher.fetch(SecretRef.parse(ref_of(ids[1])),
+                                                   deadline=time.monotonic() + 2), 10)
+        other = await asyncpg.connect(settings.dsn)
+        try:
+            assert await other.fetchval(keychain._db.q["try_lock_fetch"], str(SecretRef.parse(ref_of(ids[1]))))
+        finally:
+            await other.close()
+    assert sm.access_count(ids[1], code=None) == 0

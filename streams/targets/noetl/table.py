@@ -84,14 +84,15 @@ def i64(text: str) -> int | None:
 
 
 async def every(calls) -> None:
-    """All of these calls, or, on the first failure, none left running: the others are cancelled and awaited, then
-    that failure is raised (asyncio.gather would leave them running after the caller's transaction)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            for call in calls:
-                group.create_task(call)
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
+    """All of these calls, each to its answer, then the first failure raised. None is cancelled when another fails: a
+    request NoETL's server has received is applied even when its caller gives up, so a cancelled POST could land
+    after the transaction that made it, and after the next rotation's POST (seen in the test of this). Awaited to
+    their answers inside the fenced transaction, every write has reached NoETL before an invalidation of its secret
+    can proceed."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if failed is not None:
+        raise failed
 
 
 def copy_patterns(selection: Selection) -> list[dict[str, Any]]:
@@ -237,7 +238,7 @@ class NoetlTarget:
                         [w.parent_execution_id for w in wants], [data for _, data in fresh], float(self._ttl)))
                     sealed = {w.cache_key: fingerprint(data) for w, (_, data) in zip(wants, fresh)}
                 else:  # inside the fenced transaction, as a direct write: an invalidation waits for it, and for
-                    # every POST to have ended (none straggles past the transaction to land after the next one's)
+                    # every POST to have been answered (none straggles past the transaction)
                     await every(self.api.put(w.catalog_id, w.alias, w.execution_id, value, self._ttl)
                                 for w, (_, value) in zip(wants, fresh))
                     held = {r["cache_key"]: r for r in await tables.fetch(self._q["held_rows"],
