@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install check test demo stack bench bench-quick clean
+.PHONY: install check test demo stack bench bench-quick soak clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for b in hit_latency warm invalidate sweep replicas scale; do $(PY) -m bench.$$b; done
+
+# The fault soak with its checker (bench/soak.py): 10 minutes; SOAK_ARGS=--quick for 90 s.
+soak: $(STAMP)
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # Each benchmark in its quick mode, as a test that it still runs and reports its figures (not its speed).
 bench-quick: $(STAMP)

@@ -67,6 +67,15 @@ def test_benchmark_reports_its_figures(name):
 
 
 @pytest.mark.pubsub
+def test_the_soak_checks_its_history_and_finds_no_violation():
+    """bench/soak --quick: 90 s of work under faults, then the checker; what it checked is not empty."""
+    figures = run_quick("soak")
+    assert figures["violations"] == 0, figures["violations_by_kind"]
+    assert figures["executions"] > 100 and figures["hits_checked"] > 1000 and figures["notices_checked"] > 10
+    assert sum(figures["faults"].values()) >= 3
+
+
+@pytest.mark.pubsub
 def test_invalidate_benchmark_reports_its_figures():
     figures = run_quick("invalidate")
     assert KEYS["invalidate"] <= set(figures)

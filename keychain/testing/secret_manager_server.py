@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -101,6 +102,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, resource name asked for, status code name), in order
+        self.log_times: list[float] = []  # when each entry of `log` was answered (time.time())
         self.issued: list[bytes] = []  # every payload ever stored, so tests can look for plaintext leaks
         self._held: dict[str, threading.Event] = {}  # secret id -> released (see hold)
         self.holding: Counter[str] = Counter()  # access calls of each secret waiting on a hold now
@@ -419,6 +421,7 @@ class SecretManagerTestServer(ThreadedGrpcServer):
     def _record(self, method: str, name: str, code: str) -> None:
         with self._lock:
             self.log.append((method, name, code))
+            self.log_times.append(time.time())
 
     def _due_fault(self, method: str, name: str) -> Fault | None:
         with self._lock:
