@@ -82,9 +82,7 @@ class Selection:
     def secrets(self) -> list[str]:
         """For a secret selection: the identity keys whose generations, shared fetches, refusals and summary it
         reaches (beside every project's, with `any_project`)."""
-        if self.secret is None:
-            return []
-        return sorted({self.secret.key, self.secret.unknown_project.key})
+        return self.secret.reached_keys if self.secret is not None else []
 
     @property
     def any_project_path(self) -> str | None:
@@ -96,8 +94,7 @@ class Selection:
         (default: the selection's own)."""
         rule = self.match if match is None else match
         if self.any_project:
-            location, secret = self.secret.location, self.secret.secret
-            return [{"secret_id": f"{location}/{secret}" if location else secret, **rule}]
+            return [{"secret_id": self.secret.secret_id, **rule}]
         return [{"secret": key, **rule} for key in self.secrets]
 
     @property

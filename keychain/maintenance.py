@@ -104,7 +104,7 @@ class Maintenance:
             else:
                 reached = selection.secrets if selection.kind == "secret" else sorted({
                     key for row in await conn.fetch(q["secrets_held_by"], selection.credential, selection.execution_id)
-                    for key in Selection.matching(SecretIdentity.from_key(row["secret"]), {}).secrets})
+                    for key in SecretIdentity.from_key(row["secret"]).reached_keys})
                 await conn.execute(q["bump_generations"], reached, path)  # lock order 2, before any row
             if selection.kind == "secret":
                 statement, *args = ("delete_matching" if drop else "mark_stale_matching", selection.sources_patterns)
@@ -145,7 +145,7 @@ class Maintenance:
         """A notice of a secret that makes no value wrong (a version enabled, the secret created or due for
         rotation): its remembered refusals are forgotten, and the next read asks Secret Manager again."""
         await self._db.transaction("forget_refusals", lambda conn: conn.execute(
-            self._db.q["forget_failures"], sorted({secret.key, secret.unknown_project.key}), None))
+            self._db.q["forget_failures"], secret.reached_keys, None))
 
     @typed_errors
     async def stale_rows(self, selection: Selection, limit: int = 10_000) -> list[asyncpg.Record]:

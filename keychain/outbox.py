@@ -27,7 +27,6 @@ class OutboxEntry:
 class OutboxCounts:
     waiting: int  # entries not applied yet
     refused: int  # of which the target refused for good (alerting)
-    oldest_seconds: float
     next_due_seconds: float  # until the first of them is due again (0 or less: due now)
 
 
@@ -65,5 +64,5 @@ class Outbox:
 
     @typed_errors
     async def counts(self) -> dict[str, OutboxCounts]:
-        return {r["target"]: OutboxCounts(r["waiting"], r["refused"], r["oldest_seconds"], r["next_due_seconds"])
+        return {r["target"]: OutboxCounts(r["waiting"], r["refused"], r["next_due_seconds"])
                 for r in await self._db.fetch("outbox_counts")}

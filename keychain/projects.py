@@ -42,19 +42,18 @@ class ProjectNumbers:
             for row in await self._db.fetch("project_numbers", wanted):
                 self._numbers[row["project_id"]] = row["project_number"]
 
-    async def learn(self, ref: SecretRef, answered_name: str) -> SecretIdentity:
-        """What Secret Manager answered for `ref` (a version's name, by project number): the identity of its secret,
-        and, the first time, the number of the project `ref` names by id, for every process."""
+    async def learn(self, ref: SecretRef, answered_name: str) -> None:
+        """What Secret Manager answered for `ref` (a version's name, by project number): the first time, the number
+        of the project `ref` names by id, for every process."""
         try:
             answered = SecretRef.parse(answered_name)
         except InvalidReference:
-            return self.known(ref)
-        number = answered.project if answered.project.isdigit() else None
-        if number is None or ref.project.isdigit() or self._numbers.get(ref.project) == number:
-            return ref.identity(number or self._numbers.get(ref.project))
+            return
+        number = answered.project
+        if not number.isdigit() or ref.project.isdigit() or self._numbers.get(ref.project) == number:
+            return
         self._numbers[ref.project] = number
         try:
             await self._db.pool.execute(self._db.q["learn_project_number"], ref.project, number)
         except Exception as exc:  # this process knows it; the others learn it from their own first answer
             log.warning("the number of a project was not recorded: %s", type(exc).__name__)
-        return ref.identity(number)

@@ -78,6 +78,12 @@ class SecretIdentity:
         return SecretIdentity(UNKNOWN_PROJECT, self.secret, self.location)
 
     @property
+    def reached_keys(self) -> list[str]:
+        """The identity keys an invalidation of this secret reaches (generations, shared fetches, refusals, summary):
+        its own, and the same id and location under a project not known yet (it may be this one)."""
+        return sorted({self.key, self.unknown_project.key})
+
+    @property
     def secret_id(self) -> str:
         """The secret's short id (`S`, or `L/S`): shared by every project's secret of that id. Never a key; only what an
         invalidation that cannot tell the project (an operator naming an unknown project id) reaches."""

@@ -71,7 +71,7 @@ class Rows:
     ) -> list[T]:
         """Write values of secrets somewhere else than this table (a worker target's store) with the same fences
         as put_many: in one durable transaction, in the lock order, hold the rotation fence of each item's secrets
-        (`fences`: (secret id, generation read before the fetch)) and the fence of its execution; then
+        (`fences`: (the secret's identity key, its generation read before the fetch)) and the fence of its execution; then
         `write(conn, items)` the items whose secrets were not invalidated meanwhile and whose execution has not
         finished (the target writes its rows and records them as copies, keychain/copies.py). Returns the items NOT
         written because a secret they hold was invalidated after its generation was read. The rows written are

@@ -540,7 +540,6 @@ WHERE id = $1;
 -- Entries waiting, by target: all of them, those refused for good, and when the first entry at the head of its
 -- ordering is due (a later entry waits for the head, whatever its own time).
 SELECT o.target, count(*) AS waiting, count(*) FILTER (WHERE o.permanent) AS refused,
-       coalesce(extract(epoch FROM now() - min(o.created_at)), 0)::float8 AS oldest_seconds,
        coalesce(extract(epoch FROM min(o.next_attempt_at) FILTER (WHERE NOT EXISTS (
            SELECT 1 FROM keychain_outbox e WHERE e.target = o.target AND e.ordering = o.ordering AND e.id < o.id)
        ) - now()), 0)::float8 AS next_due_seconds
