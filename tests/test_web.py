@@ -144,3 +144,36 @@ async def test_json_logs_for_production(stack, settings, key_spec, unique, keych
 
 async def _async(value):
     return value
+
+
+async def test_a_dead_letter_the_broker_does_not_take_holds_its_event_until_it_is_taken(stack, settings, key_spec,
+                                                                                       unique, keychain, secret,
+                                                                                       execution_id):
+    """The real broker never takes a dead letter sent to a topic it cannot have ("not a topic!"): the batch is held,
+    /readyz says so, its good event's rows are written, and its offsets are not committed. The next worker of the
+    group, with a dead-letter topic that exists, gets the record again and dead-letters it: nothing is lost."""
+    from .streams_harness import consume
+
+    secret_id, value = secret
+    bootstrap = stack.env["KAFKA_BOOTSTRAP_SERVERS"]
+    ref = f"projects/test-project/secrets/{secret_id}/versions/latest"
+    await create_topics(bootstrap, f"events-{unique}", f"dlq-{unique}", partitions=1)
+    env = worker_env(stack, settings, key_spec, unique, KEYCHAIN_DLQ_TOPIC="not a topic!")
+    refusing = Worker(env).start()
+    try:
+        await produce(bootstrap, f"events-{unique}", [(None, b"{broken"), start_event(execution_id, [ref])])
+
+        async def held():
+            status, body = http(int(env["KEYCHAIN_WEB_PORT"]), "/readyz")
+            return status == 503 and json.loads(body)["checks"]["dead_letters"].startswith("not taken by the broker")
+
+        await wait_for(held, 60, "/readyz saying the batch is held for its dead letter")
+        assert (await keychain.get(ref, execution_id=execution_id)).value == value  # its rows are written all the same
+    finally:
+        refusing.stop()
+    taking = Worker(worker_env(stack, settings, key_spec, unique)).start()
+    try:
+        dead = await consume(bootstrap, f"dlq-{unique}", 1, timeout=60)
+        assert [(r.value, dict(r.headers)["reason"]) for r in dead] == [(b"{broken", b"malformed_json")]
+    finally:
+        taking.stop()
