@@ -63,8 +63,11 @@ class DeferredInvalidations:
 
     async def apply_now(self) -> int:
         """Right after an invalidation: each target that answers applies its entries now (within
-        APPLY_NOW_SECONDS); the others, and whatever is left, are applied in the background. Rows changed now."""
-        return sum(await asyncio.gather(*(self._now(name) for name in self._targets)))
+        APPLY_NOW_SECONDS); the others, and whatever is left, are applied in the background. Rows changed now. The
+        gauges say what waits once this returns (the background drain keeps them current after it)."""
+        changed = sum(await asyncio.gather(*(self._now(name) for name in self._targets)))
+        await self._report()
+        return changed
 
     async def _now(self, name: str) -> int:
         if not self._answering[name]:  # failing: no invalidation waits for it
@@ -77,7 +80,6 @@ class DeferredInvalidations:
             return 0
         if retry_in is not None:
             self.kick(name)
-        await self._report()
         return changed
 
     def kick(self, name: str | None = None) -> None:
